@@ -1,0 +1,20 @@
+"""Mixture-of-Experts: router, dispatch, grouped experts, balance losses, and the layer."""
+
+from .dispatch import dispatch_reference, dispatch_sorted
+from .experts import GroupedExperts
+from .layer import DeepseekMoE, MoEAux
+from .losses import balance_losses, balance_statistics
+from .router import HashRouter, RouterOutput, TopKRouter
+
+__all__ = [
+    "DeepseekMoE",
+    "GroupedExperts",
+    "HashRouter",
+    "MoEAux",
+    "RouterOutput",
+    "TopKRouter",
+    "balance_losses",
+    "balance_statistics",
+    "dispatch_reference",
+    "dispatch_sorted",
+]

@@ -1,0 +1,91 @@
+"""The DeepSeekMoE layer (eq. 9): shared experts always on, plus gated top-k routed experts.
+
+router -> dispatcher -> grouped experts -> combine. The residual ``+ u_t`` of eq. 9 is added by
+the decoder block. Shape legend: B batch, S sequence, T = B*S tokens, D hidden, E routed experts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..config import DeepseekMoEConfig
+from ..ffn import SwiGLU
+from .dispatch import dispatch_reference, dispatch_sorted
+from .experts import GroupedExperts
+from .losses import balance_losses
+from .router import HashRouter, TopKRouter
+
+
+@dataclass
+class MoEAux:
+    """What an MoE layer reports besides its output; plain tensors, no autograd tricks."""
+
+    expert_balance_loss: torch.Tensor  # scalar, eq. 12 before alpha_1 (0 for fixed routing)
+    device_balance_loss: torch.Tensor  # scalar, eq. 15 before alpha_2
+    tokens_per_expert: torch.Tensor  # [E] int64, assignments routed to each expert
+    dropped_tokens: torch.Tensor  # scalar int64, assignments over capacity (0 when dropless)
+
+
+class DeepseekMoE(nn.Module):
+    def __init__(self, config: DeepseekMoEConfig, layer_idx: int = 0):
+        super().__init__()
+        self.config = config
+        E = config.n_routed_experts
+        self.n_routed_experts = E
+        self.top_k = config.num_experts_per_tok
+        if config.router == "hash":
+            self.gate: nn.Module = HashRouter(E, layer_idx)
+        else:
+            self.gate = TopKRouter(config.hidden_size, E, self.top_k, config.norm_topk_prob)
+        self.experts = GroupedExperts(E, config.hidden_size, config.moe_intermediate_size)
+        self.shared_experts: Optional[SwiGLU] = None
+        if config.n_shared_experts > 0:
+            # Ks shared experts == one SwiGLU of Ks times the expert width (SPEC section 1).
+            self.shared_experts = SwiGLU(
+                config.hidden_size, config.n_shared_experts * config.moe_intermediate_size
+            )
+        self.dispatch = config.dispatch
+
+    def capacity(self, n_tokens: int) -> Optional[int]:
+        if self.config.capacity_factor is None:
+            return None
+        return math.ceil(self.config.capacity_factor * n_tokens * self.top_k / self.n_routed_experts)
+
+    def forward(
+        self, x_BSD: torch.Tensor, input_ids_BS: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, MoEAux]:
+        B, S, D = x_BSD.shape
+        x_TD = x_BSD.reshape(B * S, D)
+        ids_T = None if input_ids_BS is None else input_ids_BS.reshape(B * S)
+        r = self.gate(x_TD, ids_T)
+        capacity = self.capacity(B * S)
+        if self.dispatch == "reference":
+            routed_TD, dropped = dispatch_reference(
+                x_TD, r.topk_ids_TK, r.topk_weights_TK, self.experts, capacity
+            )
+        else:
+            routed_TD, dropped = dispatch_sorted(
+                x_TD, r.topk_ids_TK, r.topk_weights_TK, self.experts, capacity
+            )
+        y_TD = routed_TD.to(x_BSD.dtype)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD)
+
+        tokens_per_expert = torch.bincount(r.topk_ids_TK.reshape(-1), minlength=self.n_routed_experts)
+        if r.scores_TE is None:
+            zero = torch.zeros((), dtype=torch.float32, device=x_BSD.device)
+            exp_loss, dev_loss = zero, zero
+        else:
+            exp_loss, dev_loss = balance_losses(
+                r.scores_TE.view(B, S, -1),
+                r.topk_ids_TK.view(B, S, -1),
+                n_groups=self.config.n_device_groups,
+                seq_aux=self.config.seq_aux,
+            )
+        aux = MoEAux(exp_loss, dev_loss, tokens_per_expert, dropped)
+        return y_TD.view(B, S, D), aux

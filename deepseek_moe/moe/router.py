@@ -1,0 +1,91 @@
+"""Routers: which routed experts each token goes to, and with what gate weight.
+
+Shape legend: T tokens, D hidden size, E routed experts, K routed experts per token.
+Everything a router returns is fp32 whatever the model dtype (STYLE rule 7).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class RouterOutput:
+    topk_ids_TK: torch.Tensor  # int64 expert ids, highest score first
+    topk_weights_TK: torch.Tensor  # fp32 gate values g_{i,t} (eq. 10)
+    scores_TE: Optional[torch.Tensor]  # fp32 softmax s_{i,t} (eq. 11); None for fixed routing
+
+
+class TopKRouter(nn.Module):
+    """Softmax top-k routing (eq. 10-11): DeepSeekMoE, Switch (k=1) and GShard (k=2).
+
+    ``weight`` holds the expert centroids e_i, stored as ``mlp.gate.weight`` [E, D] in the
+    released checkpoint. Top-k weights are the raw softmax scores (no renormalisation) unless
+    ``norm_topk_prob``.
+    """
+
+    def __init__(self, hidden_size: int, n_experts: int, top_k: int, norm_topk_prob: bool):
+        super().__init__()
+        self.n_experts = n_experts
+        self.top_k = top_k
+        self.norm_topk_prob = norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(n_experts, hidden_size))
+
+    def forward(
+        self,
+        x_TD: torch.Tensor,
+        input_ids_T: Optional[torch.Tensor] = None,
+        top_k: Optional[int] = None,
+    ) -> RouterOutput:
+        k = self.top_k if top_k is None else top_k
+        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        scores_TE = logits_TE.softmax(dim=-1)
+        topk_weights_TK, topk_ids_TK = torch.topk(scores_TE, k, dim=-1)
+        if self.norm_topk_prob and k > 1:
+            topk_weights_TK = topk_weights_TK / (topk_weights_TK.sum(-1, keepdim=True) + 1e-20)
+        return RouterOutput(topk_ids_TK, topk_weights_TK, scores_TE)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.n_experts}, top_k={self.top_k}, norm_topk_prob={self.norm_topk_prob}"
+
+
+class HashRouter(nn.Module):
+    """Hash Layer routing (Roller et al. 2021): a fixed function of the token id, gate weight 1.
+
+    Each layer salts the hash with its index so that layers route differently. No parameters,
+    no balance loss (the assignment cannot be learned).
+    """
+
+    _MULT = 2654435761  # Knuth's multiplicative constant; ids < 2^31 keep the product in int64
+
+    def __init__(self, n_experts: int, layer_idx: int = 0):
+        super().__init__()
+        self.n_experts = n_experts
+        self.top_k = 1
+        self.salt = (layer_idx + 1) * 0x9E37
+
+    def expert_of(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = (input_ids.long() * self._MULT + self.salt) % (1 << 32)
+        return (h >> 7) % self.n_experts
+
+    def forward(
+        self,
+        x_TD: torch.Tensor,
+        input_ids_T: Optional[torch.Tensor] = None,
+        top_k: Optional[int] = None,
+    ) -> RouterOutput:
+        if input_ids_T is None:
+            raise ValueError("the hash router needs the token ids (input_ids)")
+        if top_k not in (None, 1):
+            raise ValueError("the hash router sends each token to exactly one expert")
+        ids_TK = self.expert_of(input_ids_T).view(-1, 1)
+        weights_TK = torch.ones(ids_TK.shape, dtype=torch.float32, device=x_TD.device)
+        return RouterOutput(ids_TK, weights_TK, None)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.n_experts}, salt={self.salt}"

@@ -1,0 +1,270 @@
+"""The MoE layer: fast dispatch vs the reference loop, degenerate cases, losses, routers, capacity."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from deepseek_moe.config import DeepseekMoEConfig
+from deepseek_moe.ffn import SwiGLU
+from deepseek_moe.moe import (
+    DeepseekMoE,
+    GroupedExperts,
+    HashRouter,
+    balance_losses,
+    dispatch_reference,
+    dispatch_sorted,
+)
+
+
+def moe_config(**kw) -> DeepseekMoEConfig:
+    base = dict(
+        vocab_size=64, hidden_size=100, intermediate_size=64, moe_intermediate_size=36,
+        num_hidden_layers=1, num_attention_heads=2, n_shared_experts=1, n_routed_experts=7,
+        num_experts_per_tok=2, first_k_dense_replace=0, bos_token_id=None, eos_token_id=None,
+    )
+    base.update(kw)
+    return DeepseekMoEConfig(**base)
+
+
+def init_(module: torch.nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def run_layer(layer: DeepseekMoE, x: torch.Tensor, dispatch: str, backend: str = "auto"):
+    layer.dispatch = dispatch
+    x = x.clone().requires_grad_(True)
+    layer.zero_grad()
+    if dispatch == "fast" and backend != "auto":
+        # Drive the chosen grouped backend through the same dispatcher.
+        r = layer.gate(x.view(-1, x.shape[-1]))
+        y, _ = dispatch_sorted(x.view(-1, x.shape[-1]), r.topk_ids_TK, r.topk_weights_TK,
+                               layer.experts, backend=backend)
+        y = y.view_as(x) + (layer.shared_experts(x) if layer.shared_experts is not None else 0)
+    else:
+        y, _ = layer(x)
+    # A non-uniform upstream gradient, so that every output element matters.
+    w = torch.linspace(-1, 1, y.numel()).view_as(y)
+    (y * w).sum().backward()
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    return y.detach(), x.grad.clone(), grads
+
+
+@pytest.mark.parametrize("k,shared,backend", list(itertools.product([1, 2, 3], [0, 2], ["loop", "grouped_mm"])))
+def test_fast_dispatch_matches_reference(k, shared, backend):
+    torch.manual_seed(k)
+    layer = DeepseekMoE(moe_config(num_experts_per_tok=k, n_shared_experts=shared))
+    init_(layer, seed=k + 10 * shared)
+    x = torch.randn(3, 11, 100)
+    y_ref, gx_ref, g_ref = run_layer(layer, x, "reference")
+    y_fast, gx_fast, g_fast = run_layer(layer, x, "fast", backend)
+    torch.testing.assert_close(y_fast, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx_fast, gx_ref, rtol=1e-5, atol=1e-5)
+    assert g_ref.keys() == g_fast.keys()
+    for name in g_ref:
+        assert g_ref[name].abs().sum() > 0, name  # every parameter gets a gradient
+        torch.testing.assert_close(g_fast[name], g_ref[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_fast_dispatch_with_idle_experts():
+    """Experts that receive no token get an exact zero gradient, and nothing breaks."""
+    experts = GroupedExperts(5, 8, 6)
+    init_(experts)
+    x = torch.randn(4, 8, requires_grad=True)
+    ids = torch.tensor([[0], [0], [3], [3]])
+    w = torch.rand(4, 1)
+    y, _ = dispatch_sorted(x, ids, w, experts, backend="loop")
+    y.sum().backward()
+    assert experts.w1.grad[[1, 2, 4]].abs().sum() == 0
+    assert experts.w1.grad[[0, 3]].abs().sum() > 0
+    y_ref, _ = dispatch_reference(x, ids, w, experts)
+    torch.testing.assert_close(y, y_ref)
+
+
+def test_one_expert_top1_equals_dense_ffn():
+    cfg = moe_config(n_routed_experts=1, num_experts_per_tok=1, n_shared_experts=0)
+    for dispatch in ("fast", "reference"):
+        layer = DeepseekMoE(cfg.replace(dispatch=dispatch))
+        init_(layer)
+        dense = SwiGLU(100, 36)
+        with torch.no_grad():
+            dense.gate_proj.weight.copy_(layer.experts.w1[0])
+            dense.up_proj.weight.copy_(layer.experts.w3[0])
+            dense.down_proj.weight.copy_(layer.experts.w2[0])
+        x = torch.randn(2, 9, 100)
+        x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        y_moe, _ = layer(x1)
+        y_dense = dense(x2)
+        torch.testing.assert_close(y_moe, y_dense, rtol=1e-5, atol=1e-5)
+        w = torch.linspace(-1, 1, y_moe.numel()).view_as(y_moe)
+        (y_moe * w).sum().backward()
+        (y_dense * w).sum().backward()
+        torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer.experts.w1.grad[0], dense.gate_proj.weight.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer.experts.w2.grad[0], dense.down_proj.weight.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_experts_are_always_on_and_ungated():
+    """With the routed experts zeroed, the layer is exactly the shared SwiGLU (weight 1)."""
+    layer = DeepseekMoE(moe_config(n_shared_experts=2))
+    init_(layer)
+    with torch.no_grad():
+        layer.experts.w2.zero_()
+    x = torch.randn(2, 5, 100)
+    y, _ = layer(x)
+    torch.testing.assert_close(y, layer.shared_experts(x))
+    assert layer.shared_experts.gate_proj.weight.shape == (2 * 36, 100)
+
+
+def test_topk_weights_not_renormalised_unless_asked():
+    layer = DeepseekMoE(moe_config(num_experts_per_tok=3))
+    init_(layer)
+    x = torch.randn(10, 100)
+    r = layer.gate(x)
+    probs = torch.softmax(x @ layer.gate.weight.t(), -1)
+    torch.testing.assert_close(r.topk_weights_TK, probs.topk(3, -1).values)
+    assert (r.topk_weights_TK.sum(-1) < 1).all()
+    layer.gate.norm_topk_prob = True
+    torch.testing.assert_close(layer.gate(x).topk_weights_TK.sum(-1), torch.ones(10))
+
+
+# --- balance losses ---------------------------------------------------------------------------
+
+def hand_losses(scores, ids, groups, seq_aux):
+    """Eq. 12-17 written out with Python loops."""
+    B, S, E = scores.shape
+    K = ids.shape[-1]
+    seqs = [(scores[b], ids[b]) for b in range(B)] if seq_aux else [
+        (scores.reshape(B * S, E), ids.reshape(B * S, K))]
+    exp_total, dev_total = 0.0, 0.0
+    for s, i in seqs:
+        T = s.shape[0]
+        f = [E / (K * T) * sum(int(e in i[t].tolist()) for t in range(T)) for e in range(E)]
+        P = [sum(s[t, e].item() for t in range(T)) / T for e in range(E)]
+        exp_total += sum(f[e] * P[e] for e in range(E))
+        size = E // groups
+        dev = 0.0
+        for g in range(groups):
+            members = range(g * size, (g + 1) * size)
+            fg = sum(f[j] for j in members) / size
+            Pg = sum(P[j] for j in members)
+            dev += fg * Pg
+        dev_total += dev
+    return exp_total / len(seqs), dev_total / len(seqs)
+
+
+@pytest.mark.parametrize("seq_aux", [True, False])
+def test_balance_losses_match_hand_computation(seq_aux):
+    scores = torch.tensor([
+        [[0.50, 0.25, 0.15, 0.10], [0.10, 0.60, 0.20, 0.10], [0.25, 0.20, 0.45, 0.10]],
+        [[0.70, 0.05, 0.15, 0.10], [0.40, 0.30, 0.20, 0.10], [0.05, 0.10, 0.05, 0.80]],
+    ])
+    ids = scores.topk(2, -1).indices
+    exp_loss, dev_loss = balance_losses(scores, ids, n_groups=2, seq_aux=seq_aux)
+    want_exp, want_dev = hand_losses(scores, ids, 2, seq_aux)
+    assert exp_loss.item() == pytest.approx(want_exp, abs=1e-6)
+    assert dev_loss.item() == pytest.approx(want_dev, abs=1e-6)
+    if not seq_aux:
+        # Worked on paper: counts (4, 4, 3, 1) so f = counts / 3; P = (2.0, 1.5, 1.2, 1.3) / 6;
+        # eq. 12: 18.9 / 18. Groups {0,1},{2,3}: f' = (4/3, 2/3), P' = (3.5, 2.5) / 6; eq. 15: 19/18.
+        assert exp_loss.item() == pytest.approx(18.9 / 18, abs=1e-6)
+        assert dev_loss.item() == pytest.approx(19 / 18, abs=1e-6)
+
+
+@pytest.mark.parametrize("seq_aux", [True, False])
+def test_balance_losses_are_one_under_uniform_routing(seq_aux):
+    E, K, B, S = 8, 2, 2, 8
+    scores = torch.full((B, S, E), 1.0 / E)
+    # Each expert picked exactly K*S/E times per sequence.
+    ids = torch.stack([torch.arange(S * K).view(S, K) % E for _ in range(B)])
+    for groups in (1, 2, 4, 8):
+        exp_loss, dev_loss = balance_losses(scores, ids, n_groups=groups, seq_aux=seq_aux)
+        assert exp_loss.item() == pytest.approx(1.0)
+        assert dev_loss.item() == pytest.approx(1.0)
+
+
+def test_balance_loss_gradient_reaches_router_only_through_P():
+    layer = DeepseekMoE(moe_config())
+    init_(layer)
+    x = torch.randn(2, 6, 100)
+    _, aux = layer(x)
+    aux.expert_balance_loss.backward()
+    assert layer.gate.weight.grad.abs().sum() > 0
+    assert layer.experts.w1.grad is None
+
+
+def test_layer_reports_counts_and_losses():
+    layer = DeepseekMoE(moe_config(n_device_groups=7, num_experts_per_tok=3))
+    init_(layer)
+    _, aux = layer(torch.randn(2, 5, 100))
+    assert aux.tokens_per_expert.shape == (7,)
+    assert aux.tokens_per_expert.sum().item() == 2 * 5 * 3
+    assert aux.dropped_tokens.item() == 0
+    assert aux.expert_balance_loss.item() > 0 and aux.device_balance_loss.item() > 0
+
+
+# --- hash routing -----------------------------------------------------------------------------
+
+def test_hash_routing_is_a_fixed_function_of_the_token_id():
+    cfg = moe_config(router="hash", n_routed_experts=16, num_experts_per_tok=1, n_shared_experts=0)
+    layer = DeepseekMoE(cfg, layer_idx=3)
+    assert not list(layer.gate.parameters())
+    ids = torch.randint(0, 64, (2, 30))
+    r1 = layer.gate(torch.randn(60, 100), ids.view(-1))
+    r2 = layer.gate(torch.randn(60, 100), ids.view(-1))  # other hidden states, same ids
+    assert torch.equal(r1.topk_ids_TK, r2.topk_ids_TK)
+    assert torch.equal(r1.topk_weights_TK, torch.ones(60, 1))
+    # The same token id always lands on the same expert, wherever it appears.
+    table = HashRouter(16, layer_idx=3).expert_of(torch.arange(64))
+    assert torch.equal(r1.topk_ids_TK.view(-1), table[ids.view(-1)])
+    # Spread over the experts, and different layers hash differently.
+    assert len(set(table.tolist())) >= 12
+    assert not torch.equal(table, HashRouter(16, layer_idx=4).expert_of(torch.arange(64)))
+    _, aux = layer(torch.randn(2, 30, 100), ids)
+    assert aux.expert_balance_loss.item() == 0.0
+    with pytest.raises(ValueError, match="token ids"):
+        layer(torch.randn(2, 30, 100))
+
+
+# --- capacity ---------------------------------------------------------------------------------
+
+def test_capacity_drops_exactly_the_overflow():
+    T, D, E, K = 12, 8, 4, 2
+    experts = GroupedExperts(E, D, 6)
+    init_(experts)
+    x = torch.randn(T, D)
+    # Expert 0 gets the first choice of tokens 0-5 and the second choice of tokens 6-11.
+    ids = torch.tensor([[0, 1 + t % 3] if t < 6 else [1 + t % 3, 0] for t in range(T)])
+    w = torch.rand(T, K)
+    counts = torch.bincount(ids.view(-1), minlength=E)
+    for capacity in (1, 3, 5, 100):
+        want = int((counts - capacity).clamp(min=0).sum())
+        y_ref, d_ref = dispatch_reference(x, ids, w, experts, capacity)
+        y_fast, d_fast = dispatch_sorted(x, ids, w, experts, capacity)
+        assert d_ref.item() == want and d_fast.item() == want
+        torch.testing.assert_close(y_fast, y_ref, rtol=1e-5, atol=1e-6)
+    # First choices have priority: at capacity 6 expert 0 keeps its six first choices.
+    cap = 6
+    y_cap, _ = dispatch_sorted(x, ids, w, experts, cap)
+    keep = torch.ones(T, K, dtype=torch.bool)
+    second_to_0 = (ids[:, 1] == 0).nonzero().view(-1)
+    keep[second_to_0, 1] = False  # all of expert 0's second choices overflow
+    y_kept, _ = dispatch_sorted(x, ids, w * keep, experts, None)
+    torch.testing.assert_close(y_cap, y_kept, rtol=1e-5, atol=1e-6)
+
+
+def test_layer_capacity_factor_reports_drops():
+    cfg = moe_config(n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=0,
+                     capacity_factor=0.5, norm_topk_prob=True)
+    layer = DeepseekMoE(cfg)
+    init_(layer)
+    x = torch.randn(2, 16, 100)
+    assert layer.capacity(32) == 8  # ceil(0.5 * 32 * 2 / 4)
+    _, aux = layer(x)
+    want = int((aux.tokens_per_expert - 8).clamp(min=0).sum())
+    assert aux.dropped_tokens.item() == want >= 32  # at most 4*8 of the 64 assignments fit
