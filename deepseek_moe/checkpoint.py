@@ -1,0 +1,386 @@
+"""The released HuggingFace checkpoint layout (SPEC section 5): one key map, load and save.
+
+Our module names already mirror the released names, so the only difference between the two
+layouts is the routed experts: we store each layer's experts stacked, the release stores one
+tensor per expert. ``KEY_MAP`` states that once and both directions are derived from it.
+
+Shape legend: E routed experts of a layer, D hidden size, I expert intermediate size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import DeepseekMoEConfig
+from .model import DeepseekForCausalLM
+
+# The one key map. Names not listed here are identical in both layouts.
+#   ours (stacked over experts)      HF (one tensor per expert e)
+KEY_MAP: dict[str, str] = {
+    "mlp.experts.w1": "mlp.experts.{e}.gate_proj.weight",  # [E, I, D] <-> E x [I, D]
+    "mlp.experts.w3": "mlp.experts.{e}.up_proj.weight",  # [E, I, D] <-> E x [I, D]
+    "mlp.experts.w2": "mlp.experts.{e}.down_proj.weight",  # [E, D, I] <-> E x [D, I]
+}
+# HF -> ours: each template turned into a regex capturing the layer prefix and the expert index.
+_HF_PATTERNS = [
+    (re.compile(r"^(.*\.)?" + re.escape(hf).replace(r"\{e\}", r"(\d+)") + "$"), ours)
+    for ours, hf in KEY_MAP.items()
+]
+
+CONFIG_NAME = "config.json"
+SINGLE_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+TIED_NAME = "lm_head.weight"  # HF writes only model.embed_tokens.weight when tied
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or written; the message names the file or tensor."""
+
+
+def _stacked_key(name: str) -> Optional[str]:
+    return next((k for k in KEY_MAP if name == k or name.endswith("." + k)), None)
+
+
+def to_hf_names(name: str, n_experts: int) -> list[str]:
+    """HF names of our tensor ``name`` (``n_experts`` of them for a stacked expert tensor)."""
+    key = _stacked_key(name)
+    if key is None:
+        return [name]
+    prefix = name[: len(name) - len(key)]
+    return [prefix + KEY_MAP[key].format(e=e) for e in range(n_experts)]
+
+
+def from_hf_name(hf_name: str) -> tuple[str, Optional[int]]:
+    """Our name of the HF tensor ``hf_name`` and its expert index (None when not per-expert)."""
+    for pattern, ours in _HF_PATTERNS:
+        m = pattern.match(hf_name)
+        if m:
+            return (m.group(1) or "") + ours, int(m.group(2))
+    return hf_name, None
+
+
+def _hf_layout(
+    ours: Mapping[str, torch.Tensor], tied: bool
+) -> Iterator[tuple[str, str, Optional[int]]]:
+    """(hf_name, our_name, expert index or None), in state_dict order; a tied lm_head skipped."""
+    for name, t in ours.items():
+        if tied and name == TIED_NAME:
+            continue
+        stacked = _stacked_key(name) is not None
+        for e, hf in enumerate(to_hf_names(name, t.shape[0] if stacked else 1)):
+            yield hf, name, (e if stacked else None)
+
+
+def hf_state_dict(model: DeepseekForCausalLM) -> dict[str, torch.Tensor]:
+    """Our model's tensors under the released names; per-expert entries are views [I, D] / [D, I]
+    of the stacked [E, ...] parameters, so nothing is copied."""
+    sd = model.state_dict()
+    return {
+        hf: sd[n] if e is None else sd[n][e]
+        for hf, n, e in _hf_layout(sd, model.config.tie_word_embeddings)
+    }
+
+
+def _check_tensors(
+    expected: Mapping[str, torch.Tensor], config: DeepseekMoEConfig,
+    found: Mapping[str, Sequence[int]], where: str,
+) -> None:
+    """Compare HF names and shapes ``found`` with what ``config`` needs (``expected``: our names
+    -> meta tensors); raise a CheckpointError naming the first offending tensors."""
+    tied = config.tie_word_embeddings
+    want = {hf: (expected[n].shape if e is None else expected[n].shape[1:])
+            for hf, n, e in _hf_layout(expected, tied)}
+    # A tied checkpoint written by other tools may carry lm_head.weight too; embed wins, as in HF.
+    extra = [n for n in found if n not in want and not (tied and n == TIED_NAME)]
+    for n in extra:
+        ours, e = from_hf_name(n)
+        if e is not None and ours in expected:
+            raise CheckpointError(f"{where}: tensor {n}: expert index {e} out of range, layer "
+                                  f"has {expected[ours].shape[0]} routed experts")
+    if extra:
+        raise CheckpointError(f"{where}: unexpected tensor(s) {_few(extra)} for this config")
+    missing = [n for n in want if n not in found]
+    if missing:
+        raise CheckpointError(f"{where}: missing tensor(s) {_few(missing)}")
+    for n, shape in want.items():
+        if tuple(found[n]) != tuple(shape):
+            raise CheckpointError(f"{where}: tensor {n} has shape {list(found[n])}, the config "
+                                  f"expects {list(shape)}")
+
+
+def _few(names: list[str], k: int = 5) -> str:
+    return ", ".join(names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
+
+
+def _convert(
+    expected: Mapping[str, torch.Tensor], config: DeepseekMoEConfig,
+    read: Callable[[str], torch.Tensor], dtype: Optional[torch.dtype],
+    device: Optional[torch.device],
+) -> dict[str, torch.Tensor]:
+    """Our state_dict from HF tensors fetched one at a time by ``read``. Each stacked [E, ...]
+    tensor is allocated once and filled per expert, so peak memory is one copy of the weights.
+    ``dtype``/``device`` None keep what is stored."""
+    out: dict[str, torch.Tensor] = {}
+    tied = config.tie_word_embeddings
+    for name, ref in expected.items():
+        if tied and name == TIED_NAME:
+            continue
+        if _stacked_key(name) is None:
+            t = read(name)
+            cast = dtype is not None and t.is_floating_point() and t.dtype != dtype
+            out[name] = t.to(device=device or t.device, dtype=dtype if cast else t.dtype)
+            continue
+        hf_names = to_hf_names(name, ref.shape[0])
+        t = read(hf_names[0])  # the first expert fixes the stored dtype and device
+        stacked = torch.empty(ref.shape, dtype=dtype or t.dtype, device=device or t.device)
+        for e, hf in enumerate(hf_names):
+            stacked[e].copy_(t if e == 0 else read(hf))  # copy_ also casts
+        out[name] = stacked
+    if tied:
+        out[TIED_NAME] = out["model.embed_tokens.weight"]
+    return out
+
+
+def _meta_model(config: DeepseekMoEConfig) -> DeepseekForCausalLM:
+    with torch.device("meta"):  # shapes only: no memory, no init
+        return DeepseekForCausalLM(config)
+
+
+def from_hf_state_dict(
+    tensors: Mapping[str, torch.Tensor], config: DeepseekMoEConfig
+) -> dict[str, torch.Tensor]:
+    """Released names -> our state_dict for ``config`` (per-expert [I, D] stacked into
+    [E, I, D]); names and shapes are checked first. Dtype and device are kept."""
+    expected = _meta_model(config).state_dict()
+    _check_tensors(expected, config, {n: t.shape for n, t in tensors.items()}, "state dict")
+    return _convert(expected, config, lambda n: tensors[n], None, None)
+
+
+# --- save -----------------------------------------------------------------------------------------
+def parse_size(size: Union[int, str]) -> int:
+    """``"5GB"`` (10^9), ``"200MiB"`` (2^20), ``"10KB"`` or an int -> bytes."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        n = size
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(size).upper())
+        if not m:
+            raise ValueError(f"cannot parse size {size!r}; use e.g. '5GB', '200MB' or bytes")
+        n = int(float(m.group(1)) * _UNITS[m.group(2) or "B"])
+    if n <= 0:
+        raise ValueError(f"max_shard_size must be positive, got {size!r}")
+    return n
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)  # works for files and (on POSIX) directories
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj: object) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    _fsync(path)
+
+
+def save_pretrained(
+    model: DeepseekForCausalLM, path: Union[str, os.PathLike],
+    max_shard_size: Union[int, str] = "5GB", dtype: Optional[torch.dtype] = None,
+) -> None:
+    """Write ``model`` to ``path`` in the released layout: ``config.json`` and either
+    ``model.safetensors`` or ``model-0000k-of-0000N.safetensors`` shards of at most
+    ``max_shard_size`` plus ``model.safetensors.index.json``. Floating tensors are cast to
+    ``dtype`` if given.
+
+    Atomic: everything is written and fsynced in a temporary sibling directory that then
+    replaces ``path``; an existing checkpoint there is removed only after that, and any failure
+    leaves it untouched. A non-empty ``path`` that is not a checkpoint is refused.
+    """
+    limit = parse_size(max_shard_size)
+    path = Path(path).absolute()
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not (path / CONFIG_NAME).is_file():
+        raise CheckpointError(f"refusing to overwrite {path}: a non-empty directory that is not "
+                              f"a checkpoint (no {CONFIG_NAME})")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    except OSError as e:
+        raise CheckpointError(f"cannot write a checkpoint under {path.parent}: {e}") from e
+    try:
+        _write_checkpoint(model, tmp, limit, dtype)
+        _swap_in(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_checkpoint(
+    model: DeepseekForCausalLM, out: Path, limit: int, dtype: Optional[torch.dtype]
+) -> None:
+    entries = list(hf_state_dict(model).items())  # views only
+
+    def target(t: torch.Tensor) -> torch.dtype:
+        return dtype if dtype is not None and t.is_floating_point() else t.dtype
+
+    def prepare(t: torch.Tensor) -> torch.Tensor:
+        # Per-expert rows of a contiguous stack are contiguous: written without a copy.
+        return t.detach().to("cpu", dtype=target(t)).contiguous()
+
+    # Greedy shard plan from sizes alone, so the shard count is known before any file is named.
+    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
+    size = total = 0
+    for name, t in entries:
+        n = t.numel() * target(t).itemsize
+        if shards[-1] and size + n > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, t))
+        size += n
+        total += n
+    files = ([SINGLE_NAME] if len(shards) == 1 else
+             [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
+    weight_map = {}
+    for fname, shard in zip(files, shards):
+        # One shard's tensors materialised at a time (only casts / device moves copy anything).
+        save_file({n: prepare(t) for n, t in shard}, out / fname, metadata={"format": "pt"})
+        _fsync(out / fname)
+        weight_map.update({n: fname for n, _ in shard})
+    if len(files) > 1:
+        _write_json(out / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    stored = dtype or next((p.dtype for p in model.parameters() if p.is_floating_point()),
+                           torch.float32)
+    cfg = model.config.to_hf_dict()
+    cfg["torch_dtype"] = str(stored).removeprefix("torch.")
+    _write_json(out / CONFIG_NAME, cfg)
+    _fsync(out)
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Replace ``path`` by the complete directory ``tmp``. Directories cannot be exchanged
+    atomically in portable code, so the old one is renamed aside first and restored if the
+    second rename fails; it is deleted only once the new one is in place."""
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        if old is not None:
+            os.rename(old, path)
+        raise
+    try:
+        _fsync(path.parent)  # make the renames durable before the old copy goes
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+# --- load -----------------------------------------------------------------------------------------
+def load_pretrained(
+    path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu",
+    dtype: Optional[torch.dtype] = None, **config_overrides: object,
+) -> DeepseekForCausalLM:
+    """Load a checkpoint in the released layout (single file or sharded).
+
+    The model is built on the meta device and the mmap'ed tensors are assigned to it, so only
+    one copy of the weights is ever held. ``dtype`` None means float32 on CPU and the stored
+    dtype elsewhere. ``config_overrides`` replace config fields (e.g. ``dispatch="reference"``).
+    """
+    path = Path(path)
+    if not path.is_dir() or not (path / CONFIG_NAME).is_file():
+        what = "does not exist" if not path.exists() else "is not a checkpoint directory"
+        raise CheckpointError(f"{path} {what} (expected a directory with {CONFIG_NAME})")
+    try:
+        cfg = DeepseekMoEConfig.load(path / CONFIG_NAME)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path / CONFIG_NAME}: invalid config: {e}") from e
+    if config_overrides:
+        cfg = cfg.replace(**config_overrides)
+    device = torch.device(device)
+    if dtype is None and device.type == "cpu":
+        dtype = torch.float32
+    files, weight_map = _weight_files(path)
+    model = _meta_model(cfg)
+    expected = model.state_dict()
+    with contextlib.ExitStack() as stack:
+        owner: dict[str, Path] = {}
+        shapes: dict[str, list[int]] = {}
+        handles = {}
+        for f in files:
+            try:
+                h = handles[f] = stack.enter_context(safe_open(str(f), framework="pt",
+                                                               device=str(device)))
+                for n in h.keys():
+                    if n in owner:
+                        raise CheckpointError(f"tensor {n} is stored in both {owner[n]} and {f}")
+                    owner[n], shapes[n] = f, h.get_slice(n).get_shape()
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{f}: corrupt or unreadable safetensors file: {e}") from e
+        for n, f in (weight_map or {}).items():
+            if owner.get(n) != path / f:
+                raise CheckpointError(f"{path / INDEX_NAME}: maps tensor {n} to {f}, which "
+                                      "does not hold it")
+        _check_tensors(expected, cfg, shapes, str(path))
+
+        def read(name: str) -> torch.Tensor:
+            try:
+                return handles[owner[name]].get_tensor(name)
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{owner[name]}: cannot read tensor {name}: {e}") from e
+
+        sd = _convert(expected, cfg, read, dtype, device)
+    model.load_state_dict(sd, assign=True, strict=True)
+    if cfg.tie_word_embeddings:  # assign gave lm_head its own Parameter object: re-tie
+        model.lm_head.weight = model.model.embed_tokens.weight
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:  # e.g. a non-persistent buffer no checkpoint can provide
+        raise CheckpointError(f"{path}: still on the meta device after loading: {_few(left)}")
+    return model
+
+
+def _weight_files(path: Path) -> tuple[list[Path], Optional[dict[str, str]]]:
+    """The safetensors files of a checkpoint (the index's shards, else the single file) and the
+    index's weight map (None without an index)."""
+    index = path / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+            if not all(isinstance(k, str) and isinstance(v, str) and Path(v).name == v
+                       for k, v in weight_map.items()):  # also keeps shards inside the checkpoint
+                raise TypeError("weight_map must map tensor names to plain file names")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: invalid index ({e!r})") from e
+        lost = [n for n in names if not (path / n).is_file()]
+        if lost:
+            raise CheckpointError(f"{index} references missing shard file(s): {_few(lost)}")
+        return [path / n for n in names], weight_map
+    if (path / SINGLE_NAME).is_file():
+        return [path / SINGLE_NAME], None
+    raise CheckpointError(f"{path}: no {SINGLE_NAME} or {INDEX_NAME}")
+
+
+__all__ = [
+    "CheckpointError", "KEY_MAP", "from_hf_name", "from_hf_state_dict", "hf_state_dict",
+    "load_pretrained", "parse_size", "save_pretrained", "to_hf_names",
+]
