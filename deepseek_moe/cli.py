@@ -2,7 +2,7 @@
 
     deepseek-moe presets                 list the named presets
     deepseek-moe params PRESET [...]     total / activated parameters and FLOPs per token
-    deepseek-moe main [--preset P]       the main job (today: build a preset, forward real text)
+    deepseek-moe main [--preset P]       the main job (today: build a preset, run it on real text)
 """
 
 from __future__ import annotations
@@ -92,6 +92,16 @@ def cmd_main(args: argparse.Namespace) -> int:
                 f"{(load.max() / load.mean()).item():>9.2f}{int((load == 0).sum()):>6}"
                 f"{int(out.dropped_tokens[j]):>8}"
             )
+    if args.save:
+        from .checkpoint import load_pretrained, save_pretrained
+
+        save_pretrained(model, args.save)
+        reloaded = load_pretrained(args.save, dispatch=args.dispatch)
+        with torch.no_grad():
+            same = torch.equal(reloaded(x).logits, model(x).logits)
+        print(f"saved {args.save} in the released layout; reloaded logits identical: {same}")
+        if not same:
+            return 1
     return 0
 
 
@@ -120,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seq-len", type=int, default=256)
     sp.add_argument("--dispatch", choices=("fast", "reference"), default="fast")
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--save", default=None, metavar="DIR",
+                    help="also save the model in the released layout and check it reloads")
     sp.set_defaults(func=cmd_main)
     return p
 

@@ -30,10 +30,13 @@ def test_presets_lists_the_paper_models(capsys):
         assert name in out
 
 
-def test_main_job_runs_on_real_text(capsys):
-    assert main(["main", "--batch-size", "1", "--seq-len", "64"]) == 0
+def test_main_job_runs_on_real_text(capsys, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    assert main(["main", "--batch-size", "1", "--seq-len", "64", "--save", str(ckpt)]) == 0
     out = capsys.readouterr().out
     assert "LM loss" in out and "expert bal" in out
+    assert "reloaded logits identical: True" in out
+    assert (ckpt / "config.json").is_file() and (ckpt / "model.safetensors").is_file()
 
 
 def test_module_entry_point():
