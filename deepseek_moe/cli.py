@@ -2,15 +2,14 @@
 
     deepseek-moe presets                 list the named presets
     deepseek-moe params PRESET [...]     total / activated parameters and FLOPs per token
-    deepseek-moe main [--preset P]       the main job (today: build a preset, run it on real text)
+    deepseek-moe train --preset P --out DIR  train with the paper's recipe (--resume continues)
+    deepseek-moe main                    the main job: train the tiny DeepSeekMoE for a few minutes
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
-from pathlib import Path
 from typing import Optional, Sequence
 
 from . import __version__
@@ -43,66 +42,112 @@ def cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
-def default_text() -> tuple[str, str]:
-    """Real text that every install has: a module of Python's standard library."""
-    import argparse as _mod
+def _parse_overrides(items: Sequence[str]) -> dict:
+    """``key=value`` pairs -> config overrides; values parsed as JSON when they parse."""
+    import json
 
-    path = Path(_mod.__file__)
-    return str(path), path.read_text(encoding="utf-8")
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
 
 
-def cmd_main(args: argparse.Namespace) -> int:
-    """Build a preset, print its parameter table and run a forward + backward pass on real text.
+def _train_config(args: argparse.Namespace):
+    from .train import TrainConfig
 
-    Text is encoded as UTF-8 bytes (token ids 0..255) until the BPE tokenizer lands.
-    """
-    import torch
+    budget = {}
+    if args.steps is not None:
+        budget["steps"] = args.steps
+    elif args.tokens is not None:
+        budget["tokens"] = args.tokens
+    else:
+        budget["minutes"] = args.minutes
+    return TrainConfig(
+        preset=args.preset, out=args.out, model_overrides=_parse_overrides(args.set),
+        data_dir=args.data_dir, sources=tuple(args.sources), paths=tuple(args.text),
+        tokenizer=args.tokenizer, vocab_size=args.vocab_size, seq_len=args.seq_len,
+        validation_fraction=args.validation_fraction, test_fraction=args.validation_fraction,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, stop_after=args.stop_after,
+        lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed, ckpt_every=args.ckpt_every,
+        keep=args.keep, eval_every=args.eval_every, eval_sequences=args.eval_sequences,
+        device=args.device, bf16_autocast=args.bf16, progress=not args.no_progress, **budget,
+    )
 
-    from .model import DeepseekForCausalLM
-    from .params import count_parameters, format_report
-    from .presets import get_config
 
-    torch.manual_seed(args.seed)
-    cfg = get_config(args.preset, dispatch=args.dispatch)
-    print(format_report(count_parameters(cfg), args.seq_len))
-    source, text = default_text() if args.text is None else (args.text, Path(args.text).read_text())
-    ids = list(text.encode("utf-8"))
-    need = args.batch_size * args.seq_len
-    if len(ids) < need:
-        raise SystemExit(f"{source}: {len(ids)} bytes, need {need} for the batch")
-    x = torch.tensor(ids[:need]).view(args.batch_size, args.seq_len)
-    print(f"\ntext: {source} ({len(ids):,} bytes); batch {args.batch_size} x {args.seq_len}")
-    model = DeepseekForCausalLM(cfg)
-    t0 = time.perf_counter()
-    out = model(x, labels=x)
-    out.loss.backward()
-    dt = time.perf_counter() - t0
-    print(f"forward+backward: {dt * 1000:.0f} ms ({need / dt:,.0f} tokens/s)")
-    print(f"LM loss {out.lm_loss.item():.4f} (ln V = {torch.log(torch.tensor(float(cfg.vocab_size))):.4f})")
-    if cfg.has_moe:
-        print(f"weighted balance loss {out.aux_loss.item():.6f}")
-        print(f"{'MoE layer':<10}{'expert bal':>11}{'device bal':>11}{'load CV':>9}{'max/mean':>9}"
-              f"{'idle':>6}{'dropped':>8}")
-        for j, layer in enumerate(cfg.moe_layers):
-            load = out.tokens_per_expert[j].float()
-            cv = (load.std(unbiased=False) / load.mean()).item()
-            print(
-                f"{layer:<10}{out.expert_balance_loss[j].item():>11.4f}"
-                f"{out.device_balance_loss[j].item():>11.4f}{cv:>9.3f}"
-                f"{(load.max() / load.mean()).item():>9.2f}{int((load == 0).sum()):>6}"
-                f"{int(out.dropped_tokens[j]):>8}"
-            )
-    if args.save:
-        from .checkpoint import load_pretrained, save_pretrained
+def _summary(result) -> str:
+    import math
 
-        save_pretrained(model, args.save)
-        reloaded = load_pretrained(args.save, dispatch=args.dispatch)
-        with torch.no_grad():
-            same = torch.equal(reloaded(x).logits, model(x).logits)
-        print(f"saved {args.save} in the released layout; reloaded logits identical: {same}")
-        if not same:
-            return 1
-    return 0
+    lines = [
+        "",
+        f"run:             {result.out}",
+        f"steps:           {result.step} of {result.total_steps}"
+        + (" (interrupted; continue with --resume)" if result.interrupted else ""),
+        f"tokens trained:  {result.tokens:,} in {result.seconds / 60:.1f} min",
+    ]
+    if result.val_loss is not None:
+        lines.append(f"validation loss: {result.val_loss:.4f} (perplexity {math.exp(result.val_loss):.1f})")
+    if result.checkpoint is not None:
+        lines.append(f"checkpoint:      {result.checkpoint}")
+    lines.append(f"metrics:         {result.out / 'metrics.jsonl'}")
+    for p in result.plots:
+        lines.append(f"plot:            {p}")
+    return "\n".join(lines)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a preset on the default corpus (or your text) with the paper's recipe."""
+    from .train import train
+
+    result = train(_train_config(args), resume=args.resume)
+    print(_summary(result))
+    return 130 if result.interrupted else 0
+
+
+def _add_train_args(sp: argparse.ArgumentParser, preset: str, out: str, minutes: float) -> None:
+    g = sp.add_argument_group("model")
+    g.add_argument("--preset", default=preset, help="a preset name (see `presets`)")
+    g.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a model config field, e.g. --set num_hidden_layers=2")
+    g = sp.add_argument_group("budget (one of)")
+    g.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    g.add_argument("--tokens", type=int, default=None, help="training tokens")
+    g.add_argument("--minutes", type=float, default=minutes, help="wall-clock minutes")
+    g = sp.add_argument_group("data")
+    g.add_argument("--data-dir", default=None,
+                   help="corpus, tokenizer and token cache (default ~/.cache/deepseek-moe/data)")
+    g.add_argument("--sources", nargs="*", default=["stdlib", "site-packages", "shakespeare", "debian"],
+                   help="built-in sources to include")
+    g.add_argument("--text", action="append", default=[], metavar="PATH",
+                   help="your own text: a file, a folder, or JSONL with a 'text' field (repeatable)")
+    g.add_argument("--tokenizer", default=None, help="use this tokenizer.json instead of training one")
+    g.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary to train")
+    g.add_argument("--validation-fraction", type=float, default=0.005,
+                   help="share of documents held out for validation (and as many for test)")
+    g = sp.add_argument_group("optimisation (defaults: the paper's recipe)")
+    g.add_argument("--seq-len", type=int, default=256)
+    g.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, default=1.08e-3, help="peak learning rate")
+    g.add_argument("--warmup-steps", type=int, default=None, help="default min(2000, 10%% of steps)")
+    g.add_argument("--seed", type=int, default=0)
+    g = sp.add_argument_group("run")
+    g.add_argument("--out", default=out, help="output directory")
+    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    g.add_argument("--stop-after", type=int, default=None,
+                   help="stop this invocation at this step (the schedule still spans the budget)")
+    g.add_argument("--ckpt-every", type=int, default=200, help="steps between checkpoints")
+    g.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+    g.add_argument("--eval-every", type=int, default=0, help="steps between validation (0: end only)")
+    g.add_argument("--eval-sequences", type=int, default=64)
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--bf16", action="store_true", help="bf16 autocast (GPUs; CPU is faster in fp32)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,16 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sequence length for attention FLOPs (default: the preset's context)")
     sp.set_defaults(func=cmd_params)
 
-    sp = sub.add_parser("main", help="the main job: build a preset and run it on real text")
-    sp.add_argument("--preset", default="deepseekmoe-tiny")
-    sp.add_argument("--text", default=None, help="a UTF-8 text file (default: a stdlib module)")
-    sp.add_argument("--batch-size", type=int, default=4)
-    sp.add_argument("--seq-len", type=int, default=256)
-    sp.add_argument("--dispatch", choices=("fast", "reference"), default="fast")
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--save", default=None, metavar="DIR",
-                    help="also save the model in the released layout and check it reloads")
-    sp.set_defaults(func=cmd_main)
+    sp = sub.add_parser("train", help="train a preset with the paper's recipe",
+                        description=cmd_train.__doc__)
+    _add_train_args(sp, "deepseekmoe-tiny", "runs/train", minutes=None)
+    sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("main", help="the main job: train the tiny DeepSeekMoE for a few minutes",
+                        description="Train deepseekmoe-tiny on the default corpus for a few "
+                        "minutes, report validation loss and write loss and expert-load plots.")
+    _add_train_args(sp, "deepseekmoe-tiny", "runs/main", minutes=3.0)
+    sp.set_defaults(func=cmd_train)
     return p
 
 
@@ -140,7 +185,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as e:
+    except (ValueError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -30,13 +30,27 @@ def test_presets_lists_the_paper_models(capsys):
         assert name in out
 
 
-def test_main_job_runs_on_real_text(capsys, tmp_path):
-    ckpt = tmp_path / "ckpt"
-    assert main(["main", "--batch-size", "1", "--seq-len", "64", "--save", str(ckpt)]) == 0
+def test_train_command_end_to_end(capsys, tmp_path):
+    import argparse as _argparse
+    import json as _json
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for mod in (_argparse, _json.decoder, _json.encoder):
+        for i, chunk in enumerate(open(mod.__file__).read().split("\ndef ")):
+            (corpus / f"{i}_{mod.__name__}.py").write_text(chunk)
+    args = ["train", "--out", str(tmp_path / "run"), "--data-dir", str(tmp_path / "data"),
+            "--sources", "--text", str(corpus), "--vocab-size", "400", "--steps", "3", "--validation-fraction", "0.1",
+            "--seq-len", "32", "--batch-size", "2", "--no-progress",
+            "--set", "vocab_size=400", "--set", "num_hidden_layers=2"]
+    assert main(args) == 0
     out = capsys.readouterr().out
-    assert "LM loss" in out and "expert bal" in out
-    assert "reloaded logits identical: True" in out
-    assert (ckpt / "config.json").is_file() and (ckpt / "model.safetensors").is_file()
+    assert "steps:           3 of 3" in out and "validation loss:" in out
+    assert "loss_curve.png" in out and "expert_load.png" in out
+    # The checkpoint is in the released layout.
+    assert (tmp_path / "run/checkpoints/step-00000003/config.json").is_file()
+    assert main(args[:1] + ["--out", str(tmp_path / "r2")]) == 2  # no budget
+    assert "budget" in capsys.readouterr().err
 
 
 def test_module_entry_point():

@@ -1,0 +1,153 @@
+"""Training checkpoints: the model in the released layout plus the exact training state.
+
+A checkpoint directory ``step-00000120/`` holds
+
+    config.json, model.safetensors ...   the model, loadable with ``load_pretrained``
+    optimizer.safetensors                AdamW moments and step counts, flattened by name
+    trainer_state.json                   step, data position, schedule, RNG, metrics; written
+                                         last: a directory without it is incomplete
+
+No pickle anywhere: tensors go to safetensors, everything else to JSON. A checkpoint is written
+into a hidden temporary directory and renamed into place, then ``latest`` is updated atomically,
+so a crash (even SIGKILL) at any moment leaves the previous checkpoint intact and findable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .checkpoint import CheckpointError, save_pretrained
+from .model import DeepseekForCausalLM
+
+STATE_NAME = "trainer_state.json"
+OPTIM_NAME = "optimizer.safetensors"
+LATEST_NAME = "latest"
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and ``os.replace``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split ``opt.state_dict()`` into flat tensors (``state.{param}.{key}``) and JSON meta."""
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"state.{pid}.{k}"] = v.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(pid), {})[k] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """The inverse of ``optimizer_to_tensors``: a state dict for ``Optimizer.load_state_dict``."""
+    state: dict[int, dict[str, Any]] = {}
+    for name, t in tensors.items():
+        _, pid, key = name.split(".", 2)
+        state.setdefault(int(pid), {})[key] = t
+    for pid, st in meta.get("scalars", {}).items():
+        state.setdefault(int(pid), {}).update(st)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_training_checkpoint(
+    ckpt_root: Path,
+    step: int,
+    model: DeepseekForCausalLM,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    keep: int = 3,
+) -> Path:
+    """Write ``ckpt_root/step-XXXXXXXX`` atomically, point ``latest`` at it, keep the last ``keep``."""
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / step_dir_name(step)
+    tmp_parent = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=ckpt_root))
+    try:
+        tmp = tmp_parent / final.name
+        save_pretrained(model, tmp)
+        tensors, meta = optimizer_to_tensors(optimizer)
+        save_file(tensors, str(tmp / OPTIM_NAME))
+        _fsync_path(tmp / OPTIM_NAME)
+        full_state = dict(state, step=step, optimizer=meta,
+                          torch_rng_state=torch.get_rng_state().tolist())
+        (tmp / STATE_NAME).write_text(json.dumps(full_state, indent=1))
+        _fsync_path(tmp / STATE_NAME)
+        if final.exists():  # a checkpoint of the same step (e.g. resumed, then saved again)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_path(ckpt_root)
+    finally:
+        shutil.rmtree(tmp_parent, ignore_errors=True)
+    write_text_atomic(ckpt_root / LATEST_NAME, final.name + "\n")
+    for old in complete_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoint directories under ``ckpt_root``, oldest first."""
+    if not ckpt_root.is_dir():
+        return []
+    found = [p for p in ckpt_root.iterdir()
+             if p.is_dir() and _STEP_DIR.match(p.name) and (p / STATE_NAME).is_file()]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def latest_checkpoint(ckpt_root: Path) -> Optional[Path]:
+    """The checkpoint ``latest`` names if it is complete, else the newest complete one."""
+    pointer = ckpt_root / LATEST_NAME
+    if pointer.is_file():
+        cand = ckpt_root / pointer.read_text().strip()
+        if _STEP_DIR.match(cand.name) and (cand / STATE_NAME).is_file():
+            return cand
+    done = complete_checkpoints(ckpt_root)
+    return done[-1] if done else None
+
+
+def load_training_state(ckpt: Path) -> tuple[dict[str, Any], dict]:
+    """(trainer state, optimizer state dict) of a checkpoint, with clear errors."""
+    try:
+        state = json.loads((ckpt / STATE_NAME).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{ckpt / STATE_NAME}: unreadable training state ({e})") from e
+    try:
+        tensors = load_file(str(ckpt / OPTIM_NAME))
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{ckpt / OPTIM_NAME}: unreadable optimizer state ({e})") from e
+    return state, optimizer_from_tensors(tensors, state["optimizer"])
