@@ -200,3 +200,14 @@ def test_empty_corpus(tmp_path):
 def test_no_budget_is_an_error():
     with pytest.raises(ValueError, match="budget"):
         TrainConfig().validate()
+
+
+def test_failed_run_leaves_previous_checkpoints_intact(tmp_path, corpus):
+    ok = train(config(tmp_path, corpus, steps=2))
+    before = {p.name: p.read_bytes() for p in ok.checkpoint.iterdir()}
+    # Same output directory, a tokenizer that does not fit: refused before anything is written.
+    with pytest.raises(ValueError, match="vocab_size"):
+        train(config(tmp_path, corpus, steps=2, model_overrides=dict(SMALL, vocab_size=256)),
+              resume=True)
+    assert {p.name: p.read_bytes() for p in ok.checkpoint.iterdir()} == before
+    load_pretrained(ok.checkpoint)
