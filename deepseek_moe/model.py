@@ -5,7 +5,11 @@ SwiGLU FFNs; layer i uses an MoE FFN when ``config.is_moe_layer(i)``. Module nam
 released checkpoint (``model.layers.{i}.self_attn.q_proj`` ...), so the converter only has to
 stack and unstack the routed experts.
 
-Shape legend: B batch, S sequence, D hidden, H heads, Hkv key/value heads, hd head dim, V vocab.
+Incremental decoding keeps each layer's keys and values in a ``KVCache`` (preallocated, as in
+gpt-fast); batched prompts are left-padded and described by an ``attention_mask``.
+
+Shape legend: B batch, S sequence (new tokens), T keys attended (cached + new), D hidden,
+H heads, Hkv key/value heads, hd head dim, V vocab.
 """
 
 from __future__ import annotations
@@ -36,15 +40,83 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(
-    positions_S: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [S, hd] for rotate-half RoPE, computed in fp32."""
+    """cos and sin [..., hd] for rotate-half RoPE at ``positions`` [...] ((S,) or (B, S)), in fp32."""
     inv_freq = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, device=positions_S.device, dtype=torch.float32) / head_dim)
+        theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     )
-    freqs_S = torch.outer(positions_S.float(), inv_freq)
-    emb = torch.cat((freqs_S, freqs_S), dim=-1)
+    freqs = positions.float().unsqueeze(-1) * inv_freq  # [..., hd/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def attention_mask_BST(valid_BT: torch.Tensor, start: int) -> torch.Tensor:
+    """Boolean SDPA mask (B, 1, S, T) for queries in slots ``[start, T)`` over keys in ``[0, T)``.
+
+    A query sees the real (``valid_BT``) keys at or before its slot. A padding query also sees
+    itself, so that no row of the softmax is empty (an all-masked row would give NaN); what it
+    computes is never read by a real token, whose keys exclude padding.
+    """
+    k_slot_T = torch.arange(valid_BT.shape[1], device=valid_BT.device)
+    q_slot_S = k_slot_T[start:]
+    causal_ST = k_slot_T <= q_slot_S.unsqueeze(1)
+    self_ST = k_slot_T == q_slot_S.unsqueeze(1)
+    return ((causal_ST & valid_BT.unsqueeze(1)) | self_ST).unsqueeze(1)
+
+
+class KVCache:
+    """Rotated keys and values of every layer, for decoding one step at a time (inference only).
+
+    Preallocated per layer: ``k[i]``, ``v[i]`` [B, Hkv, max_len, hd]; slots ``[0, length)`` are
+    filled. ``valid_BT`` marks the filled slots that hold real tokens (False for padding) and
+    ``seen_B`` counts each row's real tokens, which is the position its next real token gets.
+    ``DeepseekForCausalLM.forward(..., cache=c)`` appends its tokens and attends over the cache.
+    """
+
+    def __init__(
+        self,
+        config: DeepseekMoEConfig,
+        batch_size: int,
+        max_len: int,
+        *,
+        device: Optional[torch.device | str] = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        if batch_size <= 0:
+            raise ValueError(f"cache batch_size must be positive, got {batch_size}")
+        if not 0 < max_len <= config.max_position_embeddings:
+            raise ValueError(
+                f"cache max_len must be in [1, max_position_embeddings={config.max_position_embeddings}]"
+                f", got {max_len}"
+            )
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        L = config.num_hidden_layers
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(L)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(L)]
+        self.valid_BT = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.seen_B = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.length = 0
+
+    @classmethod
+    def for_model(cls, model: "DeepseekForCausalLM", batch_size: int, max_len: int) -> "KVCache":
+        """A cache on the model's device, in its dtype."""
+        w = model.model.embed_tokens.weight
+        return cls(model.config, batch_size, max_len, device=w.device, dtype=w.dtype)
+
+    @property
+    def batch_size(self) -> int:
+        return self.valid_BT.shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.valid_BT.shape[1]
+
+    def reset(self) -> None:
+        """Forget every token (the buffers are reused as they are)."""
+        self.length = 0
+        self.valid_BT.zero_()
+        self.seen_B.zero_()
 
 
 def apply_rope(x_BHSd: torch.Tensor, cos_Sd: torch.Tensor, sin_Sd: torch.Tensor) -> torch.Tensor:
@@ -69,14 +141,30 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(D, Hkv * hd, bias=bias)
         self.o_proj = nn.Linear(H * hd, D, bias=bias)
 
-    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x_BSD: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        start: int = 0,
+        mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """``kv``: this layer's cache buffers, written at slots ``[start, start + S)``; ``mask``
+        (B, 1, S, T) boolean, None meaning plain causal over the S new tokens (then start == 0)."""
         B, S, _ = x_BSD.shape
         q = self.q_proj(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:
+            k_buf, v_buf = kv  # [B, Hkv, max_len, hd]
+            k_buf[:, :, start : start + S] = k
+            v_buf[:, :, start : start + S] = v
+            k, v = k_buf[:, :, : start + S], v_buf[:, :, : start + S]  # (B, Hkv, T, hd)
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
+            q, k, v, attn_mask=mask, is_causal=mask is None,
+            enable_gqa=self.n_kv_heads != self.n_heads,
         )  # (B, H, S, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, S, -1))
 
@@ -95,9 +183,16 @@ class DecoderLayer(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_ids: torch.Tensor
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        input_ids: torch.Tensor,
+        kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        start: int = 0,
+        mask: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, Optional[MoEAux]]:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, start, mask)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
             y, aux = self.mlp(h, input_ids)
@@ -154,31 +249,54 @@ class DeepseekForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         labels: Optional[torch.Tensor] = None,
+        *,
+        cache: Optional[KVCache] = None,
+        positions: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
     ) -> CausalLMOutput:
         """``input_ids`` (B, S) -> logits (B, S, V); with ``labels`` (B, S), the shifted LM loss
-        (next-token, ``-100`` ignored) plus the weighted balance losses."""
+        (next-token, ``-100`` ignored) plus the weighted balance losses.
+
+        ``attention_mask`` (B, S): 1 for real tokens, 0 for padding (batched prompts are padded on
+        the left). Padding keys are masked out, and each row's positions count its real tokens
+        only, so its first real token is at position 0. ``cache``: the tokens continue the cached
+        sequence; their keys and values are appended to it and the cached padding stays masked.
+        ``positions`` ((S,) or (B, S)) overrides the rotary positions. With neither mask nor
+        cache this is the plain causal forward used in training.
+        """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         B, S = input_ids.shape
         cfg = self.config
+        device = input_ids.device
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
             bad = input_ids[(input_ids < 0) | (input_ids >= cfg.vocab_size)][0].item()
             raise ValueError(f"token id {bad} is out of range for vocab_size {cfg.vocab_size}")
+        start = 0 if cache is None else cache.length
+        if cache is not None and (cache.batch_size != B or start + S > cache.max_len):
+            raise ValueError(
+                f"cache of batch {cache.batch_size} and {cache.max_len} slots ({start} used) cannot "
+                f"take input of batch {B} and length {S}"
+            )
         if S > cfg.max_position_embeddings:
             raise ValueError(
                 f"sequence length {S} exceeds max_position_embeddings {cfg.max_position_embeddings}"
             )
+        positions, mask = self._positions_and_mask(input_ids, cache, positions, attention_mask)
         x = self.model.embed_tokens(input_ids)
-        positions = torch.arange(S, device=input_ids.device)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
+        if cos.dim() == 3:  # per-row positions: broadcast over heads
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         auxes: list[MoEAux] = []
-        for layer in self.model.layers:
-            x, aux = layer(x, cos, sin, input_ids)
+        for i, layer in enumerate(self.model.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            x, aux = layer(x, cos, sin, input_ids, kv, start, mask)
             if aux is not None:
                 auxes.append(aux)
+        if cache is not None:
+            cache.length = start + S
         logits = self.lm_head(self.model.norm(x))
         out = CausalLMOutput(logits=logits)
-        device = input_ids.device
         if auxes:
             out.expert_balance_loss = torch.stack([a.expert_balance_loss for a in auxes])
             out.device_balance_loss = torch.stack([a.device_balance_loss for a in auxes])
@@ -201,6 +319,49 @@ class DeepseekForCausalLM(nn.Module):
             )
             out.loss = out.lm_loss + out.aux_loss
         return out
+
+    def _positions_and_mask(
+        self,
+        input_ids: torch.Tensor,
+        cache: Optional[KVCache],
+        positions: Optional[torch.Tensor],
+        attention_mask: Optional[torch.Tensor],
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Rotary positions ((S,) or (B, S)) and the SDPA mask (None: plain causal) of ``forward``;
+        records the new tokens (real or padding) in ``cache``."""
+        B, S = input_ids.shape
+        device, max_pos = input_ids.device, self.config.max_position_embeddings
+        start = 0 if cache is None else cache.length
+        valid_BS = None  # None: every token is real
+        if attention_mask is not None:
+            if attention_mask.shape != (B, S):
+                raise ValueError(
+                    f"attention_mask must have the shape of input_ids {(B, S)}, "
+                    f"got {tuple(attention_mask.shape)}"
+                )
+            valid_BS = attention_mask.to(device=device, dtype=torch.bool)
+        if positions is None:
+            if cache is None and valid_BS is None:
+                positions = torch.arange(S, device=device)
+            else:  # each row counts its real tokens, continuing from those in the cache
+                real_BS = torch.ones_like(input_ids, dtype=torch.bool) if valid_BS is None else valid_BS
+                positions = real_BS.long().cumsum(1) - 1
+                if cache is not None:
+                    positions = positions + cache.seen_B.unsqueeze(1)
+                positions = positions.clamp_min(0)
+        elif positions.shape not in ((S,), (B, S)):
+            raise ValueError(f"positions must be (S,) or (B, S), got shape {tuple(positions.shape)}")
+        elif positions.numel() and int(positions.max()) >= max_pos:
+            raise ValueError(f"positions exceed max_position_embeddings {max_pos}")
+        mask = None
+        if cache is not None:
+            cache.valid_BT[:, start : start + S] = True if valid_BS is None else valid_BS
+            cache.seen_B += S if valid_BS is None else valid_BS.sum(1)
+            if start > 0 or valid_BS is not None:
+                mask = attention_mask_BST(cache.valid_BT[:, : start + S], start)
+        elif valid_BS is not None:
+            mask = attention_mask_BST(valid_BS, 0)
+        return positions.to(device), mask
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

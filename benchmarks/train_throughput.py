@@ -1,0 +1,88 @@
+"""Training tokens/s of the tiny DeepSeekMoE vs a tiny Dense model with the same activated
+parameters, measured in one run (interleaved rounds, medians).
+
+The Dense model is ``dense-tiny`` with its FFN widened to the MoE layer's activated width
+((shared + top-k) x expert width = 8 x 88 = 704), so both do the same matmul FLOPs per token and
+the ratio measures what routing, dispatch and the balance losses cost.
+
+    .venv/bin/python benchmarks/train_throughput.py [--steps 5] [--rounds 3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from deepseek_moe.model import DeepseekForCausalLM
+from deepseek_moe.params import count_parameters
+from deepseek_moe.presets import get_config
+from deepseek_moe.train import TrainConfig, build_optimizer
+
+
+def make(name: str, **overrides):
+    cfg = get_config(name, **overrides)
+    torch.manual_seed(0)
+    model = DeepseekForCausalLM(cfg)
+    opt = build_optimizer(model, TrainConfig(steps=1))
+    return cfg, model, opt
+
+
+def time_steps(model, opt, batches: list[torch.Tensor]) -> float:
+    """Seconds per optimizer step (forward, backward, clip, AdamW) over ``batches``."""
+    t0 = time.perf_counter()
+    for x in batches:
+        out = model(x, labels=x)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return (time.perf_counter() - t0) / len(batches)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="deepseekmoe-tiny")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median taken)")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+
+    moe_cfg, moe, moe_opt = make(args.preset)
+    width = (moe_cfg.n_shared_experts + moe_cfg.num_experts_per_tok) * moe_cfg.moe_intermediate_size
+    dense_cfg, dense, dense_opt = make("dense-tiny", intermediate_size=width,
+                                       vocab_size=moe_cfg.vocab_size)
+    r_moe, r_dense = count_parameters(moe_cfg), count_parameters(dense_cfg)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, moe_cfg.vocab_size, (args.batch_size, args.seq_len), generator=g)
+               for _ in range(args.steps)]
+    tokens = args.batch_size * args.seq_len
+    for model, opt in ((moe, moe_opt), (dense, dense_opt)):  # warm-up
+        time_steps(model, opt, batches[:2])
+    t_moe, t_dense = [], []
+    for _ in range(args.rounds):
+        t_moe.append(time_steps(moe, moe_opt, batches))
+        t_dense.append(time_steps(dense, dense_opt, batches))
+    m, d = statistics.median(t_moe), statistics.median(t_dense)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, "
+          f"batch {args.batch_size} x {args.seq_len} = {tokens} tokens/step, "
+          f"{args.rounds} rounds x {args.steps} steps")
+    print(f"{'model':<34}{'activated':>11}{'total':>10}{'s/step':>9}{'tokens/s':>10}")
+    print(f"{moe_cfg.name:<34}{r_moe.active / 1e6:>10.2f}M{r_moe.total / 1e6:>9.2f}M"
+          f"{m:>9.3f}{tokens / m:>10,.0f}")
+    print(f"{'dense-tiny (FFN ' + str(width) + ')':<34}{r_dense.active / 1e6:>10.2f}M"
+          f"{r_dense.total / 1e6:>9.2f}M{d:>9.3f}{tokens / d:>10,.0f}")
+    ratio = d / m
+    print(f"ratio MoE/Dense tokens/s: {ratio:.3f}   (goal >= 0.85: {'met' if ratio >= 0.85 else 'NOT met'})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"moe_s_per_step": t_moe, "dense_s_per_step": t_dense, "ratio": ratio}, f)
+
+
+if __name__ == "__main__":
+    main()
