@@ -55,8 +55,11 @@ def dispatch_sorted(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dropless (unless ``capacity``) dispatch: sort assignments by expert, one grouped SwiGLU.
 
-    No per-expert host synchronisation: ids are sorted and counted on the device; the combine is
-    a deterministic ``index_copy`` (each assignment has its own row) followed by a sum over K.
+    No per-expert host synchronisation: ids are sorted and counted on the device. On CPU with the
+    ``loop`` backend the gather, the experts, the gate and the combine run as one autograd node
+    (``GroupedExperts.routed_forward``), whose combine is an ``index_add_`` (sequential over the
+    index on CPU, so deterministic). Elsewhere the combine is a deterministic ``index_copy`` (each
+    assignment has its own row) followed by a sum over K.
     """
     T, D = x_TD.shape
     K = topk_ids_TK.shape[1]
@@ -73,9 +76,13 @@ def dispatch_sorted(
         dropped = (counts_E - kept_E).sum()
         counts_E = kept_E
     token_M = order_M % T
+    gate_M = topk_weights_TK.t().reshape(-1).index_select(0, order_M)
+    backend = experts.resolve_backend(x_TD, backend)
+    # CUDA's index_add_ uses atomics, so GPUs keep the deterministic index_copy combine below.
+    if backend == "loop" and x_TD.device.type == "cpu":
+        return experts.routed_forward(x_TD, token_M, gate_M, counts_E), dropped
     y_MD = experts(x_TD.index_select(0, token_M), counts_E, backend=backend)
-    gate_M1 = topk_weights_TK.t().reshape(-1).index_select(0, order_M).unsqueeze(1)
-    y_MD = y_MD.float() * gate_M1
+    y_MD = y_MD.float() * gate_M.unsqueeze(1)
     out_KTD = torch.zeros(K * T, D, dtype=torch.float32, device=x_TD.device)
     out_KTD = out_KTD.index_copy(0, order_M, y_MD).view(K, T, D)
     return out_KTD.sum(0), dropped

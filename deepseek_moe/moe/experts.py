@@ -1,7 +1,7 @@
 """Routed experts stored stacked, and the grouped SwiGLU computation over tokens sorted by expert.
 
-Shape legend: E experts, D hidden size, I expert intermediate size, M token-expert assignments
-(rows of the sorted input, grouped by expert, ``counts_E`` rows per expert).
+Shape legend: T tokens, E experts, D hidden size, I expert intermediate size, M token-expert
+assignments (sorted by expert: ``counts_E[e]`` consecutive assignments per expert).
 
 Weights are stacked parameters (``w1`` = gate_proj [E, I, D], ``w3`` = up_proj [E, I, D],
 ``w2`` = down_proj [E, D, I]); the checkpoint converter splits them into the released
@@ -15,6 +15,26 @@ per-expert tensors. Three ways to compute the same thing:
   Indexing ``w[e]`` inside autograd would make every backward allocate a full [E, ...] gradient
   per expert (../shared/MEASURED.md: 8x slower training on CPU); this avoids it. It reads the
   per-expert counts once per call (one host synchronisation per layer, not per expert).
+  ``routed_forward`` is the same loop with the dispatcher's gather, gate and combine fused in
+  (as scattermoe does); the CPU fast path uses it.
+
+Why the loop looks the way it does (CPU, fp32; benchmarks/moe_layer.py measures it against a
+dense SwiGLU of the same activated FLOPs). One expert's GEMMs run about as fast as the dense
+FFN's, so what separates the two is memory traffic and the number of parallel regions:
+
+- Fresh memory is expensive: glibc hands freed blocks above 32 MB back to the OS, and touching
+  them again costs 3-6x a pass over memory the process already has (page faults). So the only
+  full-size [M, ...] buffers are the three activations backward needs (g, u and the gated h);
+  gathered rows, expert outputs and backward temporaries live in per-chunk work buffers below
+  that limit, which the allocator recycles. The gathered input is not saved but gathered again
+  in backward; outputs overwrite dead inputs; the gate multiplies the [M, I] input of the down
+  projection rather than its wider [M, D] output; weight gradients are allocated empty, zeroing
+  only experts that got no token. (2B layer, one forward+backward: 983 MiB of page faults,
+  the dense FFN 956 MiB, the first version of this path 3553 MiB.)
+- Every op is an OpenMP parallel region, and on a shared machine each region can wait a whole
+  scheduler slice for a preempted thread. So only the GEMMs run per expert; gathers, SwiGLU
+  elementwise work, gate and combine run once per chunk of experts (a handful per call). Doing
+  them per expert matched this on an idle machine but was up to 2x slower on a busy one.
 """
 
 from __future__ import annotations
@@ -22,71 +42,176 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 class _LoopGroupedSwiGLU(torch.autograd.Function):
+    """Grouped SwiGLU over rows sorted by expert, one GEMM per expert and weight.
+
+    Two modes. Plain (``token_M`` is None): ``x`` is x_MD, the rows themselves, and the result is
+    y_MD. Routed: ``x`` is x_TD; row m of the computation is ``x_TD[token_M[m]]``, its output is
+    scaled by ``weight_M[m]`` and added into row ``token_M[m]`` of an fp32 [T, D] result.
+
+    Experts are taken in chunks of consecutive experts (``_chunks``; R rows per chunk): the
+    GEMMs run per expert, everything else (gathers, SwiGLU elementwise work, gate, combine) once
+    per chunk, in [R, D] / [R, I] work buffers allocated once per call and reused by every chunk.
+    """
+
     @staticmethod
-    def forward(ctx, x_MD, w1_EID, w3_EID, w2_EDI, counts):  # type: ignore[override]
-        M = x_MD.shape[0]
-        I = w1_EID.shape[1]
-        D = w2_EDI.shape[1]
-        g_MI = x_MD.new_empty(M, I)
-        u_MI = x_MD.new_empty(M, I)
-        for e, (s, n) in enumerate(_spans(counts)):
-            if n:
-                torch.mm(x_MD[s : s + n], w1_EID[e].t(), out=g_MI[s : s + n])
-                torch.mm(x_MD[s : s + n], w3_EID[e].t(), out=u_MI[s : s + n])
-        h_MI = F.silu(g_MI).mul_(u_MI)
-        out_MD = x_MD.new_empty(M, D)
-        for e, (s, n) in enumerate(_spans(counts)):
-            if n:
-                torch.mm(h_MI[s : s + n], w2_EDI[e].t(), out=out_MD[s : s + n])
-        ctx.save_for_backward(x_MD, w1_EID, w3_EID, w2_EDI, g_MI, u_MI)
+    def forward(ctx, x, token_M, weight_M, w1_EID, w3_EID, w2_EDI, counts):  # type: ignore[override]
+        routed = token_M is not None
+        I, D = w1_EID.shape[1], w1_EID.shape[2]
+        M = sum(counts)
+        chunks = _chunks(counts, D * x.element_size())
+        R = max((c1 - c0 for c0, c1, _ in chunks), default=0)
+        g_MI = x.new_empty(M, I)  # saved
+        u_MI = x.new_empty(M, I)  # saved
+        h_MI = x.new_empty(M, I)  # gated silu(g) * u, what w2 sees; saved
+        if routed:
+            out = torch.zeros(x.shape[0], D, dtype=torch.float32, device=x.device)
+            x_buf = x.new_empty(R, D)  # gathered rows of a chunk, then their outputs
+        else:
+            out = x.new_empty(M, D)
+        for c0, c1, spans in chunks:
+            rows = slice(c0, c1)
+            if routed:
+                x_RD = torch.index_select(x, 0, token_M[rows], out=x_buf[: c1 - c0])
+            else:
+                x_RD = x[rows]
+            for e, s, n in spans:
+                r = slice(s - c0, s - c0 + n)  # expert e's rows within the chunk
+                torch.mm(x_RD[r], w1_EID[e].t(), out=g_MI[s : s + n])
+                torch.mm(x_RD[r], w3_EID[e].t(), out=u_MI[s : s + n])
+            h_RI = torch.mul(F.silu(g_MI[rows]), u_MI[rows], out=h_MI[rows])
+            if weight_M is not None:
+                # The gate scales the [R, I] input of the down projection rather than its wider
+                # [R, D] output: the same product, fewer elements.
+                h_RI.mul_(weight_M[rows].to(h_RI.dtype).unsqueeze(1))
+            # Routed: the gathered rows are dead once g and u exist (backward gathers them
+            # again), so the chunk's output overwrites them.
+            y_RD = x_RD if routed else out[rows]
+            for e, s, n in spans:
+                torch.mm(h_MI[s : s + n], w2_EDI[e].t(), out=y_RD[s - c0 : s - c0 + n])
+            if routed:
+                # CPU index_add_ runs sequentially over the index, chunks in a fixed order:
+                # a deterministic combine.
+                out.index_add_(0, token_M[rows], y_RD.float())
+        ctx.save_for_backward(x, token_M, weight_M, w1_EID, w3_EID, w2_EDI, g_MI, u_MI, h_MI)
         ctx.counts = counts
-        return out_MD
+        return out
 
     @staticmethod
-    def backward(ctx, grad_MD):  # type: ignore[override]
-        x_MD, w1, w3, w2, g_MI, u_MI = ctx.saved_tensors
+    @once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, token_M, weight_M, w1, w3, w2, g_MI, u_MI, h_MI = ctx.saved_tensors
+        need_x, _, need_w, need_w1, need_w3, need_w2, _ = ctx.needs_input_grad
+        routed = token_M is not None
         counts = ctx.counts
-        grad_MD = grad_MD.contiguous()
-        spans = list(_spans(counts))
-        sig_MI = torch.sigmoid(g_MI)
-        silu_MI = g_MI * sig_MI
-        h_MI = silu_MI * u_MI
-        dh_MI = torch.empty_like(g_MI)
-        gw2 = torch.zeros_like(w2) if ctx.needs_input_grad[3] else None
-        for e, (s, n) in enumerate(spans):
-            if n:
-                torch.mm(grad_MD[s : s + n], w2[e], out=dh_MI[s : s + n])
+        I, D = w1.shape[1], w1.shape[2]
+        chunks = _chunks(counts, D * x.element_size())
+        R = max((c1 - c0 for c0, c1, _ in chunks), default=0)
+        idle = [e for e, n in enumerate(counts) if n == 0]
+        gw1 = _empty_grad(w1, idle) if need_w1 else None
+        gw3 = _empty_grad(w3, idle) if need_w3 else None
+        gw2 = _empty_grad(w2, idle) if need_w2 else None
+        gweight_M = torch.empty_like(weight_M) if need_w else None
+        gx = None
+        if need_x:
+            gx = torch.zeros_like(x) if routed else torch.empty_like(x)
+        if routed:
+            # One [R, D] buffer holds a chunk's gathered gradient, then its gathered x, then its dx.
+            rows_buf = x.new_empty(R, D)
+        else:
+            grad_out = grad_out.contiguous()  # e.g. the stride-0 gradient of y.sum()
+        dh_buf, da_buf = x.new_empty(R, I), x.new_empty(R, I)
+        for c0, c1, spans in chunks:
+            rows = slice(c0, c1)
+            if not routed:
+                grad_RD = grad_out[rows]
+            elif grad_out.dtype == x.dtype:
+                grad_RD = torch.index_select(grad_out, 0, token_M[rows], out=rows_buf[: c1 - c0])
+            else:  # the fp32 gradient of a lower-precision layer
+                grad_RD = grad_out.index_select(0, token_M[rows]).to(x.dtype)
+            g_RI, u_RI = g_MI[rows], u_MI[rows]
+
+            # Down projection; h_MI holds exactly what w2 saw (gate included).
+            dh_RI = dh_buf[: c1 - c0]
+            for e, s, n in spans:
+                r = slice(s - c0, s - c0 + n)
+                torch.mm(grad_RD[r], w2[e], out=dh_RI[r])
                 if gw2 is not None:
-                    torch.mm(grad_MD[s : s + n].t(), h_MI[s : s + n], out=gw2[e])
-        del h_MI
-        du_MI = dh_MI * silu_MI
-        # d silu(g) / dg = sig * (1 + g * (1 - sig))
-        dg_MI = dh_MI.mul_(u_MI).mul_(sig_MI * (1 + g_MI * (1 - sig_MI)))
-        gx = torch.empty_like(x_MD) if ctx.needs_input_grad[0] else None
-        gw1 = torch.zeros_like(w1) if ctx.needs_input_grad[1] else None
-        gw3 = torch.zeros_like(w3) if ctx.needs_input_grad[2] else None
-        for e, (s, n) in enumerate(spans):
-            if not n:
-                continue
-            xs, dg, du = x_MD[s : s + n], dg_MI[s : s + n], du_MI[s : s + n]
-            if gw1 is not None:
-                torch.mm(dg.t(), xs, out=gw1[e])
-            if gw3 is not None:
-                torch.mm(du.t(), xs, out=gw3[e])
-            if gx is not None:
-                torch.mm(dg, w1[e], out=gx[s : s + n])
-                gx[s : s + n].addmm_(du, w3[e])
-        return gx, gw1, gw3, gw2, None
+                    torch.mm(grad_RD[r].t(), h_MI[s : s + n], out=gw2[e])
+
+            # SwiGLU and gate. With a = silu(g) and gated h = w * a * u:
+            #   dL/dw = sum_i dh * a * u,   dL/du = dh * w * a,   dL/da = dh * w * u.
+            a_RI = F.silu(g_RI)
+            da_RI = torch.mul(dh_RI, u_RI, out=da_buf[: c1 - c0])
+            if weight_M is not None:
+                w_R1 = weight_M[rows].to(dh_RI.dtype).unsqueeze(1)
+                if gweight_M is not None:
+                    # Row-wise dot products as a batched [1, I] @ [I, 1] GEMM: no temporary.
+                    dots = torch.bmm(da_RI.unsqueeze(1), a_RI.unsqueeze(2))
+                    gweight_M[rows] = dots.view(c1 - c0)
+                da_RI.mul_(w_R1)
+                dh_RI.mul_(w_R1)
+            du_RI = dh_RI.mul_(a_RI)
+            del a_RI
+            dg_RI = torch.ops.aten.silu_backward.grad_input(da_RI, g_RI, grad_input=da_RI)
+
+            # Gate and up projections. Routed: the chunk's gradient rows are dead now, so x is
+            # gathered into their buffer, and each expert's dx overwrites its own rows of x once
+            # its weight gradients have read them.
+            if routed:
+                x_RD = gx_RD = torch.index_select(x, 0, token_M[rows], out=rows_buf[: c1 - c0])
+            else:
+                x_RD, gx_RD = x[rows], (gx[rows] if gx is not None else None)
+            for e, s, n in spans:
+                r = slice(s - c0, s - c0 + n)
+                if gw1 is not None:
+                    torch.mm(dg_RI[r].t(), x_RD[r], out=gw1[e])
+                if gw3 is not None:
+                    torch.mm(du_RI[r].t(), x_RD[r], out=gw3[e])
+                if gx is not None:
+                    torch.mm(dg_RI[r], w1[e], out=gx_RD[r]).addmm_(du_RI[r], w3[e])
+            if routed and gx is not None:
+                gx.index_add_(0, token_M[rows], gx_RD)
+        return gx, None, gweight_M, gw1, gw3, gw2, None
 
 
-def _spans(counts: list[int]):
-    s = 0
-    for n in counts:
-        yield s, n
+def _spans(counts: list[int]) -> list[tuple[int, int, int]]:
+    """(expert, first row, rows) for every expert that has rows."""
+    spans, s = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            spans.append((e, s, n))
         s += n
+    return spans
+
+
+# Work buffers of at most this many bytes per [R, D] chunk. Below glibc's 32 MB mmap limit, so
+# the allocator keeps recycling them; big enough that the non-GEMM ops run a few times per call.
+CHUNK_BYTES = 24 << 20
+
+
+def _chunks(counts: list[int], row_bytes: int) -> list[tuple[int, int, list[tuple[int, int, int]]]]:
+    """Consecutive experts grouped into (first row, end row, spans) of at most CHUNK_BYTES."""
+    max_rows = max(1, CHUNK_BYTES // row_bytes)
+    chunks: list[tuple[int, int, list[tuple[int, int, int]]]] = []
+    for e, s, n in _spans(counts):
+        if chunks and chunks[-1][1] - chunks[-1][0] + n <= max_rows:
+            c0, _, spans = chunks[-1]
+            chunks[-1] = (c0, s + n, spans + [(e, s, n)])
+        else:
+            chunks.append((s, s + n, [(e, s, n)]))
+    return chunks
+
+
+def _empty_grad(w: torch.Tensor, idle: list[int]) -> torch.Tensor:
+    # Every expert with rows overwrites its slice, so only idle experts need zeros.
+    g = torch.empty_like(w)
+    if idle:
+        g[idle] = 0
+    return g
 
 
 class GroupedExperts(nn.Module):
@@ -103,19 +228,42 @@ class GroupedExperts(nn.Module):
         """Expert ``e`` on ``x_ND`` with plain autograd (the readable reference)."""
         return F.linear(F.silu(F.linear(x_ND, self.w1[e])) * F.linear(x_ND, self.w3[e]), self.w2[e])
 
+    @staticmethod
+    def resolve_backend(x: torch.Tensor, backend: str = "auto") -> str:
+        """``"auto"`` -> ``"grouped_mm"`` for bf16 on CUDA, else ``"loop"``; validates the name."""
+        if backend == "auto":
+            return "grouped_mm" if x.is_cuda and x.dtype == torch.bfloat16 else "loop"
+        if backend not in ("loop", "grouped_mm"):
+            raise ValueError(f"unknown grouped-experts backend {backend!r}")
+        return backend
+
     def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor, backend: str = "auto") -> torch.Tensor:
         """Rows of ``x_MD`` sorted by expert, ``counts_E[e]`` rows for expert ``e`` -> [M, D]."""
-        if backend == "auto":
-            backend = "grouped_mm" if x_MD.is_cuda and x_MD.dtype == torch.bfloat16 else "loop"
+        backend = self.resolve_backend(x_MD, backend)
         if backend == "loop":
             counts = counts_E.tolist()  # the one host synchronisation of this path
-            return _LoopGroupedSwiGLU.apply(x_MD, self.w1, self.w3, self.w2, counts)
-        if backend == "grouped_mm":
-            offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
-            g = F.grouped_mm(x_MD, self.w1.transpose(-2, -1), offs=offs)
-            u = F.grouped_mm(x_MD, self.w3.transpose(-2, -1), offs=offs)
-            return F.grouped_mm(F.silu(g) * u, self.w2.transpose(-2, -1), offs=offs)
-        raise ValueError(f"unknown grouped-experts backend {backend!r}")
+            return _LoopGroupedSwiGLU.apply(x_MD, None, None, self.w1, self.w3, self.w2, counts)
+        offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
+        g = F.grouped_mm(x_MD, self.w1.transpose(-2, -1), offs=offs)
+        u = F.grouped_mm(x_MD, self.w3.transpose(-2, -1), offs=offs)
+        return F.grouped_mm(F.silu(g) * u, self.w2.transpose(-2, -1), offs=offs)
+
+    def routed_forward(
+        self,
+        x_TD: torch.Tensor,
+        token_M: torch.Tensor,
+        weight_M: torch.Tensor,
+        counts_E: torch.Tensor,
+    ) -> torch.Tensor:
+        """Gather, experts, gate and combine in one autograd node (the ``loop`` backend).
+
+        Assignment m (sorted by expert, ``counts_E[e]`` per expert) sends token ``token_M[m]``
+        with gate ``weight_M[m]``; returns fp32 [T, D] with
+        ``out[t] = sum over m with token_M[m] == t of weight_M[m] * expert(m)(x_TD[t])``.
+        The gate multiplies inside the expert (in the model dtype); the sum is fp32.
+        """
+        counts = counts_E.tolist()  # the one host synchronisation of this path
+        return _LoopGroupedSwiGLU.apply(x_TD, token_M, weight_M, self.w1, self.w3, self.w2, counts)
 
     def extra_repr(self) -> str:
         E, I, D = self.w1.shape

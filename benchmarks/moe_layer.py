@@ -1,0 +1,303 @@
+"""DeepSeekMoE layer vs a dense SwiGLU FFN of the same activated FLOPs, measured in one run.
+
+For each shape it times, on the CPU with torch's default thread count:
+
+- ``fast``: the ``DeepseekMoE`` layer with ``dispatch="fast"`` (router, sorted dispatch, grouped
+  experts, shared experts, balance losses: everything the layer does in training);
+- ``reference``: the same layer and weights with ``dispatch="reference"`` (the per-expert loop);
+- ``dense``: ``deepseek_moe.ffn.SwiGLU`` of intermediate ``(n_shared + top_k) * moe_intermediate``,
+  i.e. the FLOPs one token activates in the MoE layer (without the small router GEMM).
+
+"forward" is the training forward (autograd on, activations saved, graph then dropped);
+"fwd+bwd" adds ``y.backward(g)`` with a fixed random upstream gradient ``g`` (a ``y.sum()``
+would hand every kernel a stride-0 gradient, which real training never does). Parameter
+gradients are reset to ``None`` before every step, as ``optimizer.zero_grad()`` does. Each time is
+the median over ``--repeats`` after one warm-up; dense and MoE runs alternate inside each repeat
+so that machine noise hits both alike. The ratio is dense time / MoE time (1.0 = the MoE layer
+costs no more than the dense FFN it replaces FLOP for FLOP).
+
+Memory allocation matters on CPU: glibc returns every freed block above 32 MB to the OS, so
+each step's big tensors (the MoE layer's weight gradients above all: 8x the dense FFN's
+parameters) are fresh pages again, and first-touch page faults are slow, very slow in some VMs.
+``--malloc-cache`` re-runs the script under glibc settings that keep freed memory in the process
+(``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...``; caching allocators such as jemalloc or
+tcmalloc behave similarly); the header says which settings a table was measured with.
+
+    python benchmarks/moe_layer.py                       # both shapes, reference on 2b
+    python benchmarks/moe_layer.py --shapes 2b --skip-reference --repeats 3 --json out.json
+    python benchmarks/moe_layer.py --skip-reference --malloc-cache
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from deepseek_moe.config import DeepseekMoEConfig
+from deepseek_moe.ffn import SwiGLU
+from deepseek_moe.moe import DeepseekMoE
+
+GOAL = 0.90  # dense / MoE forward+backward time
+# glibc malloc settings that keep freed memory in the process (see the module docstring).
+MALLOC_CACHE_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+
+
+@dataclass
+class Shape:
+    name: str
+    hidden: int
+    n_shared: int
+    n_routed: int
+    moe_intermediate: int
+    top_k: int
+    tokens: int
+    seq_len: int = 1024
+
+    @property
+    def dense_intermediate(self) -> int:
+        return (self.n_shared + self.top_k) * self.moe_intermediate
+
+
+SHAPES = {
+    # DeepSeekMoE 2B (paper Table 1 / Appendix A): 1 shared + 63 routed of 0.25x FFN width, top-7.
+    "2b": Shape("2b", hidden=1280, n_shared=1, n_routed=63, moe_intermediate=856, top_k=7, tokens=4096),
+    # DeepSeekMoE 16B (released config.json): 2 shared + 64 routed of 1408, top-6.
+    "16b": Shape("16b", hidden=2048, n_shared=2, n_routed=64, moe_intermediate=1408, top_k=6, tokens=2048),
+    # A smoke test of this script, seconds to run; not a shape worth quoting.
+    "tiny": Shape("tiny", hidden=256, n_shared=1, n_routed=15, moe_intermediate=128, top_k=3, tokens=512,
+                  seq_len=256),
+}
+
+
+def build_moe(s: Shape, dtype: torch.dtype, seed: int = 0) -> DeepseekMoE:
+    cfg = DeepseekMoEConfig(
+        vocab_size=1024,
+        hidden_size=s.hidden,
+        intermediate_size=s.dense_intermediate,
+        moe_intermediate_size=s.moe_intermediate,
+        num_hidden_layers=1,
+        num_attention_heads=s.hidden // 128,
+        n_shared_experts=s.n_shared,
+        n_routed_experts=s.n_routed,
+        num_experts_per_tok=s.top_k,
+        first_k_dense_replace=0,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    layer = DeepseekMoE(cfg)
+    init_normal_(layer, std=cfg.initializer_range, seed=seed)
+    return layer.to(dtype)
+
+
+def init_normal_(module: torch.nn.Module, std: float, seed: int) -> None:
+    # Router included: with N(0, 0.006) centroids and N(0, 1) inputs the logits have a std of
+    # about 0.2, so the load is close to balanced but uneven, as early in training.
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def timed(fn: Callable[[], None]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def saved_activation_bytes(step: Callable[[], torch.Tensor], params: list[torch.Tensor]) -> int:
+    """Bytes of the distinct tensors autograd saves for backward, parameters excluded."""
+    param_ptrs = {p.untyped_storage().data_ptr() for p in params}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        if st.data_ptr() not in param_ptrs:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = step()
+    del y
+    return sum(seen.values())
+
+
+def bench_shape(s: Shape, args: argparse.Namespace, dtype: torch.dtype) -> dict:
+    torch.manual_seed(1)
+    moe = build_moe(s, dtype)
+    dense = SwiGLU(s.hidden, s.dense_intermediate)
+    init_normal_(dense, std=0.006, seed=2)
+    dense = dense.to(dtype)
+    B = max(1, s.tokens // s.seq_len)
+    x = torch.randn(B, s.tokens // B, s.hidden, dtype=dtype).requires_grad_(True)
+    gy = torch.randn_like(x)  # upstream gradient, fixed and outside the timing
+
+    def moe_out() -> torch.Tensor:
+        return moe(x)[0]
+
+    def step(module: torch.nn.Module, fwd: Callable[[], torch.Tensor], backward: bool) -> None:
+        for p in module.parameters():
+            p.grad = None
+        x.grad = None
+        y = fwd()
+        if backward:
+            y.backward(gy)
+
+    runs = {
+        ("dense", "forward"): lambda: step(dense, lambda: dense(x), False),
+        ("fast", "forward"): lambda: step(moe, moe_out, False),
+        ("dense", "fwd+bwd"): lambda: step(dense, lambda: dense(x), True),
+        ("fast", "fwd+bwd"): lambda: step(moe, moe_out, True),
+    }
+    moe.dispatch = "fast"
+    for fn in runs.values():  # warm-up (allocator, MKL/oneDNN kernels), in the timed order
+        for _ in range(args.warmup):
+            fn()
+    samples: dict[tuple[str, str], list[float]] = {k: [] for k in runs}
+    for _ in range(args.repeats):
+        for key, fn in runs.items():
+            samples[key].append(timed(fn))
+    res: dict = {"shape": vars(s) | {"dense_intermediate": s.dense_intermediate}, "times_s": {}}
+    for (name, kind), ts in samples.items():
+        res["times_s"][f"{name}/{kind}"] = {"median": statistics.median(ts), "all": ts}
+
+    # Routing load: how uneven is it (max / mean assignments per expert)?
+    with torch.no_grad():
+        _, aux = moe(x)
+    load = aux.tokens_per_expert.float()
+    res["load_max_over_mean"] = (load.max() / load.mean()).item()
+    res["load_min_over_mean"] = (load.min() / load.mean()).item()
+
+    if not args.skip_reference:
+        moe.dispatch = "reference"
+        with torch.no_grad():
+            y_ref = moe(x)[0]
+            moe.dispatch = "fast"
+            y_fast = moe(x)[0]
+        res["max_abs_diff_fast_vs_reference"] = (y_fast.float() - y_ref.float()).abs().max().item()
+        moe.dispatch = "reference"
+        for kind, bwd in (("forward", False), ("fwd+bwd", True)):
+            ts = [timed(lambda b=bwd: step(moe, moe_out, b)) for _ in range(args.reference_repeats)]
+            res["times_s"][f"reference/{kind}"] = {"median": statistics.median(ts), "all": ts}
+        moe.dispatch = "fast"
+
+    if args.memory:
+        moe.dispatch = "fast"
+        res["saved_activation_MiB"] = {
+            "fast": saved_activation_bytes(moe_out, list(moe.parameters())) / 2**20,
+            "dense": saved_activation_bytes(lambda: dense(x), list(dense.parameters())) / 2**20,
+        }
+    t = res["times_s"]
+    res["ratio_dense_over_moe"] = {
+        kind: t[f"dense/{kind}"]["median"] / t[f"fast/{kind}"]["median"] for kind in ("forward", "fwd+bwd")
+    }
+    res["goal_met"] = res["ratio_dense_over_moe"]["fwd+bwd"] >= GOAL
+    return res
+
+
+def allocator_settings() -> str:
+    keys = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD",
+            "THP_MEM_ALLOC_ENABLE")
+    set_ = [f"{k}={os.environ[k]}" for k in keys if k in os.environ]
+    return " ".join(set_) if set_ else "default malloc settings"
+
+
+def print_table(results: list[dict], args: argparse.Namespace) -> None:
+    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, dtype {args.dtype}, "
+          f"median of {args.repeats} (reference: {args.reference_repeats}) after {args.warmup} "
+          f"warm-up; {allocator_settings()}")
+    # Other processes on these cores slow the MoE layer's many per-expert ops down more than
+    # the dense FFN's few big ones: a load above the thread count makes the ratios pessimistic.
+    print(f"1-minute load average {args.load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
+    hdr = f"{'shape':<6}{'path':<11}{'forward ms':>12}{'fwd+bwd ms':>12}{'dense/x fwd':>13}{'dense/x f+b':>13}"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in results:
+        t = r["times_s"]
+        name = r["shape"]["name"]
+        dense_f, dense_fb = t["dense/forward"]["median"], t["dense/fwd+bwd"]["median"]
+        for path in ("dense", "fast", "reference"):
+            if f"{path}/forward" not in t:
+                continue
+            f, fb = t[f"{path}/forward"]["median"], t[f"{path}/fwd+bwd"]["median"]
+            print(f"{name:<6}{path:<11}{f * 1e3:>12.1f}{fb * 1e3:>12.1f}{dense_f / f:>13.3f}{dense_fb / fb:>13.3f}")
+    print()
+    for r in results:
+        s = r["shape"]
+        extra = []
+        if "saved_activation_MiB" in r:
+            m = r["saved_activation_MiB"]
+            extra.append(f"saved activations fast {m['fast']:.0f} MiB vs dense {m['dense']:.0f} MiB")
+        if "max_abs_diff_fast_vs_reference" in r:
+            extra.append(f"max |fast - reference| {r['max_abs_diff_fast_vs_reference']:.1e}")
+        print(f"{s['name']}: hidden {s['hidden']}, {s['n_shared']} shared + {s['n_routed']} routed x "
+              f"{s['moe_intermediate']}, top-{s['top_k']}, {s['tokens']} tokens; dense intermediate "
+              f"{s['dense_intermediate']}; expert load max/mean {r['load_max_over_mean']:.2f}, "
+              f"min/mean {r['load_min_over_mean']:.2f}" + ("; " + "; ".join(extra) if extra else ""))
+    for r in results:
+        t = r["times_s"]
+        if "reference/fwd+bwd" in t:
+            print(f"{r['shape']['name']}: fast path vs reference loop: forward "
+                  f"{t['reference/forward']['median'] / t['fast/forward']['median']:.1f}x, fwd+bwd "
+                  f"{t['reference/fwd+bwd']['median'] / t['fast/fwd+bwd']['median']:.1f}x faster")
+    print(f"\ngoal: dense/MoE forward+backward >= {GOAL:.2f}")
+    for r in results:
+        ratio = r["ratio_dense_over_moe"]["fwd+bwd"]
+        print(f"  {r['shape']['name']}: {ratio:.3f} -> {'met' if r['goal_met'] else 'NOT met'}")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="2b,16b", help="comma-separated, from: " + ", ".join(SHAPES))
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats of the fast and dense paths")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs of each before timing")
+    p.add_argument("--reference-repeats", type=int, default=1,
+                   help="timed repeats of the slow reference loop (no warm-up)")
+    p.add_argument("--skip-reference", action="store_true", help="do not time the reference loop")
+    p.add_argument("--reference-shapes", default="2b",
+                   help="shapes on which to time the reference loop (unless --skip-reference)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--no-memory", dest="memory", action="store_false",
+                   help="skip measuring the autograd-saved activation memory")
+    p.add_argument("--malloc-cache", action="store_true",
+                   help="re-run under glibc settings that keep freed memory in the process")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    args = p.parse_args(argv)
+    if args.malloc_cache and any(os.environ.get(k) != v for k, v in MALLOC_CACHE_ENV.items()):
+        # glibc reads these when the process starts, so they need a fresh interpreter.
+        argv_ = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--malloc-cache"]
+        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv_],
+                  {**os.environ, **MALLOC_CACHE_ENV})
+    dtype = getattr(torch, args.dtype)
+    names = [n.strip().lower() for n in args.shapes.split(",") if n.strip()]
+    ref_names = {n.strip().lower() for n in args.reference_shapes.split(",")}
+    unknown = [n for n in names if n not in SHAPES]
+    if unknown:
+        p.error(f"unknown shape(s) {unknown}; choose from {list(SHAPES)}")
+    args.load_before = os.getloadavg()[0]
+    results = []
+    skip_ref = args.skip_reference
+    for n in names:
+        args.skip_reference = skip_ref or n not in ref_names
+        t0 = time.perf_counter()
+        results.append(bench_shape(SHAPES[n], args, dtype))
+        print(f"[{n} measured in {time.perf_counter() - t0:.0f} s]", flush=True)
+    args.skip_reference = skip_ref
+    print_table(results, args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(),
+                       "dtype": args.dtype, "repeats": args.repeats, "goal": GOAL,
+                       "allocator": allocator_settings(), "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
