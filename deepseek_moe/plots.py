@@ -35,7 +35,8 @@ def plot_loss_curve(metrics: list[dict[str, Any]], path: Path, title: str = "") 
     x = [r["tokens"] / 1e6 for r in steps]
     y = [r["lm_loss"] for r in steps]
     ax.plot(x, y, color="tab:blue", alpha=0.25, lw=0.8, label="train (per step)")
-    ax.plot(x, _ema(y), color="tab:blue", lw=1.8, label="train (EMA 0.1)")
+    alpha = min(1.0, max(0.02, 10 / len(y)))  # ~10% of the run: smooth, without a long lag
+    ax.plot(x, _ema(y, alpha), color="tab:blue", lw=1.8, label=f"train (EMA {alpha:.2g})")
     val = [r for r in metrics if r.get("val_loss") is not None]
     if val:
         ax.plot([r["tokens"] / 1e6 for r in val], [r["val_loss"] for r in val], "o-",

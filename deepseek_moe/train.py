@@ -419,7 +419,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     try:
         from .plots import plot_expert_load, plot_loss_curve
 
-        plots = [plot_loss_curve(metrics, out / "loss_curve.png"),
+        title = f"{cfg.preset}: {model_cfg.num_hidden_layers} layers, hidden {model_cfg.hidden_size}"
+        plots = [plot_loss_curve(metrics, out / "loss_curve.png", title),
                  plot_expert_load(metrics, model_cfg, out / "expert_load.png")]
         plots = [p for p in plots if p is not None]
     except ImportError as e:  # matplotlib is a runtime dependency; say so if it is missing
