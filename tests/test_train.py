@@ -211,3 +211,43 @@ def test_failed_run_leaves_previous_checkpoints_intact(tmp_path, corpus):
               resume=True)
     assert {p.name: p.read_bytes() for p in ok.checkpoint.iterdir()} == before
     load_pretrained(ok.checkpoint)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus):
+    import signal
+    import time
+
+    cfg = config(tmp_path, corpus, steps=100000, ckpt_every=100000)
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(cfg.to_json())
+    args = ["-c", "import json, sys; from deepseek_moe.train import TrainConfig, train; "
+            f"r = train(TrainConfig(**json.load(open({str(cfg_file)!r})))); "
+            "sys.exit(130 if r.interrupted else 0)"]
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = Path(cfg.out) / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "saving a checkpoint" in err
+    ckpt = latest_checkpoint(Path(cfg.out) / "checkpoints")
+    assert ckpt is not None
+    step = int(ckpt.name.split("-")[1])
+    assert step >= 2
+    resumed = train(config(tmp_path, corpus, steps=100000, ckpt_every=100000, stop_after=step + 1),
+                    resume=True)
+    assert resumed.step == step + 1
+
+
+@pytest.mark.parametrize("family", ["deepseekmoe", "dense", "hash", "switch", "gshard",
+                                    "gshard-x1.5", "dense-x16", "moe-1+1of15", "moe-1+3of31",
+                                    "moe-2+6of62", "moe-4+4of60", "moe-1+3of63"])
+def test_every_tiny_preset_trains(tmp_path, corpus, family):
+    cfg = config(tmp_path, corpus, preset=f"{family}-tiny", steps=1, ckpt_every=1,
+                 model_overrides={"vocab_size": 512, "num_hidden_layers": 1}, batch_size=2)
+    r = train(cfg)
+    assert r.step == 1 and r.val_loss is not None and r.val_loss < 7.0
+    assert load_pretrained(r.checkpoint).config.name == f"{family}-tiny"
