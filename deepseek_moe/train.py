@@ -155,7 +155,8 @@ def load_stats(tokens_per_expert_LE: torch.Tensor) -> dict[str, list[float]]:
 @torch.no_grad()
 def evaluate_loss(model: DeepseekForCausalLM, dataset, n_sequences: int, batch_size: int,
                   device: torch.device) -> float:
-    """Mean next-token loss over the first ``n_sequences`` sequences of ``dataset``."""
+    """Mean next-token loss over ``n_sequences`` sequences spread evenly over ``dataset`` (the
+    split is stored document by document, so its first sequences would all be one domain)."""
     n = min(n_sequences, len(dataset))
     if n == 0:
         raise ValueError("the validation split holds no complete sequence; use a larger corpus "
@@ -163,8 +164,9 @@ def evaluate_loss(model: DeepseekForCausalLM, dataset, n_sequences: int, batch_s
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    picks = [i * len(dataset) // n for i in range(n)]
     for start in range(0, n, batch_size):
-        x = torch.stack([dataset[i] for i in range(start, min(n, start + batch_size))]).to(device)
+        x = torch.stack([dataset[i] for i in picks[start:start + batch_size]]).to(device)
         out = model(x, labels=x)
         k = x.shape[0] * (x.shape[1] - 1)
         total += out.lm_loss.item() * k
