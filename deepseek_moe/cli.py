@@ -3,6 +3,7 @@
     deepseek-moe presets                 list the named presets
     deepseek-moe params PRESET [...]     total / activated parameters and FLOPs per token
     deepseek-moe train --preset P --out DIR  train with the paper's recipe (--resume continues)
+    deepseek-moe generate CKPT --prompt  continue a prompt, streaming the text
     deepseek-moe main                    the main job: train the tiny DeepSeekMoE for a few minutes
 """
 
@@ -109,6 +110,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 130 if result.interrupted else 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Continue a prompt with a checkpoint, streaming the text as it is produced."""
+    from .checkpoint import load_pretrained
+    from .data import load_tokenizer
+    from .generate import generate_text
+
+    model = load_pretrained(args.checkpoint, device=args.device)
+    model.eval()
+    tokenizer = load_tokenizer(args.tokenizer or args.checkpoint)
+    print(args.prompt, end="", flush=True)
+    generate_text(
+        model, tokenizer, args.prompt, args.max_new_tokens,
+        greedy=args.temperature == 0, temperature=args.temperature or 1.0, top_k=args.top_k,
+        top_p=args.top_p, seed=args.seed, stream=lambda row, text: print(text, end="", flush=True),
+    )
+    print()
+    return 0
+
+
 def _add_train_args(sp: argparse.ArgumentParser, preset: str, out: str, minutes: float) -> None:
     g = sp.add_argument_group("model")
     g.add_argument("--preset", default=preset, help="a preset name (see `presets`)")
@@ -173,6 +193,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(sp, "deepseekmoe-tiny", "runs/train", minutes=None)
     sp.set_defaults(func=cmd_train)
 
+    sp = sub.add_parser("generate", help="continue a prompt with a checkpoint (streams text)",
+                        description=cmd_generate.__doc__)
+    sp.add_argument("checkpoint", help="a checkpoint directory (released layout)")
+    sp.add_argument("--prompt", required=True)
+    sp.add_argument("--tokenizer", default=None,
+                    help="tokenizer.json (default: the one inside the checkpoint)")
+    sp.add_argument("--max-new-tokens", type=int, default=64)
+    sp.add_argument("--temperature", type=float, default=0.8, help="0 for greedy")
+    sp.add_argument("--top-k", type=int, default=None)
+    sp.add_argument("--top-p", type=float, default=0.95)
+    sp.add_argument("--seed", type=int, default=None)
+    sp.add_argument("--device", default="cpu")
+    sp.set_defaults(func=cmd_generate)
+
     sp = sub.add_parser("main", help="the main job: train the tiny DeepSeekMoE for a few minutes",
                         description="Train deepseekmoe-tiny on the default corpus for a few "
                         "minutes, report validation loss and write loss and expert-load plots.")
@@ -185,7 +219,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FloatingPointError) as e:
+    except (ValueError, FloatingPointError) as e:  # includes checkpoint and tokenizer errors
         print(f"error: {e}", file=sys.stderr)
         return 2
 

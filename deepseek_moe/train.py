@@ -359,7 +359,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
             ckpt_root, step, model, optimizer,
             {"position": position, "total_steps": total_steps, "warmup_steps": warmup,
              "seed": cfg.seed, "preset": cfg.preset, "val_loss": val_loss},
-            keep=cfg.keep,
+            keep=cfg.keep, extra_files={"tokenizer.json": tokenizer.to_str()},
         )
 
     # A wall-clock budget is also a hard limit, should the machine slow down after calibration.

@@ -93,14 +93,21 @@ def save_training_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
     keep: int = 3,
+    extra_files: Optional[dict[str, str]] = None,
 ) -> Path:
-    """Write ``ckpt_root/step-XXXXXXXX`` atomically, point ``latest`` at it, keep the last ``keep``."""
+    """Write ``ckpt_root/step-XXXXXXXX`` atomically, point ``latest`` at it, keep the last ``keep``.
+
+    ``extra_files`` (name -> text) go into the directory too, e.g. the run's ``tokenizer.json``,
+    so that a checkpoint is self-contained for evaluation and generation."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / step_dir_name(step)
     tmp_parent = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=ckpt_root))
     try:
         tmp = tmp_parent / final.name
         save_pretrained(model, tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+            _fsync_path(tmp / name)
         tensors, meta = optimizer_to_tensors(optimizer)
         save_file(tensors, str(tmp / OPTIM_NAME))
         _fsync_path(tmp / OPTIM_NAME)

@@ -51,6 +51,14 @@ def test_train_command_end_to_end(capsys, tmp_path):
     assert (tmp_path / "run/checkpoints/step-00000003/config.json").is_file()
     assert main(args[:1] + ["--out", str(tmp_path / "r2")]) == 2  # no budget
     assert "budget" in capsys.readouterr().err
+    # The checkpoint carries its tokenizer: generation needs nothing else.
+    ckpt = tmp_path / "run/checkpoints/step-00000003"
+    assert (ckpt / "tokenizer.json").is_file()
+    assert main(["generate", str(ckpt), "--prompt", "def main(", "--max-new-tokens", "5",
+                 "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("def main(")
+    assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2
+    assert "not a checkpoint directory" in capsys.readouterr().err
 
 
 def test_module_entry_point():

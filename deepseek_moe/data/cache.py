@@ -38,7 +38,7 @@ BATCH_DOCS = 2048
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-class CacheError(RuntimeError):
+class CacheError(ValueError):
     """A cache folder is missing, incomplete (interrupted build) or inconsistent."""
 
 
