@@ -272,6 +272,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     model = DeepseekForCausalLM(model_cfg).to(device)
     optimizer = build_optimizer(model, cfg)
     start_step, position, total_steps, metrics = 0, 0, None, []
+    warmup_saved = None  # a resumed run keeps the schedule it started with
     ckpt = latest_checkpoint(ckpt_root) if resume else None
     if resume and ckpt is None:
         print(f"--resume: no complete checkpoint under {ckpt_root}; starting from scratch")
@@ -285,6 +286,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
         del loaded
         optimizer.load_state_dict(opt_sd)
         start_step, position, total_steps = state["step"], state["position"], state["total_steps"]
+        warmup_saved = state.get("warmup_steps")
         torch.set_rng_state(torch.tensor(state["torch_rng_state"], dtype=torch.uint8))
         metrics = _read_metrics(out / "metrics.jsonl", start_step)
         print(f"resumed from {ckpt} at step {start_step} ({position * cfg.seq_len:,} tokens)")
@@ -292,7 +294,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
         total_steps = cfg.steps
     elif cfg.tokens is not None:
         total_steps = math.ceil(cfg.tokens / cfg.tokens_per_step)
-    warmup = cfg.warmup_steps
+    warmup = warmup_saved if warmup_saved is not None else cfg.warmup_steps
 
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16_autocast
                 else torch.autocast(device.type, enabled=False))
