@@ -4,6 +4,9 @@
     deepseek-moe params PRESET [...]     total / activated parameters and FLOPs per token
     deepseek-moe train --preset P --out DIR  train with the paper's recipe (--resume continues)
     deepseek-moe generate CKPT --prompt  continue a prompt, streaming the text
+    deepseek-moe eval CKPT               held-out loss, perplexity, bits per byte; multiple choice
+    deepseek-moe analyze CKPT            the paper's expert analyses (Fig. 4, Fig. 5, shared, load)
+    deepseek-moe lm-eval ARGS...         lm-evaluation-harness with the deepseek_moe model type
     deepseek-moe main                    the main job: train the tiny DeepSeekMoE for a few minutes
 """
 
@@ -112,13 +115,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Continue a prompt with a checkpoint, streaming the text as it is produced."""
-    from .checkpoint import load_pretrained
-    from .data import load_tokenizer
+    from .evaluate import load_checkpoint
     from .generate import generate_text
 
-    model = load_pretrained(args.checkpoint, device=args.device)
-    model.eval()
-    tokenizer = load_tokenizer(args.tokenizer or args.checkpoint)
+    model, tokenizer, ckpt, _ = load_checkpoint(args.checkpoint, device=args.device,
+                                                tokenizer=args.tokenizer)
+    if tokenizer is None:
+        raise ValueError(f"{ckpt} has no tokenizer.json: pass --tokenizer")
     print(args.prompt, end="", flush=True)
     generate_text(
         model, tokenizer, args.prompt, args.max_new_tokens,
@@ -127,6 +130,146 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     print()
     return 0
+
+
+def _out_dir(args: argparse.Namespace, ckpt, run, kind: str):
+    from pathlib import Path
+
+    if args.out:
+        return Path(args.out)
+    return (run / kind) if run is not None else Path(f"{kind}-{ckpt.name}")
+
+
+def _add_data_args(sp: argparse.ArgumentParser) -> None:
+    g = sp.add_argument_group("held-out data (default: the run's corpus, with the checkpoint's tokenizer)")
+    g.add_argument("--data-dir", default=None, help="data folder (default: the run's)")
+    g.add_argument("--sources", nargs="*", default=None, help="built-in sources (default: the run's)")
+    g.add_argument("--text", action="append", default=None, metavar="PATH",
+                   help="your own text instead of the run's (repeatable)")
+    g.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json (default: the one inside the checkpoint)")
+    g = sp.add_argument_group("run")
+    g.add_argument("--seq-len", type=int, default=None, help="window length (default: the run's, else 256)")
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--max-tokens", type=int, default=None, metavar="N",
+                   help="score at most about N tokens per domain and split (default: all)")
+    g.add_argument("--out", default=None, help="output folder (default: RUN/eval or RUN/analysis)")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--no-progress", action="store_true")
+
+
+def _load_for_eval(args: argparse.Namespace, need_data: bool = True, check=None):
+    from .evaluate import eval_cache, load_checkpoint, run_train_config
+
+    model, tok, ckpt, run = load_checkpoint(args.checkpoint, device=args.device, tokenizer=args.tokenizer)
+    if check is not None:
+        check(model)  # before any data work
+    seq_len = args.seq_len or int(run_train_config(run).get("seq_len", 256))
+    seq_len = min(seq_len, model.config.max_position_embeddings)
+    cache = None
+    if need_data:
+        cache = eval_cache(ckpt, run, args.tokenizer, data_dir=args.data_dir, sources=args.sources,
+                           paths=args.text, progress=not args.no_progress)
+        if tok is not None and cache.vocab_size != tok.get_vocab_size():
+            raise ValueError("the data cache and the checkpoint use different tokenizers")
+    print(f"checkpoint: {ckpt} ({model.config.name or 'model'}, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)")
+    return model, tok, ckpt, run, cache, seq_len
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Held-out loss, perplexity and bits per byte (overall and per domain), and multiple-choice
+    accuracy: the built-in offline task `continuation` and/or JSONL files in the published
+    HellaSwag / PIQA / ARC formats (--tasks hellaswag=PATH ...). Writes eval.json beside a table."""
+    from pathlib import Path
+
+    from .data.tokenizer import eos_id
+    from .evaluate import evaluate_splits, write_json_atomic
+    from .multiple_choice import builtin_task, evaluate_multiple_choice, load_task_file
+
+    tasks = []
+    for spec in args.tasks:
+        name, _, path = spec.partition("=")
+        if spec == "continuation":
+            tasks.append(("continuation", None))
+        elif path:
+            tasks.append((name, Path(path)))
+        elif Path(spec).suffix in (".jsonl", ".json") or Path(spec).is_file():
+            tasks.append((Path(spec).stem, Path(spec)))
+        else:
+            raise ValueError(f"unknown task {spec!r}: use `continuation` (built in) or NAME=FILE.jsonl")
+    for _, p in tasks:
+        if p is not None and not p.is_file():
+            raise ValueError(f"task file {p} does not exist")
+    need_data = bool(args.splits) or any(p is None for _, p in tasks)
+    model, tok, ckpt, run, cache, seq_len = _load_for_eval(args, need_data)
+    out_dir = _out_dir(args, ckpt, run, "eval")
+    result: dict = {"checkpoint": str(ckpt), "model": model.config.name}
+    if args.splits:
+        report = evaluate_splits(model, cache, args.splits, seq_len, args.batch_size, args.max_tokens,
+                                 progress=not args.no_progress, checkpoint=str(ckpt))
+        result["loss"] = report.to_dict()
+        print(report.format())
+    if tasks:
+        if tok is None:
+            raise ValueError(f"{ckpt} has no tokenizer.json: multiple choice needs --tokenizer")
+        from .data.corpus import _table
+
+        rows = [("task", "n", "acc", "acc_norm")]
+        result["multiple_choice"] = {}
+        for name, path in tasks:
+            if path is None:
+                examples = builtin_task(cache, per_domain=args.mc_per_domain, seed=args.mc_seed)
+            else:
+                fmt, examples = load_task_file(path, limit=args.limit)
+                name = f"{name} ({fmt})"
+            r = evaluate_multiple_choice(model, examples, tok, task=name, batch_size=args.batch_size,
+                                         progress=not args.no_progress, eos_id=eos_id(tok))
+            result["multiple_choice"][name] = r.to_dict()
+            rows.append((name, str(r.n), f"{r.acc:.4f}", f"{r.acc_norm:.4f}"))
+            for g, v in r.groups.items():
+                rows.append((f"  {g}", str(v["n"]), f"{v['acc']:.4f}", f"{v['acc_norm']:.4f}"))
+        print()
+        print(_table(rows))
+    path = out_dir / "eval.json"
+    write_json_atomic(path, result)
+    print(f"\nwrote {path}")
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """The paper's expert-specialisation analyses on an MoE checkpoint: disable the top routed
+    experts (Fig. 4), vary the activated routed experts (Fig. 5), drop the shared expert(s), and
+    expert load / routing entropy by domain. A table each, a PNG each, analysis.json."""
+    from .analyze import analyze, check_moe, plot_analysis
+    from .evaluate import write_json_atomic
+
+    model, _, ckpt, run, cache, seq_len = _load_for_eval(args, need_data=True, check=check_moe)
+    res = analyze(model, cache, analyses=args.analyses, split=args.split, seq_len=seq_len,
+                  batch_size=args.batch_size, max_tokens=args.max_tokens or 32768, ks=args.k,
+                  progress=not args.no_progress)
+    out_dir = _out_dir(args, ckpt, run, "analysis")
+    plot_analysis(res, out_dir)
+    write_json_atomic(out_dir / "analysis.json", res.to_dict())
+    (out_dir / "analysis.md").write_text(res.format() + "\n")
+    print(res.format())
+    print()
+    for p in res.plots + [str(out_dir / "analysis.json")]:
+        print(f"wrote {p}")
+    return 0
+
+
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    """Run lm-evaluation-harness with the `deepseek_moe` model type registered; every argument
+    goes to lm-eval (e.g. --model_args pretrained=RUN --tasks hellaswag)."""
+    try:
+        from .lm_eval_adapter import main as lm_eval_main
+    except ImportError as e:
+        raise ValueError(str(e)) from None
+    rest = list(args.args)
+    if "--model" not in rest and not any(a.startswith("--model=") for a in rest):
+        rest = ["--model", "deepseek_moe", *rest]
+    return lm_eval_main(rest)
 
 
 def _add_train_args(sp: argparse.ArgumentParser, preset: str, out: str, minutes: float) -> None:
@@ -195,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("generate", help="continue a prompt with a checkpoint (streams text)",
                         description=cmd_generate.__doc__)
-    sp.add_argument("checkpoint", help="a checkpoint directory (released layout)")
+    sp.add_argument("checkpoint", help="a run directory, its checkpoints/ folder, or a checkpoint")
     sp.add_argument("--prompt", required=True)
     sp.add_argument("--tokenizer", default=None,
                     help="tokenizer.json (default: the one inside the checkpoint)")
@@ -207,6 +350,37 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default="cpu")
     sp.set_defaults(func=cmd_generate)
 
+    sp = sub.add_parser("eval", help="held-out loss / perplexity / bits per byte; multiple choice",
+                        description=cmd_eval.__doc__)
+    sp.add_argument("checkpoint", help="a run directory, its checkpoints/ folder, or a checkpoint")
+    sp.add_argument("--splits", nargs="*", default=["validation", "test"],
+                    help="held-out splits for the loss (none: skip the loss)")
+    sp.add_argument("--tasks", nargs="*", default=["continuation"], metavar="TASK",
+                    help="multiple-choice tasks: `continuation` (built in, offline) and/or "
+                    "NAME=FILE.jsonl in HellaSwag/PIQA/ARC format (none: skip)")
+    sp.add_argument("--mc-per-domain", type=int, default=100,
+                    help="questions per domain of the built-in task")
+    sp.add_argument("--mc-seed", type=int, default=0)
+    sp.add_argument("--limit", type=int, default=None, help="first N questions of each task file")
+    _add_data_args(sp)
+    sp.set_defaults(func=cmd_eval)
+
+    sp = sub.add_parser("analyze", help="the paper's expert analyses, with plots",
+                        description=cmd_analyze.__doc__)
+    sp.add_argument("checkpoint", help="a run directory, its checkpoints/ folder, or a checkpoint")
+    sp.add_argument("--analyses", nargs="*", default=["disable_top", "top_k", "shared", "load"],
+                    choices=["disable_top", "top_k", "shared", "load"])
+    sp.add_argument("--k", type=int, nargs="*", default=None,
+                    help="routed k values for the Fig. 5 sweep (default 1 .. trained k + 2)")
+    sp.add_argument("--split", default="validation")
+    _add_data_args(sp)
+    sp.set_defaults(func=cmd_analyze)
+
+    sp = sub.add_parser("lm-eval", help="lm-evaluation-harness with this model type (optional extra)",
+                        description=cmd_lm_eval.__doc__, add_help=False)
+    sp.add_argument("args", nargs=argparse.REMAINDER)
+    sp.set_defaults(func=cmd_lm_eval)
+
     sp = sub.add_parser("main", help="the main job: train the tiny DeepSeekMoE for a few minutes",
                         description="Train deepseekmoe-tiny on the default corpus for a few "
                         "minutes, report validation loss and write loss and expert-load plots.")
@@ -216,7 +390,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["lm-eval"]:  # everything after it is lm-eval's (argparse cannot pass --options on)
+        args = argparse.Namespace(func=cmd_lm_eval, args=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FloatingPointError) as e:  # includes checkpoint and tokenizer errors

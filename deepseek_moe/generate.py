@@ -262,8 +262,10 @@ def generate_text(
         raise ValueError("prompt must be a string or a non-empty list of strings")
     V = model.config.vocab_size
     prompts = []
+    from .data.tokenizer import encode_checked
+
     for i, t in enumerate(texts):
-        ids = tokenizer.encode(t).ids
+        ids = encode_checked(tokenizer, t, "prompt" if single else f"prompt {i}")
         if not ids:
             raise ValueError(f"prompt {i} ({t[:40]!r}) encodes to no tokens; give some text")
         if max(ids) >= V:

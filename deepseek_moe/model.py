@@ -220,6 +220,7 @@ class CausalLMOutput:
     device_balance_loss: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # [L_moe]
     tokens_per_expert: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))  # [L_moe, E]
     dropped_tokens: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # [L_moe]
+    routing_entropy: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # [L_moe], nats
 
 
 class DeepseekForCausalLM(nn.Module):
@@ -302,11 +303,13 @@ class DeepseekForCausalLM(nn.Module):
             out.device_balance_loss = torch.stack([a.device_balance_loss for a in auxes])
             out.tokens_per_expert = torch.stack([a.tokens_per_expert for a in auxes])
             out.dropped_tokens = torch.stack([a.dropped_tokens for a in auxes])
+            out.routing_entropy = torch.stack([a.routing_entropy for a in auxes])
         else:
             out.expert_balance_loss = torch.zeros(0, device=device)
             out.device_balance_loss = torch.zeros(0, device=device)
             out.tokens_per_expert = torch.zeros(0, cfg.n_routed_experts, dtype=torch.long, device=device)
             out.dropped_tokens = torch.zeros(0, dtype=torch.long, device=device)
+            out.routing_entropy = torch.zeros(0, device=device)
         out.aux_loss = (
             cfg.aux_loss_alpha * out.expert_balance_loss.sum()
             + cfg.device_aux_loss_alpha * out.device_balance_loss.sum()

@@ -1,5 +1,12 @@
+from pathlib import Path
+
 import pytest
 import torch
+
+from deepseek_moe.cli import main
+
+SMALL = {"vocab_size": 512, "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+         "moe_intermediate_size": 24, "n_routed_experts": 15, "num_experts_per_tok": 3}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -9,3 +16,36 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# --- a trained tiny run with two domains ----------------------------------------------------------------
+@pytest.fixture(scope="session")
+def run(tmp_path_factory) -> Path:
+    """A 4-step run of a small DeepSeekMoE on Python code and prose (pydoc topics)."""
+    import argparse as _argparse
+    import dataclasses as _dataclasses
+    import inspect as _inspect
+    import json as _json
+    import re
+    import textwrap as _tw
+
+    from pydoc_data.topics import topics
+
+    tmp = tmp_path_factory.mktemp("evalrun")
+    code, prose = tmp / "code", tmp / "prose"
+    code.mkdir()
+    prose.mkdir()
+    for mod in (_argparse, _json.decoder, _json.encoder, _tw, _dataclasses, _inspect):
+        # one document per function or method
+        for i, chunk in enumerate(re.split(r"\n(?=def |class |    def )", Path(mod.__file__).read_text())):
+            (code / f"{mod.__name__}_{i}.py").write_text(chunk)
+    for name, text in topics.items():
+        (prose / f"{name}.txt").write_text(text)
+    args = ["train", "--out", str(tmp / "run"), "--data-dir", str(tmp / "data"), "--sources",
+            "--text", f"code={code}", "--text", f"prose={prose}", "--vocab-size", "512",
+            "--steps", "4", "--validation-fraction", "0.1", "--seq-len", "64", "--batch-size", "4",
+            "--no-progress"]
+    for k, v in SMALL.items():
+        args += ["--set", f"{k}={v}"]
+    assert main(args) == 0
+    return tmp / "run"

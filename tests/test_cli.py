@@ -58,7 +58,7 @@ def test_train_command_end_to_end(capsys, tmp_path):
                  "--temperature", "0"]) == 0
     assert capsys.readouterr().out.startswith("def main(")
     assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2
-    assert "not a checkpoint directory" in capsys.readouterr().err
+    assert "is not a checkpoint" in capsys.readouterr().err
 
 
 def test_module_entry_point():

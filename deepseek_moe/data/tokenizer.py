@@ -95,3 +95,23 @@ def eos_id(tok: Tokenizer) -> int:
 def tokenizer_sha256(tok: Tokenizer) -> str:
     """A fingerprint of the tokenizer's full definition (vocabulary, merges, pipeline)."""
     return hashlib.sha256(tok.to_str().encode("utf-8")).hexdigest()
+
+
+def encode_checked(tok: Tokenizer, text: str, what: str = "text") -> list[int]:
+    """Token ids of ``text``, or ``TokenizerError`` naming what the tokenizer cannot encode: the
+    text it maps to its unknown token, or characters it drops (decoding would not give them
+    back). A byte-level BPE, as this project trains, encodes every string."""
+    enc = tok.encode(text, add_special_tokens=False)
+    decoded = tok.decode(enc.ids, skip_special_tokens=False)
+    if decoded == text:
+        return enc.ids
+    unk = getattr(tok.model, "unk_token", None)
+    unk_id = tok.token_to_id(unk) if unk else None
+    bad = [text[s:e] for i, (s, e) in zip(enc.ids, enc.offsets) if unk_id is not None and i == unk_id]
+    bad += sorted({c for c in text if not c.isspace() and c not in decoded} - set("".join(bad)))
+    if bad:
+        shown = ", ".join(f"{b!r} (U+{ord(b):04X})" if len(b) == 1 else repr(b)
+                          for b in dict.fromkeys(bad[:8]))
+        more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
+        raise TokenizerError(f"the {what} has text the tokenizer cannot encode: {shown}{more}")
+    return enc.ids  # only normalisation (e.g. spacing) differs: nothing that matters is lost

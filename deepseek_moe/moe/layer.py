@@ -21,6 +21,23 @@ from .losses import balance_losses
 from .router import HashRouter, TopKRouter
 
 
+@dataclass(frozen=True)
+class RoutingOptions:
+    """Inference-time changes to routing, for the paper's analyses (section 4.5 / 5).
+
+    The defaults are the trained behaviour. Set them on a whole model with
+    ``deepseek_moe.analyze.routing_options`` (a context manager) rather than by hand.
+    """
+
+    top_k: Optional[int] = None  # routed experts per token (None: the trained k); Fig. 5
+    disable_top: int = 0  # mask each token's this many highest-scoring routed experts; Fig. 4
+    disable_shared: bool = False  # skip the shared experts (pair with top_k = k + 1)
+
+    @property
+    def is_default(self) -> bool:
+        return self.top_k is None and self.disable_top == 0 and not self.disable_shared
+
+
 @dataclass
 class MoEAux:
     """What an MoE layer reports besides its output; plain tensors, no autograd tricks."""
@@ -29,6 +46,7 @@ class MoEAux:
     device_balance_loss: torch.Tensor  # scalar, eq. 15 before alpha_2
     tokens_per_expert: torch.Tensor  # [E] int64, assignments routed to each expert
     dropped_tokens: torch.Tensor  # scalar int64, assignments over capacity (0 when dropless)
+    routing_entropy: torch.Tensor  # scalar fp32, mean over tokens of H(s_t) in nats (0 for hash)
 
 
 class DeepseekMoE(nn.Module):
@@ -50,6 +68,7 @@ class DeepseekMoE(nn.Module):
                 config.hidden_size, config.n_shared_experts * config.moe_intermediate_size
             )
         self.dispatch = config.dispatch
+        self.routing = RoutingOptions()
 
     def capacity(self, n_tokens: int) -> Optional[int]:
         if self.config.capacity_factor is None:
@@ -62,7 +81,11 @@ class DeepseekMoE(nn.Module):
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         ids_T = None if input_ids_BS is None else input_ids_BS.reshape(B * S)
-        r = self.gate(x_TD, ids_T)
+        opts = self.routing
+        if opts.is_default:
+            r = self.gate(x_TD, ids_T)
+        else:
+            r = self.gate(x_TD, ids_T, top_k=opts.top_k, disable_top=opts.disable_top)
         capacity = self.capacity(B * S)
         if self.dispatch == "reference":
             routed_TD, dropped = dispatch_reference(
@@ -73,19 +96,22 @@ class DeepseekMoE(nn.Module):
                 x_TD, r.topk_ids_TK, r.topk_weights_TK, self.experts, capacity
             )
         y_TD = routed_TD.to(x_BSD.dtype)
-        if self.shared_experts is not None:
+        if self.shared_experts is not None and not opts.disable_shared:
             y_TD = y_TD + self.shared_experts(x_TD)
 
         tokens_per_expert = torch.bincount(r.topk_ids_TK.reshape(-1), minlength=self.n_routed_experts)
         if r.scores_TE is None:
             zero = torch.zeros((), dtype=torch.float32, device=x_BSD.device)
-            exp_loss, dev_loss = zero, zero
+            exp_loss, dev_loss, entropy = zero, zero, zero
         else:
+            with torch.no_grad():
+                s_TE = r.scores_TE
+                entropy = -(s_TE * s_TE.clamp_min(1e-30).log()).sum(-1).mean()
             exp_loss, dev_loss = balance_losses(
                 r.scores_TE.view(B, S, -1),
                 r.topk_ids_TK.view(B, S, -1),
                 n_groups=self.config.n_device_groups,
                 seq_aux=self.config.seq_aux,
             )
-        aux = MoEAux(exp_loss, dev_loss, tokens_per_expert, dropped)
+        aux = MoEAux(exp_loss, dev_loss, tokens_per_expert, dropped, entropy)
         return y_TD.view(B, S, D), aux

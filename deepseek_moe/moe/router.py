@@ -41,11 +41,24 @@ class TopKRouter(nn.Module):
         x_TD: torch.Tensor,
         input_ids_T: Optional[torch.Tensor] = None,
         top_k: Optional[int] = None,
+        disable_top: int = 0,
     ) -> RouterOutput:
+        """``top_k`` overrides the trained k; ``disable_top`` masks each token's highest-scoring
+        experts before the top-k is taken (paper Fig. 4). Gate values stay the softmax scores over
+        all experts, so with neither option this is exactly the trained routing."""
         k = self.top_k if top_k is None else top_k
+        if not 1 <= k <= self.n_experts - disable_top:
+            raise ValueError(f"cannot route to {k} of {self.n_experts} experts with "
+                             f"{disable_top} disabled")
         logits_TE = F.linear(x_TD.float(), self.weight.float())
         scores_TE = logits_TE.softmax(dim=-1)
-        topk_weights_TK, topk_ids_TK = torch.topk(scores_TE, k, dim=-1)
+        if disable_top > 0:
+            masked_TE = scores_TE.clone()
+            masked_TE.scatter_(-1, torch.topk(scores_TE, disable_top, dim=-1).indices, -1.0)
+            _, topk_ids_TK = torch.topk(masked_TE, k, dim=-1)
+            topk_weights_TK = scores_TE.gather(-1, topk_ids_TK)
+        else:
+            topk_weights_TK, topk_ids_TK = torch.topk(scores_TE, k, dim=-1)
         if self.norm_topk_prob and k > 1:
             topk_weights_TK = topk_weights_TK / (topk_weights_TK.sum(-1, keepdim=True) + 1e-20)
         return RouterOutput(topk_ids_TK, topk_weights_TK, scores_TE)
@@ -78,11 +91,13 @@ class HashRouter(nn.Module):
         x_TD: torch.Tensor,
         input_ids_T: Optional[torch.Tensor] = None,
         top_k: Optional[int] = None,
+        disable_top: int = 0,
     ) -> RouterOutput:
         if input_ids_T is None:
             raise ValueError("the hash router needs the token ids (input_ids)")
-        if top_k not in (None, 1):
-            raise ValueError("the hash router sends each token to exactly one expert")
+        if top_k not in (None, 1) or disable_top:
+            raise ValueError("the hash router sends each token to exactly one fixed expert: it has "
+                             "no scores to rank experts by, so k cannot change and none can be disabled")
         ids_TK = self.expert_of(input_ids_T).view(-1, 1)
         weights_TK = torch.ones(ids_TK.shape, dtype=torch.float32, device=x_TD.device)
         return RouterOutput(ids_TK, weights_TK, None)

@@ -1,0 +1,363 @@
+"""The paper's expert-specialisation analyses (section 4.5) on any MoE checkpoint.
+
+* ``disable_top``: mask each token's highest-scoring fraction r of routed experts and route to the
+  top-k of the rest (Fig. 4); a model whose experts are specialised suffers more.
+* ``top_k``: evaluate with k routed experts per token instead of the trained k (Fig. 5).
+* ``shared``: drop the shared expert(s) and route one more expert instead (section 4.5).
+* ``load``: which experts each domain's tokens go to, the load balance and the routing entropy.
+
+All of them are the unmodified model evaluated under ``routing_options``, which sets the MoE
+layers' inference options (``moe.layer.RoutingOptions``); with the defaults it is plain evaluation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .evaluate import EvalStats, evaluate_tokens, windows
+from .model import DeepseekForCausalLM
+from .moe.layer import DeepseekMoE, RoutingOptions
+
+DISABLE_RATIOS = (0.0, 1 / 16, 2 / 16, 3 / 16, 4 / 16)  # the x axis of the paper's Fig. 4
+ANALYSES = ("disable_top", "top_k", "shared", "load")
+
+
+def moe_layers(model: DeepseekForCausalLM) -> list[DeepseekMoE]:
+    return [m for m in model.modules() if isinstance(m, DeepseekMoE)]
+
+
+def check_moe(model: DeepseekForCausalLM) -> list[DeepseekMoE]:
+    layers = moe_layers(model)
+    if not layers:
+        name = model.config.name or "this model"
+        raise ValueError(f"{name} is dense (no MoE layers): there are no experts to analyse")
+    return layers
+
+
+@contextlib.contextmanager
+def routing_options(model: DeepseekForCausalLM, *, top_k: Optional[int] = None,
+                    disable_top: int = 0, disable_shared: bool = False) -> Iterator[RoutingOptions]:
+    """Evaluate ``model`` with changed routing inside the block; restored on exit.
+
+    ``top_k``: routed experts per token; ``disable_top``: how many of each token's best experts to
+    mask; ``disable_shared``: skip the shared experts. Errors name what the model cannot do.
+    """
+    layers = check_moe(model)
+    cfg = model.config
+    E = cfg.n_routed_experts
+    if cfg.router == "hash" and (top_k not in (None, 1) or disable_top):
+        raise ValueError("hash routing sends each token to one fixed expert: it has no scores to "
+                         "rank experts by, so experts cannot be disabled by rank nor k changed")
+    if top_k is not None and not 1 <= top_k <= E:
+        raise ValueError(f"top_k must be in 1..{E} (the routed experts), got {top_k}")
+    k = cfg.num_experts_per_tok if top_k is None else top_k
+    if not 0 <= disable_top <= E - k:
+        raise ValueError(f"cannot disable {disable_top} of {E} routed experts and still route "
+                         f"to {k}")
+    if disable_shared and cfg.n_shared_experts == 0:
+        raise ValueError(f"{cfg.name or 'this model'} has no shared experts to disable")
+    opts = RoutingOptions(top_k=top_k, disable_top=disable_top, disable_shared=disable_shared)
+    saved = [layer.routing for layer in layers]
+    try:
+        for layer in layers:
+            layer.routing = opts
+        yield opts
+    finally:
+        for layer, old in zip(layers, saved):
+            layer.routing = old
+
+
+def disabled_count(ratio: float, n_experts: int) -> int:
+    """Experts masked for a disable ratio: ``round(ratio * E)`` (63 experts, 1/16 -> 4)."""
+    return int(round(ratio * n_experts))
+
+
+# --- the analyses ---------------------------------------------------------------------------------------
+@dataclass
+class Analysis:
+    model: str
+    n_routed: int
+    top_k: int
+    n_shared: int
+    eval_tokens: int
+    baseline: float  # plain loss on the analysis sample
+    disable_top: list[dict[str, Any]] = field(default_factory=list)
+    top_k_sweep: list[dict[str, Any]] = field(default_factory=list)
+    shared: Optional[dict[str, Any]] = None
+    load: Optional[dict[str, Any]] = None
+    skipped: dict[str, str] = field(default_factory=dict)
+    plots: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("model", "n_routed", "top_k", "n_shared", "eval_tokens",
+                                               "baseline", "disable_top", "top_k_sweep", "shared",
+                                               "load", "skipped", "plots")}
+
+    def format(self) -> str:
+        from .data.corpus import _table
+
+        out = [f"{self.model}: {self.n_shared} shared + top-{self.top_k} of {self.n_routed} routed "
+               f"experts; {self.eval_tokens:,} held-out tokens; plain loss {self.baseline:.4f}"]
+        if self.disable_top:
+            rows = [("disabled ratio", "experts masked", "loss", "vs plain")]
+            rows += [(f"{r['ratio']:.4f}", str(r["disabled"]), f"{r['loss']:.4f}",
+                      f"{r['loss'] - self.baseline:+.4f}") for r in self.disable_top]
+            out.append("disable top routed experts (Fig. 4)\n" + _table(rows))
+        if self.top_k_sweep:
+            rows = [("routed k", "loss", "vs plain")]
+            rows += [(f"{r['k']}{' (trained)' if r['k'] == self.top_k else ''}", f"{r['loss']:.4f}",
+                      f"{r['loss'] - self.baseline:+.4f}") for r in self.top_k_sweep]
+            out.append("activated routed experts (Fig. 5)\n" + _table(rows))
+        if self.shared:
+            s = self.shared
+            rows = [("setting", "loss"), (f"shared on, k={self.top_k}", f"{s['with_shared']:.4f}"),
+                    (f"shared off, k={s['k_without']}", f"{s['without_shared']:.4f}")]
+            out.append("disable the shared expert(s) (section 4.5)\n" + _table(rows))
+        if self.load:
+            ld = self.load
+            rows = [("MoE layer", "load CV", "max/mean", "idle experts", "entropy (nats)",
+                     "entropy / ln E", "domain JS (bits)")]
+            for i, layer in enumerate(ld["layers"]):
+                rows.append((str(layer), f"{ld['load_cv'][i]:.3f}", f"{ld['max_over_mean'][i]:.2f}",
+                             str(ld["idle_experts"][i]), f"{ld['entropy'][i]:.3f}",
+                             f"{ld['entropy'][i] / math.log(self.n_routed):.3f}",
+                             f"{ld['domain_js'][i]:.4f}"))
+            out.append("expert load and routing entropy per layer (all domains)\n" + _table(rows))
+            rows = [("domain", "tokens", "loss")] + [
+                (d, f"{ld['domain_tokens'][d]:,}", f"{ld['domain_loss'][d]:.4f}") for d in ld["domains"]]
+            out.append(_table(rows))
+        for name, why in self.skipped.items():
+            out.append(f"{name}: skipped ({why})")
+        return "\n\n".join(out)
+
+
+def _sample(cache, split: str, seq_len: int, max_tokens: int) -> np.ndarray:
+    """A fixed, evenly spread sample of the split's windows, concatenated (all domains)."""
+    toks = cache.tokens(split)
+    if len(toks) < 2:
+        raise ValueError(f"the {split} split is empty: nothing to analyse")
+    spans = [(s, e) for s, e in windows(toks, seq_len, max_tokens) if e - s == seq_len]
+    if not spans:
+        return np.asarray(toks[: max(2, min(len(toks), seq_len))])
+    return np.concatenate([np.asarray(toks[s:e]) for s, e in spans])
+
+
+def js_divergence_bits(dist_DE: np.ndarray, weights_D: np.ndarray) -> float:
+    """Generalised Jensen-Shannon divergence (bits) among the domains' expert distributions:
+    0 when every domain uses the experts alike, up to log2(domains) when they share none."""
+    p = dist_DE / np.maximum(dist_DE.sum(1, keepdims=True), 1e-12)
+    w = weights_D / weights_D.sum()
+    mix = (w[:, None] * p).sum(0)
+
+    def h(q: np.ndarray) -> np.ndarray:
+        return -(q * np.log2(np.where(q > 0, q, 1.0))).sum(-1)
+
+    return float(h(mix) - (w * h(p)).sum())
+
+
+def analyze(model: DeepseekForCausalLM, cache, *, analyses: Sequence[str] = ANALYSES,
+            split: str = "validation", seq_len: int = 256, batch_size: int = 16,
+            max_tokens: int = 32768, ks: Optional[Sequence[int]] = None,
+            ratios: Sequence[float] = DISABLE_RATIOS, progress: bool = True) -> Analysis:
+    """Run the chosen analyses on ``split`` of ``cache``; see the module docstring.
+
+    The loss analyses use one fixed sample of about ``max_tokens`` tokens spread over the split;
+    the load analysis evaluates up to ``max_tokens`` tokens of each domain.
+    """
+    layers = check_moe(model)
+    unknown = set(analyses) - set(ANALYSES)
+    if unknown:
+        raise ValueError(f"unknown analysis {sorted(unknown)}; choose from {', '.join(ANALYSES)}")
+    cfg = model.config
+    E, K, Ks = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_shared_experts
+    hashed = cfg.router == "hash"
+    sample = _sample(cache, split, seq_len, max_tokens)
+    res = Analysis(model=cfg.name or "model", n_routed=E, top_k=K, n_shared=Ks,
+                   eval_tokens=len(sample), baseline=float("nan"))
+
+    settings: list[tuple[str, dict[str, Any]]] = [("plain", {})]
+    if "disable_top" in analyses:
+        if hashed:
+            res.skipped["disable_top"] = "hash routing has no expert ranking"
+        else:
+            for r in ratios:
+                n = disabled_count(r, E)
+                if n > E - K:
+                    raise ValueError(f"disable ratio {r} masks {n} of {E} experts, leaving fewer than k={K}")
+                settings.append((f"disable:{r}", {"disable_top": n}))
+    if "top_k" in analyses:
+        if hashed:
+            res.skipped["top_k"] = "hash routing sends each token to exactly one expert"
+        else:
+            for k in (ks if ks is not None else range(1, min(E, K + 2) + 1)):
+                if not 1 <= k <= E:
+                    raise ValueError(f"k={k} is outside 1..{E} routed experts")
+                settings.append((f"k:{k}", {"top_k": int(k)}))
+    if "shared" in analyses:
+        if Ks == 0:
+            res.skipped["shared"] = "the model has no shared experts"
+        elif K + 1 > E:
+            res.skipped["shared"] = "no routed expert left to add"
+        else:
+            settings.append(("noshared", {"disable_shared": True, "top_k": K + 1}))
+    n_win = len(sample) // seq_len or 1
+    load_plan = []
+    if "load" in analyses:
+        for d in cache.domains:
+            toks = cache.domain_tokens(split, d)
+            if len(toks) >= 2:
+                load_plan.append((d, toks, len(windows(toks, seq_len, max_tokens))))
+    total = n_win * len(settings) + sum(p[2] for p in load_plan)
+    bar = tqdm(total=total, unit="seq", desc="analysing", disable=not progress)
+    losses: dict[str, float] = {}
+    try:
+        for name, opts in settings:
+            with routing_options(model, **opts):
+                losses[name] = evaluate_tokens(model, sample, seq_len, batch_size, None, bar).loss
+        per_domain: dict[str, EvalStats] = {}
+        for d, toks, _ in load_plan:
+            per_domain[d] = evaluate_tokens(model, toks, seq_len, batch_size, max_tokens, bar)
+    finally:
+        bar.close()
+
+    res.baseline = losses["plain"]
+    for r in ratios if "disable_top" in analyses and not hashed else ():
+        res.disable_top.append({"ratio": r, "disabled": disabled_count(r, E), "loss": losses[f"disable:{r}"]})
+    for name, loss in losses.items():
+        if name.startswith("k:"):
+            res.top_k_sweep.append({"k": int(name[2:]), "loss": loss})
+    if "noshared" in losses:
+        res.shared = {"with_shared": res.baseline, "without_shared": losses["noshared"], "k_without": K + 1}
+    if per_domain:
+        res.load = _load_summary(per_domain, [cfg.moe_layers[i] for i in range(len(layers))])
+    return res
+
+
+def _load_summary(per_domain: dict[str, EvalStats], layer_ids: list[int]) -> dict[str, Any]:
+    domains = list(per_domain)
+    counts = np.stack([per_domain[d].tokens_per_expert.numpy() for d in domains]).astype(float)  # [D, L, E]
+    total = counts.sum(0)  # [L, E]
+    mean = total.mean(-1)
+    fed = np.array([per_domain[d].fed for d in domains], dtype=float)
+    ent = sum(per_domain[d].entropy_sum for d in domains).numpy() / fed.sum()
+    return {
+        "layers": layer_ids,
+        "domains": domains,
+        "domain_tokens": {d: int(per_domain[d].fed) for d in domains},
+        "domain_loss": {d: per_domain[d].loss for d in domains},
+        # share of each domain's routed assignments per expert, [D][L][E]
+        "domain_share": (counts / np.maximum(counts.sum(-1, keepdims=True), 1)).tolist(),
+        "load_cv": (total.std(-1) / np.maximum(mean, 1e-12)).tolist(),
+        "max_over_mean": (total.max(-1) / np.maximum(mean, 1e-12)).tolist(),
+        "idle_experts": (total == 0).sum(-1).astype(int).tolist(),
+        "entropy": ent.tolist(),
+        "domain_js": [js_divergence_bits(counts[:, i], fed) for i in range(counts.shape[1])],
+    }
+
+
+# --- plots ---------------------------------------------------------------------------------------------
+def plot_analysis(res: Analysis, out_dir: Path) -> list[Path]:
+    """One PNG per analysis that ran; returns their paths."""
+    from .plots import _pyplot
+
+    plt = _pyplot()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    title = f"{res.model} ({res.n_shared} shared + {res.top_k}/{res.n_routed} routed)"
+
+    def save(fig, name: str) -> None:
+        p = out_dir / name
+        fig.tight_layout()
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+
+    if res.disable_top:
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        x = [r["ratio"] for r in res.disable_top]
+        y = [r["loss"] for r in res.disable_top]
+        ax.plot(x, y, "o-", color="tab:red")
+        for r in res.disable_top:
+            ax.annotate(f"{r['disabled']}", (r["ratio"], r["loss"]), textcoords="offset points",
+                        xytext=(0, 7), ha="center", fontsize=8, color="gray")
+        ax.margins(y=0.15)
+        ax.set_xticks(x, [f"{round(v * 16)}/16" if v else "0" for v in x])
+        ax.set_xlabel("ratio of disabled top routed experts (gray: experts masked)")
+        ax.set_ylabel("held-out loss (nats)")
+        ax.set_title(f"disable top routed experts (Fig. 4)\n{title}", fontsize=10)
+        ax.grid(alpha=0.3)
+        save(fig, "disable_top_experts.png")
+    if res.top_k_sweep:
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        x = [r["k"] for r in res.top_k_sweep]
+        y = [r["loss"] for r in res.top_k_sweep]
+        ax.plot(x, y, "o-", color="tab:blue")
+        if res.top_k in x:
+            ax.plot([res.top_k], [y[x.index(res.top_k)]], "*", ms=15, color="tab:orange",
+                    label=f"trained k = {res.top_k}")
+            ax.legend()
+        ax.set_xticks(x)
+        ax.set_xlabel("activated routed experts per token at evaluation")
+        ax.set_ylabel("held-out loss (nats)")
+        ax.set_title(f"varying activated routed experts (Fig. 5)\n{title}", fontsize=10)
+        ax.grid(alpha=0.3)
+        save(fig, "activated_experts.png")
+    if res.shared:
+        s = res.shared
+        fig, ax = plt.subplots(figsize=(5.5, 4.2))
+        labels = [f"shared on\nk = {res.top_k}", f"shared off\nk = {s['k_without']}"]
+        vals = [s["with_shared"], s["without_shared"]]
+        bars = ax.bar(labels, vals, color=["tab:green", "tab:gray"])
+        for b, v in zip(bars, vals):
+            ax.annotate(f"{v:.3f}", (b.get_x() + b.get_width() / 2, v), textcoords="offset points",
+                        xytext=(0, 3), ha="center")
+        ax.set_ylabel("held-out loss (nats)")
+        ax.set_ylim(0, max(vals) * 1.15)
+        ax.set_title(f"disabling the shared expert\n{title}", fontsize=10)
+        save(fig, "shared_expert.png")
+    if res.load:
+        ld = res.load
+        share = np.asarray(ld["domain_share"])  # [D, L, E]
+        D, L, E = share.shape
+        from matplotlib.colors import TwoSlopeNorm
+
+        fig, axes = plt.subplots(L, 1, figsize=(max(8, E * 0.16 + 3), 1.0 + L * (0.35 * D + 0.9)),
+                                 squeeze=False)
+        rel = share * E  # 1 = the uniform share
+        norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=max(2.0, float(rel.max())))
+        for i in range(L):
+            ax = axes[i, 0]
+            im = ax.imshow(rel[:, i, :], aspect="auto", cmap="RdBu_r", norm=norm, interpolation="nearest")
+            ax.set_yticks(range(D), ld["domains"], fontsize=8)
+            ax.set_title(f"layer {ld['layers'][i]}: share of each domain's tokens per expert x E "
+                         f"(JS {ld['domain_js'][i]:.3f} bits)", fontsize=9)
+            fig.colorbar(im, ax=ax, pad=0.01, label="x uniform")
+        axes[-1, 0].set_xlabel("routed expert")
+        save(fig, "expert_load_by_domain.png")
+
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+        layers = [str(x) for x in ld["layers"]]
+        a1.bar(layers, ld["load_cv"], color="tab:purple")
+        a1.set_xlabel("MoE layer")
+        a1.set_ylabel("coefficient of variation of expert load")
+        a1.set_title("load balance (0 = perfectly balanced)", fontsize=10)
+        rel_ent = [e / math.log(res.n_routed) for e in ld["entropy"]]
+        bars = a2.bar(layers, rel_ent, color="tab:cyan")
+        for b, v in zip(bars, rel_ent):
+            a2.annotate(f"{v:.3f}", (b.get_x() + b.get_width() / 2, v), textcoords="offset points",
+                        xytext=(0, 3), ha="center", fontsize=8)
+        a2.set_ylim(0, 1.1)
+        a2.set_xlabel("MoE layer")
+        a2.set_ylabel("routing entropy / ln E")
+        a2.set_title("routing entropy (1 = uniform scores)", fontsize=10)
+        fig.suptitle(title, fontsize=10)
+        save(fig, "routing_stats.png")
+    res.plots = [str(p) for p in paths]
+    return paths

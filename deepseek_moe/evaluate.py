@@ -1,0 +1,294 @@
+"""Held-out evaluation of a checkpoint: loss, perplexity and bits per byte, overall and per domain.
+
+    from deepseek_moe.evaluate import load_checkpoint, eval_cache, evaluate_splits
+    model, tokenizer, ckpt, run = load_checkpoint("runs/main")
+    cache = eval_cache(ckpt, run)
+    report = evaluate_splits(model, cache)
+
+A checkpoint is found from a run directory (its latest checkpoint), a ``checkpoints/`` folder,
+or a checkpoint directory itself. The held-out data is the run's corpus (the settings in its
+``train_config.json``) tokenized with the checkpoint's own ``tokenizer.json``.
+
+Bits per byte use the UTF-8 byte count of each domain's held-out documents:
+``bpb = loss / ln 2 * tokens / bytes`` (tokens include the end-of-text token after each
+document), the tokenizer-independent measure for comparing models with different vocabularies.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .checkpoint import CONFIG_NAME, CheckpointError, load_pretrained
+from .model import DeepseekForCausalLM
+
+PathLike = Union[str, "os.PathLike[str]"]
+TOKENIZER_NAME = "tokenizer.json"
+TRAIN_CONFIG_NAME = "train_config.json"
+
+
+# --- finding and loading a checkpoint ---------------------------------------------------------------
+def resolve_checkpoint(path: PathLike) -> tuple[Path, Optional[Path]]:
+    """``(checkpoint directory, run directory or None)`` for a run, checkpoints folder or checkpoint."""
+    from .train_state import latest_checkpoint
+
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p} does not exist")
+    if not p.is_dir():
+        raise CheckpointError(f"{p} is a file, not a checkpoint directory")
+    if (p / CONFIG_NAME).is_file():
+        run = p.parent.parent
+        return p, run if (run / TRAIN_CONFIG_NAME).is_file() else None
+    for root, run in ((p / "checkpoints", p), (p, p.parent)):
+        if root.is_dir():
+            ckpt = latest_checkpoint(root)
+            if ckpt is not None:
+                return ckpt, run if (run / TRAIN_CONFIG_NAME).is_file() else None
+    if (p / TRAIN_CONFIG_NAME).is_file():
+        raise CheckpointError(f"{p} is a run directory with no complete checkpoint under "
+                              f"{p / 'checkpoints'} yet")
+    raise CheckpointError(
+        f"{p} is not a checkpoint: no {CONFIG_NAME} (a checkpoint directory holds {CONFIG_NAME} "
+        f"and model*.safetensors; a run directory holds {TRAIN_CONFIG_NAME} and checkpoints/)")
+
+
+def run_train_config(run_dir: Optional[Path]) -> dict[str, Any]:
+    """The run's ``train_config.json`` as a dict ({} when there is no run directory)."""
+    if run_dir is None:
+        return {}
+    try:
+        return json.loads((run_dir / TRAIN_CONFIG_NAME).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{run_dir / TRAIN_CONFIG_NAME}: unreadable ({e})") from None
+
+
+def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
+                    tokenizer: Optional[PathLike] = None, dtype: Optional[torch.dtype] = None):
+    """``(model in eval mode, tokenizer or None, checkpoint dir, run dir or None)``.
+
+    The tokenizer is ``tokenizer`` when given, else the checkpoint's ``tokenizer.json``, else the
+    one the run was trained with; None when none is found (a released checkpoint without one).
+    """
+    from .data import load_tokenizer
+
+    ckpt, run = resolve_checkpoint(path)
+    model = load_pretrained(ckpt, device=device, dtype=dtype)
+    model.eval()
+    tok_path: Optional[Path] = Path(tokenizer) if tokenizer is not None else None
+    if tok_path is None and (ckpt / TOKENIZER_NAME).is_file():
+        tok_path = ckpt / TOKENIZER_NAME
+    if tok_path is None and run_train_config(run).get("tokenizer"):
+        tok_path = Path(run_train_config(run)["tokenizer"])
+    tok = load_tokenizer(tok_path) if tok_path is not None else None
+    if tok is not None and tok.get_vocab_size() > model.config.vocab_size:
+        raise CheckpointError(f"the tokenizer {tok_path} has {tok.get_vocab_size()} tokens but the "
+                              f"model's vocab_size is {model.config.vocab_size}: wrong tokenizer?")
+    return model, tok, ckpt, run
+
+
+def eval_cache(ckpt: Path, run_dir: Optional[Path], tokenizer_path: Optional[PathLike] = None, *,
+               data_dir: Optional[PathLike] = None, sources: Optional[Sequence[str]] = None,
+               paths: Optional[Sequence[PathLike]] = None, progress: bool = True):
+    """The token cache of the run's corpus (or the one given), tokenized with the checkpoint's
+    tokenizer; built if needed, reused when it already matches."""
+    from .data import prepare_data
+
+    cfg = run_train_config(run_dir)
+    tok_path = Path(tokenizer_path) if tokenizer_path else ckpt / TOKENIZER_NAME
+    if not tok_path.is_file():
+        if cfg.get("tokenizer"):
+            tok_path = Path(cfg["tokenizer"])
+        else:
+            raise CheckpointError(f"{ckpt} has no {TOKENIZER_NAME}: pass the tokenizer the model "
+                                  "was trained with (--tokenizer)")
+    data_dir = data_dir or cfg.get("data_dir") or Path.home() / ".cache" / "deepseek-moe" / "data"
+    kwargs: dict[str, Any] = {}
+    for key in ("validation_fraction", "test_fraction"):
+        if key in cfg:
+            kwargs[key] = cfg[key]
+    if sources is None:
+        sources = cfg.get("sources", ["stdlib", "site-packages", "shakespeare", "debian"])
+    if paths is None:
+        paths = cfg.get("paths", [])
+    _, cache = prepare_data(data_dir, sources=tuple(sources), paths=tuple(paths),
+                            tokenizer_path=tok_path, progress=progress, **kwargs)
+    return cache
+
+
+# --- loss over a token stream -------------------------------------------------------------------------
+@dataclass
+class EvalStats:
+    """Sums over the evaluated windows; ``loss`` and friends are the derived means."""
+
+    nll: float = 0.0  # summed next-token negative log-likelihood (nats)
+    predicted: int = 0  # tokens whose likelihood was scored
+    fed: int = 0  # tokens fed to the model (routing counts are over these)
+    tokens_per_expert: Optional[torch.Tensor] = None  # [L_moe, E] int64 assignments
+    entropy_sum: Optional[torch.Tensor] = None  # [L_moe] routing entropy x tokens fed
+
+    @property
+    def loss(self) -> float:
+        return self.nll / self.predicted if self.predicted else float("nan")
+
+    @property
+    def routing_entropy(self) -> Optional[torch.Tensor]:
+        return None if self.entropy_sum is None else self.entropy_sum / max(self.fed, 1)
+
+    def add(self, other: "EvalStats") -> "EvalStats":
+        self.nll += other.nll
+        self.predicted += other.predicted
+        self.fed += other.fed
+        for name in ("tokens_per_expert", "entropy_sum"):
+            a, b = getattr(self, name), getattr(other, name)
+            setattr(self, name, b.clone() if a is None else a if b is None else a + b)
+        return self
+
+
+def windows(tokens: np.ndarray, seq_len: int, max_tokens: Optional[int] = None) -> list[tuple[int, int]]:
+    """``(start, end)`` of non-overlapping windows covering the stream (the last may be shorter,
+    down to 2 tokens); with ``max_tokens``, about that many tokens' worth of windows spread evenly
+    over the stream (held-out splits are stored document by document)."""
+    n = len(tokens)
+    spans = [(s, min(s + seq_len, n)) for s in range(0, n, seq_len)]
+    spans = [(s, e) for s, e in spans if e - s >= 2]
+    if max_tokens is not None and len(spans) * seq_len > max_tokens:
+        k = max(1, max_tokens // seq_len)
+        spans = [spans[i * len(spans) // k] for i in range(k)]
+    return spans
+
+
+@torch.no_grad()
+def evaluate_tokens(model: DeepseekForCausalLM, tokens: np.ndarray, seq_len: int = 256,
+                    batch_size: int = 16, max_tokens: Optional[int] = None,
+                    bar: Optional[tqdm] = None) -> EvalStats:
+    """Next-token NLL over ``tokens`` in windows of ``seq_len`` (each window starts fresh), plus
+    the routing counts and entropy of every MoE layer. Advances ``bar`` by windows."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    if seq_len > model.config.max_position_embeddings:
+        raise ValueError(f"seq_len {seq_len} exceeds the model's max_position_embeddings "
+                         f"{model.config.max_position_embeddings}")
+    device = model.model.embed_tokens.weight.device
+    spans = windows(tokens, seq_len, max_tokens)
+    stats = EvalStats()
+    # Full windows batch together; the one short tail goes alone.
+    groups: dict[int, list[tuple[int, int]]] = {}
+    for s, e in spans:
+        groups.setdefault(e - s, []).append((s, e))
+    for length, group in groups.items():
+        for i in range(0, len(group), batch_size):
+            chunk = group[i:i + batch_size]
+            x = torch.from_numpy(np.stack([np.asarray(tokens[s:e], dtype=np.int64) for s, e in chunk]))
+            x = x.to(device)
+            out = model(x)
+            nll = F.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.size(-1)).float(),
+                                  x[:, 1:].reshape(-1), reduction="sum")
+            if not torch.isfinite(nll):
+                raise FloatingPointError("the model produced a non-finite loss on held-out data "
+                                         "(NaN or inf weights?)")
+            fed = x.numel()
+            stats.add(EvalStats(float(nll), x.shape[0] * (length - 1), fed,
+                                out.tokens_per_expert.detach().cpu(),
+                                (out.routing_entropy.detach().float() * fed).cpu()))
+            if bar is not None:
+                bar.update(len(chunk))
+    return stats
+
+
+# --- per split and per domain -------------------------------------------------------------------------
+@dataclass
+class Score:
+    loss: float
+    tokens: int  # tokens in the held-out text (EOS included)
+    bytes: int  # UTF-8 bytes of the held-out text
+    evaluated: int  # tokens scored (fewer with --max-tokens)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss) if self.loss < 700 else float("inf")
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.loss / math.log(2) * self.tokens / self.bytes if self.bytes else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"loss": self.loss, "perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte,
+                "tokens": self.tokens, "bytes": self.bytes, "evaluated_tokens": self.evaluated}
+
+
+@dataclass
+class EvalReport:
+    checkpoint: str
+    seq_len: int
+    splits: dict[str, dict[str, Score]] = field(default_factory=dict)  # split -> domain|"all" -> score
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"checkpoint": self.checkpoint, "seq_len": self.seq_len,
+                "splits": {s: {d: sc.to_dict() for d, sc in v.items()} for s, v in self.splits.items()}}
+
+    def format(self) -> str:
+        from .data.corpus import _table
+
+        out = []
+        for split, scores in self.splits.items():
+            rows = [(split, "loss", "ppl", "bits/byte", "tokens", "scored")]
+            for d, sc in scores.items():
+                rows.append((d, f"{sc.loss:.4f}", f"{sc.perplexity:.2f}", f"{sc.bits_per_byte:.4f}",
+                             f"{sc.tokens:,}", f"{sc.evaluated:,}"))
+            out.append(_table(rows))
+        return "\n\n".join(out)
+
+
+def evaluate_splits(model: DeepseekForCausalLM, cache, splits: Sequence[str] = ("validation", "test"),
+                    seq_len: int = 256, batch_size: int = 16, max_tokens: Optional[int] = None,
+                    progress: bool = True, checkpoint: str = "") -> EvalReport:
+    """Loss, perplexity and bits per byte of each split, per domain and over all (``"all"``: the
+    token-weighted mean). ``max_tokens`` caps the tokens scored per domain and split."""
+    report = EvalReport(checkpoint=checkpoint, seq_len=seq_len)
+    plan = []
+    for split in splits:
+        if split not in cache.splits:
+            raise ValueError(f"unknown split {split!r}; the cache has {', '.join(cache.splits)}")
+        meta = cache.meta["splits"][split]["domains"]
+        for d in cache.domains:
+            if meta.get(d, {}).get("tokens", 0) >= 2:
+                toks = cache.domain_tokens(split, d)
+                plan.append((split, d, toks, len(windows(toks, seq_len, max_tokens))))
+    if not plan:
+        raise ValueError(f"the held-out splits {', '.join(splits)} are empty: nothing to evaluate "
+                         "(raise validation_fraction / test_fraction for a small corpus)")
+    bar = tqdm(total=sum(p[3] for p in plan), unit="seq", desc="evaluating", disable=not progress)
+    try:
+        totals: dict[str, list[float]] = {}
+        for split, d, toks, _ in plan:
+            st = evaluate_tokens(model, toks, seq_len, batch_size, max_tokens, bar)
+            m = cache.meta["splits"][split]["domains"][d]
+            report.splits.setdefault(split, {})[d] = Score(st.loss, m["tokens"], m["bytes"], st.predicted)
+            t = totals.setdefault(split, [0.0, 0, 0, 0, 0])
+            # "all" weights each domain by its share of the split, whatever max_tokens sampled.
+            t[0] += st.loss * m["tokens"]
+            t[1] += m["tokens"]
+            t[2] += m["bytes"]
+            t[3] += st.predicted
+        for split, (wsum, tokens, nbytes, scored, _) in totals.items():
+            report.splits[split]["all"] = Score(wsum / tokens, int(tokens), int(nbytes), int(scored))
+    finally:
+        bar.close()
+    return report
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    from .train_state import write_text_atomic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(obj, indent=1, allow_nan=True) + "\n")
