@@ -279,6 +279,13 @@ def plot_analysis(res: Analysis, out_dir: Path) -> list[Path]:
         plt.close(fig)
         paths.append(p)
 
+    def finish_line(fig, ax, xlabel: str, what: str, name: str) -> None:
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("held-out loss (nats)")
+        ax.set_title(f"{what}\n{title}", fontsize=10)
+        ax.grid(alpha=0.3)
+        save(fig, name)
+
     if res.disable_top:
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         x = [r["ratio"] for r in res.disable_top]
@@ -289,11 +296,8 @@ def plot_analysis(res: Analysis, out_dir: Path) -> list[Path]:
                         xytext=(0, 7), ha="center", fontsize=8, color="gray")
         ax.margins(y=0.15)
         ax.set_xticks(x, [f"{round(v * 16)}/16" if v else "0" for v in x])
-        ax.set_xlabel("ratio of disabled top routed experts (gray: experts masked)")
-        ax.set_ylabel("held-out loss (nats)")
-        ax.set_title(f"disable top routed experts (Fig. 4)\n{title}", fontsize=10)
-        ax.grid(alpha=0.3)
-        save(fig, "disable_top_experts.png")
+        finish_line(fig, ax, "ratio of disabled top routed experts (gray: experts masked)",
+                    "disable top routed experts (Fig. 4)", "disable_top_experts.png")
     if res.top_k_sweep:
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         x = [r["k"] for r in res.top_k_sweep]
@@ -304,11 +308,8 @@ def plot_analysis(res: Analysis, out_dir: Path) -> list[Path]:
                     label=f"trained k = {res.top_k}")
             ax.legend()
         ax.set_xticks(x)
-        ax.set_xlabel("activated routed experts per token at evaluation")
-        ax.set_ylabel("held-out loss (nats)")
-        ax.set_title(f"varying activated routed experts (Fig. 5)\n{title}", fontsize=10)
-        ax.grid(alpha=0.3)
-        save(fig, "activated_experts.png")
+        finish_line(fig, ax, "activated routed experts per token at evaluation",
+                    "varying activated routed experts (Fig. 5)", "activated_experts.png")
     if res.shared:
         s = res.shared
         fig, ax = plt.subplots(figsize=(5.5, 4.2))
