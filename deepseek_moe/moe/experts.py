@@ -214,6 +214,19 @@ def _empty_grad(w: torch.Tensor, idle: list[int]) -> torch.Tensor:
     return g
 
 
+def grouped_swiglu(x_MD: torch.Tensor, counts_E: torch.Tensor, w1_EID: torch.Tensor, w3_EID: torch.Tensor,
+                   w2_EDI: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """SwiGLU experts over rows sorted by expert (``counts_E[e]`` rows for expert e) -> [M, D]."""
+    backend = GroupedExperts.resolve_backend(x_MD, backend)
+    if backend == "loop":
+        counts = counts_E.tolist()  # the one host synchronisation of this path
+        return _LoopGroupedSwiGLU.apply(x_MD, None, None, w1_EID, w3_EID, w2_EDI, counts)
+    offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
+    g = F.grouped_mm(x_MD, w1_EID.transpose(-2, -1), offs=offs)
+    u = F.grouped_mm(x_MD, w3_EID.transpose(-2, -1), offs=offs)
+    return F.grouped_mm(F.silu(g) * u, w2_EDI.transpose(-2, -1), offs=offs)
+
+
 class GroupedExperts(nn.Module):
     """``n_experts`` SwiGLU experts of width ``intermediate_size``, stored stacked."""
 
@@ -237,16 +250,16 @@ class GroupedExperts(nn.Module):
             raise ValueError(f"unknown grouped-experts backend {backend!r}")
         return backend
 
+    def local_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(w1, w3, w2) as plain tensors: the experts this process holds. Under expert parallelism
+        the parameters are DTensors sharded over experts, and the computation runs on the local
+        shard (``to_local`` is differentiable, so gradients reach the DTensor)."""
+        return tuple(w.to_local() if hasattr(w, "to_local") else w  # type: ignore[return-value]
+                     for w in (self.w1, self.w3, self.w2))
+
     def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor, backend: str = "auto") -> torch.Tensor:
         """Rows of ``x_MD`` sorted by expert, ``counts_E[e]`` rows for expert ``e`` -> [M, D]."""
-        backend = self.resolve_backend(x_MD, backend)
-        if backend == "loop":
-            counts = counts_E.tolist()  # the one host synchronisation of this path
-            return _LoopGroupedSwiGLU.apply(x_MD, None, None, self.w1, self.w3, self.w2, counts)
-        offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
-        g = F.grouped_mm(x_MD, self.w1.transpose(-2, -1), offs=offs)
-        u = F.grouped_mm(x_MD, self.w3.transpose(-2, -1), offs=offs)
-        return F.grouped_mm(F.silu(g) * u, self.w2.transpose(-2, -1), offs=offs)
+        return grouped_swiglu(x_MD, counts_E, *self.local_weights(), backend=backend)
 
     def routed_forward(
         self,
@@ -263,7 +276,7 @@ class GroupedExperts(nn.Module):
         The gate multiplies inside the expert (in the model dtype); the sum is fp32.
         """
         counts = counts_E.tolist()  # the one host synchronisation of this path
-        return _LoopGroupedSwiGLU.apply(x_TD, token_M, weight_M, self.w1, self.w3, self.w2, counts)
+        return _LoopGroupedSwiGLU.apply(x_TD, token_M, weight_M, *self.local_weights(), counts)
 
     def extra_repr(self) -> str:
         E, I, D = self.w1.shape

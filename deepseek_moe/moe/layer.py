@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -69,6 +69,11 @@ class DeepseekMoE(nn.Module):
             )
         self.dispatch = config.dispatch
         self.routing = RoutingOptions()
+        # Set from outside by deepseek_moe.parallel (expert parallelism): a callable with the
+        # signature of dispatch_sorted, and each expert's device group (its owning rank) for
+        # the device-level balance loss. None: the local dispatch and contiguous config groups.
+        self.dispatcher: Optional[Callable[..., tuple[torch.Tensor, torch.Tensor]]] = None
+        self.expert_groups: Optional[torch.Tensor] = None
 
     def capacity(self, n_tokens: int) -> Optional[int]:
         if self.config.capacity_factor is None:
@@ -87,7 +92,11 @@ class DeepseekMoE(nn.Module):
         else:
             r = self.gate(x_TD, ids_T, top_k=opts.top_k, disable_top=opts.disable_top)
         capacity = self.capacity(B * S)
-        if self.dispatch == "reference":
+        if self.dispatcher is not None:
+            routed_TD, dropped = self.dispatcher(
+                x_TD, r.topk_ids_TK, r.topk_weights_TK, self.experts, capacity
+            )
+        elif self.dispatch == "reference":
             routed_TD, dropped = dispatch_reference(
                 x_TD, r.topk_ids_TK, r.topk_weights_TK, self.experts, capacity
             )
@@ -112,6 +121,7 @@ class DeepseekMoE(nn.Module):
                 r.topk_ids_TK.view(B, S, -1),
                 n_groups=self.config.n_device_groups,
                 seq_aux=self.config.seq_aux,
+                groups_E=self.expert_groups,
             )
         aux = MoEAux(exp_loss, dev_loss, tokens_per_expert, dropped, entropy)
         return y_TD.view(B, S, D), aux
