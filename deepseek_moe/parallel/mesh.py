@@ -1,0 +1,97 @@
+"""Process-group start-up and the device mesh.
+
+The mesh is 2-D, ``(dp, ep)`` with ``dp * ep = world``: ranks that share a ``dp`` index form an
+expert-parallel group (they hold different experts and exchange tokens), ranks that share an
+``ep`` index hold the same experts (their expert gradients are summed). Dense parameters are
+replicated, or sharded over all ranks with FSDP2 (``fsdp=True``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ..config import DeepseekMoEConfig
+
+
+def env_world_size() -> int:
+    """Processes launched together (torchrun sets WORLD_SIZE); 1 for a plain process."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    """How a run is laid out. ``world`` processes, ``ep`` of them per expert-parallel group."""
+
+    world: int = 1
+    ep: int = 1
+    fsdp: bool = False
+
+    @property
+    def dp(self) -> int:
+        return self.world // self.ep
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1 or self.ep > 1 or self.fsdp
+
+    def validate(self, config: Optional[DeepseekMoEConfig] = None, launched: Optional[int] = None) -> None:
+        """Clear errors before any work: sizes that do not divide, a mesh that does not match
+        the processes launched, experts that cannot be split."""
+        if self.ep < 1 or self.world < 1:
+            raise ValueError(f"expert-parallel size ({self.ep}) and world size ({self.world}) must be >= 1")
+        launched = env_world_size() if launched is None else launched
+        if self.world != launched:
+            raise ValueError(f"the mesh needs {self.world} processes but {launched} were launched "
+                             f"(torchrun --nproc_per_node {self.world})")
+        if self.world % self.ep:
+            raise ValueError(f"world size {self.world} is not a multiple of the expert-parallel size "
+                             f"{self.ep}: the (dp, ep) mesh needs dp x ep = world")
+        if config is not None and self.ep > 1:
+            if not config.has_moe:
+                raise ValueError(f"{config.name or 'the model'} is dense: there are no experts for "
+                                 f"--expert-parallel {self.ep} to split")
+            if config.n_routed_experts % self.ep:
+                raise ValueError(f"{config.n_routed_experts} routed experts cannot be split evenly over "
+                                 f"an expert-parallel size of {self.ep}")
+            if config.capacity_factor is not None:
+                raise ValueError("expert parallelism here is dropless: capacity_factor must be None")
+
+
+def device_type(device: torch.device) -> str:
+    return "cuda" if device.type == "cuda" else "cpu"
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """Start the default process group when launched by torchrun (gloo on CPU, nccl on CUDA);
+    returns ``(rank, world)``. Several ranks on few cores share them out (torch threads)."""
+    world = env_world_size()
+    if world == 1 and not dist.is_initialized():
+        return 0, 1
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def build_mesh(plan: ParallelPlan, device: torch.device):
+    """The 2-D ``(dp, ep)`` DeviceMesh, and a 1-D ``world`` mesh for FSDP2 over all ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dt = device_type(device)
+    mesh = init_device_mesh(dt, (plan.dp, plan.ep), mesh_dim_names=("dp", "ep"))
+    world_mesh = init_device_mesh(dt, (plan.world,), mesh_dim_names=("world",))
+    return mesh, world_mesh
+
+
+def destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
