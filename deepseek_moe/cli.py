@@ -7,6 +7,7 @@
     deepseek-moe eval CKPT               held-out loss, perplexity, bits per byte; multiple choice
     deepseek-moe analyze CKPT            the paper's expert analyses (Fig. 4, Fig. 5, shared, load)
     deepseek-moe lm-eval ARGS...         lm-evaluation-harness with the deepseek_moe model type
+    deepseek-moe export CKPT OUT         any checkpoint layout -> the released layout
     deepseek-moe main                    the main job: train the tiny DeepSeekMoE for a few minutes
 """
 
@@ -80,7 +81,8 @@ def _train_config(args: argparse.Namespace):
         batch_size=args.batch_size, grad_accum=args.grad_accum, stop_after=args.stop_after,
         lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed, ckpt_every=args.ckpt_every,
         keep=args.keep, eval_every=args.eval_every, eval_sequences=args.eval_sequences,
-        device=args.device, bf16_autocast=args.bf16, progress=not args.no_progress, **budget,
+        device=args.device, bf16_autocast=args.bf16, progress=not args.no_progress,
+        expert_parallel=args.expert_parallel, fsdp=args.fsdp, **budget,
     )
 
 
@@ -108,8 +110,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train a preset on the default corpus (or your text) with the paper's recipe."""
     from .train import train
 
+    import os
+
     result = train(_train_config(args), resume=args.resume)
-    print(_summary(result))
+    if os.environ.get("RANK", "0") == "0":
+        print(_summary(result))
     return 130 if result.interrupted else 0
 
 
@@ -259,6 +264,20 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a checkpoint of any layout (a distributed run's sharded dcp/ state, or a
+    single-process one) as the released single-directory layout, with its tokenizer."""
+    from pathlib import Path
+
+    from .evaluate import resolve_checkpoint
+    from .parallel.checkpoint import export_released
+
+    ckpt, _ = resolve_checkpoint(args.checkpoint)
+    out = export_released(ckpt, Path(args.out))
+    print(f"exported {ckpt} -> {out}")
+    return 0
+
+
 def cmd_lm_eval(args: argparse.Namespace) -> int:
     """Run lm-evaluation-harness with the `deepseek_moe` model type registered; every argument
     goes to lm-eval (e.g. --model_args pretrained=RUN --tasks hellaswag)."""
@@ -294,7 +313,7 @@ def _add_train_args(sp: argparse.ArgumentParser, preset: str, out: str, minutes:
                    help="share of documents held out for validation (and as many for test)")
     g = sp.add_argument_group("optimisation (defaults: the paper's recipe)")
     g.add_argument("--seq-len", type=int, default=256)
-    g.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch")
+    g.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch, over all processes")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=float, default=1.08e-3, help="peak learning rate")
     g.add_argument("--warmup-steps", type=int, default=None, help="default min(2000, 10%% of steps)")
@@ -311,6 +330,11 @@ def _add_train_args(sp: argparse.ArgumentParser, preset: str, out: str, minutes:
     g.add_argument("--device", default="cpu")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast (GPUs; CPU is faster in fp32)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g = sp.add_argument_group("layout (launch with torchrun --nproc_per_node N -m deepseek_moe train ...)")
+    g.add_argument("--expert-parallel", type=int, default=1, metavar="E",
+                   help="processes per expert-parallel group: each holds 1/E of the routed experts")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard the dense parameters over all processes with FSDP2")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -375,6 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--split", default="validation")
     _add_data_args(sp)
     sp.set_defaults(func=cmd_analyze)
+
+    sp = sub.add_parser("export", help="a checkpoint of any layout -> the released layout",
+                        description=cmd_export.__doc__)
+    sp.add_argument("checkpoint", help="a run directory, its checkpoints/ folder, or a checkpoint")
+    sp.add_argument("out", help="output directory (replaced atomically)")
+    sp.set_defaults(func=cmd_export)
 
     sp = sub.add_parser("lm-eval", help="lm-evaluation-harness with this model type (optional extra)",
                         description=cmd_lm_eval.__doc__, add_help=False)

@@ -25,6 +25,7 @@ import torch
 
 from .checkpoint import CheckpointError, load_pretrained
 from .model import DeepseekForCausalLM
+from .parallel.mesh import Layout, ParallelPlan, env_world_size
 from .presets import get_config
 from .train_state import (
     latest_checkpoint,
@@ -76,6 +77,9 @@ class TrainConfig:
     device: str = "cpu"
     bf16_autocast: bool = False  # on GPUs; CPU training stays in fp32 (5x faster here)
     progress: bool = True
+    # layout (torchrun): batch_size is the global batch, split evenly over the processes
+    expert_parallel: int = 1  # processes per expert-parallel group
+    fsdp: bool = False  # FSDP2 for the dense parameters
 
     def validate(self) -> None:
         for name in ("seq_len", "batch_size", "grad_accum", "ckpt_every", "eval_sequences"):
@@ -89,6 +93,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {v}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.expert_parallel < 1:
+            raise ValueError(f"expert_parallel must be >= 1, got {self.expert_parallel}")
 
     @property
     def tokens_per_step(self) -> int:
@@ -232,28 +238,91 @@ def _read_metrics(path: Path, upto_step: int) -> list[dict[str, Any]]:
     return [r for r in rows if r.get("step", 0) <= upto_step and not r.get("final")]
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
-    """Train ``cfg.preset`` on the prepared corpus; returns where everything was written."""
-    from .data import PackedSequences, SequenceSampler, batch, prepare_data
+def _resume(ckpt: Path, cfg: TrainConfig, model_cfg, model: torch.nn.Module,
+            optimizer: torch.optim.Optimizer, layout: "Layout", device: torch.device) -> dict[str, Any]:
+    """Load ``ckpt`` into the model and optimizer, whatever layout either was saved or is now in;
+    returns the trainer state."""
+    from .config import DeepseekMoEConfig
+    from .parallel.checkpoint import is_distributed_checkpoint, load_distributed_state, load_full_state
+    from .train_state import read_trainer_state
 
+    state = read_trainer_state(ckpt)
+    saved_cfg = DeepseekMoEConfig.load(ckpt / "config.json")
+    if saved_cfg.replace(name="", dispatch="fast") != model_cfg.replace(name="", dispatch="fast"):
+        raise CheckpointError(f"{ckpt}: its model config differs from this run's preset "
+                              f"{cfg.preset!r} with overrides {cfg.model_overrides}")
+    if is_distributed_checkpoint(ckpt):  # sharded state: DCP reshards it to this layout
+        load_distributed_state(ckpt, model, optimizer)
+        return state
+    _, opt_sd = load_training_state(ckpt)
+    loaded = load_pretrained(ckpt, device=device)
+    if not layout.active:
+        model.load_state_dict(loaded.state_dict())
+        optimizer.load_state_dict(opt_sd)
+    else:  # a single-process checkpoint: every rank takes its slice of the full state
+        full_opt = build_optimizer(loaded, cfg)
+        full_opt.load_state_dict(opt_sd)
+        load_full_state(model, optimizer, loaded, full_opt)
+    return state
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
+    """Train ``cfg.preset`` on the prepared corpus; returns where everything was written.
+
+    Under torchrun (or with ``fsdp``) the run is laid out over the processes (see
+    ``deepseek_moe.parallel``); rank 0 writes the metrics, plots and checkpoint files.
+    """
     cfg.validate()
     out = Path(cfg.out)
-    _check_writable(out)
     ckpt_root = out / "checkpoints"
     device = torch.device(cfg.device)
     t_start = time.perf_counter()
 
-    # ---- model config and data ----
+    # ---- model config and layout: every check before any work ----
     model_cfg = get_config(cfg.preset, **cfg.model_overrides)
     if model_cfg.max_position_embeddings < cfg.seq_len:
         model_cfg = model_cfg.replace(max_position_embeddings=cfg.seq_len)
+    plan = ParallelPlan(world=env_world_size(), ep=cfg.expert_parallel, fsdp=cfg.fsdp)
+    plan.validate(model_cfg)
+    if cfg.batch_size % plan.world:
+        raise ValueError(f"batch_size {cfg.batch_size} (the global batch) does not split evenly over "
+                         f"{plan.world} processes")
+    layout = Layout(plan, device)
+    try:
+        return _train(cfg, resume, out, ckpt_root, device, t_start, model_cfg, layout)
+    finally:
+        layout.close()
+
+
+def _train(cfg: TrainConfig, resume: bool, out: Path, ckpt_root: Path, device: torch.device,
+           t_start: float, model_cfg, layout: "Layout") -> TrainResult:
+    from .data import PackedSequences, SequenceSampler, batch, prepare_data
+
+    main = layout.is_main
+    say = print if main else (lambda *a, **k: None)
+    if main:
+        _check_writable(out)
+    # ---- data: rank 0 builds the cache, the others then open it ----
     data_dir = Path(cfg.data_dir) if cfg.data_dir else Path.home() / ".cache" / "deepseek-moe" / "data"
-    tokenizer, cache = prepare_data(
-        data_dir, vocab_size=cfg.vocab_size or model_cfg.vocab_size, sources=cfg.sources,
-        paths=cfg.paths, tokenizer_path=Path(cfg.tokenizer) if cfg.tokenizer else None,
-        progress=cfg.progress, validation_fraction=cfg.validation_fraction,
-        test_fraction=cfg.test_fraction,
-    )
+
+    def prepare(progress: bool):
+        return prepare_data(
+            data_dir, vocab_size=cfg.vocab_size or model_cfg.vocab_size, sources=cfg.sources,
+            paths=cfg.paths, tokenizer_path=Path(cfg.tokenizer) if cfg.tokenizer else None,
+            progress=progress, validation_fraction=cfg.validation_fraction,
+            test_fraction=cfg.test_fraction,
+        )
+
+    if main:
+        tokenizer, cache = prepare(cfg.progress)
+        layout.barrier()
+    else:
+        import contextlib
+        import io
+
+        layout.barrier()
+        with contextlib.redirect_stdout(io.StringIO()):
+            tokenizer, cache = prepare(False)
     vocab = tokenizer.get_vocab_size()
     if vocab > model_cfg.vocab_size:
         raise ValueError(
@@ -267,29 +336,35 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
                          f"tokens, fewer than one batch of {cfg.batch_size}")
     sampler = SequenceSampler(len(train_set), cfg.seed)
 
-    # ---- model, optimizer, resume ----
+    # ---- model, layout, optimizer, resume ----
     torch.manual_seed(cfg.seed)
     model = DeepseekForCausalLM(model_cfg).to(device)
-    optimizer = build_optimizer(model, cfg)
+    if layout.active:
+        from .parallel.data_parallel import apply_fsdp
+        from .parallel.expert_parallel import apply_expert_parallel
+
+        if cfg.expert_parallel > 1 and model_cfg.n_device_groups != cfg.expert_parallel:
+            say(f"device-level balance loss: experts grouped by their {cfg.expert_parallel} "
+                f"expert-parallel ranks (the config says n_device_groups={model_cfg.n_device_groups})")
+        apply_expert_parallel(model, layout.mesh)
+        if cfg.fsdp:
+            apply_fsdp(model, layout.world_mesh)
+        say(f"layout: {layout.world} processes, mesh dp={layout.plan.dp} x ep={layout.plan.ep}"
+            f"{', FSDP2 for dense parameters' if cfg.fsdp else ''}")
+    optimizer = build_optimizer(model, cfg)  # FSDP2: before any forward (sharded parameters)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     start_step, position, total_steps, metrics = 0, 0, None, []
     warmup_saved = None  # a resumed run keeps the schedule it started with
     ckpt = latest_checkpoint(ckpt_root) if resume else None
     if resume and ckpt is None:
-        print(f"--resume: no complete checkpoint under {ckpt_root}; starting from scratch")
+        say(f"--resume: no complete checkpoint under {ckpt_root}; starting from scratch")
     if ckpt is not None:
-        state, opt_sd = load_training_state(ckpt)
-        loaded = load_pretrained(ckpt, device=device)
-        if loaded.config.replace(name="", dispatch="fast") != model_cfg.replace(name="", dispatch="fast"):
-            raise CheckpointError(f"{ckpt}: its model config differs from this run's preset "
-                                  f"{cfg.preset!r} with overrides {cfg.model_overrides}")
-        model.load_state_dict(loaded.state_dict())
-        del loaded
-        optimizer.load_state_dict(opt_sd)
+        state = _resume(ckpt, cfg, model_cfg, model, optimizer, layout, device)
         start_step, position, total_steps = state["step"], state["position"], state["total_steps"]
         warmup_saved = state.get("warmup_steps")
         torch.set_rng_state(torch.tensor(state["torch_rng_state"], dtype=torch.uint8))
         metrics = _read_metrics(out / "metrics.jsonl", start_step)
-        print(f"resumed from {ckpt} at step {start_step} ({position * cfg.seq_len:,} tokens)")
+        say(f"resumed from {ckpt} at step {start_step} ({position * cfg.seq_len:,} tokens)")
     elif cfg.steps is not None:
         total_steps = cfg.steps
     elif cfg.tokens is not None:
@@ -303,12 +378,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
         """One optimizer step's forward/backward over ``grad_accum`` micro-batches."""
         sums: dict[str, Any] = {"loss": 0.0, "lm_loss": 0.0, "tpe": None, "dropped": None,
                                 "exp": None, "dev": None}
+        local_b = cfg.batch_size // layout.world  # this rank's share of the global batch
         for _ in range(cfg.grad_accum):
-            x = batch(train_set, sampler, position, cfg.batch_size).to(device)
+            x = batch(train_set, sampler, position + layout.rank * local_b, local_b).to(device)
             position += cfg.batch_size
             with autocast:
                 o = model(x, labels=x)
-            if not torch.isfinite(o.loss):
+            # One process stops at once; ranks decide together after the reduction below.
+            if not layout.active and not torch.isfinite(o.loss):
                 raise FloatingPointError(f"the loss is {o.loss.item()} at data position {position}")
             (o.loss / cfg.grad_accum).backward()
             sums["loss"] += o.loss.item() / cfg.grad_accum
@@ -317,6 +394,17 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
                              ("exp", o.expert_balance_loss.detach() / cfg.grad_accum),
                              ("dev", o.device_balance_loss.detach() / cfg.grad_accum)):
                 sums[key] = val if sums[key] is None else sums[key] + val
+        if layout.active:
+            from .parallel.data_parallel import sync_gradients
+
+            sync_gradients(model, layout.mesh, cfg.fsdp)
+            sums["loss"], sums["lm_loss"] = layout.mean([sums["loss"], sums["lm_loss"]])
+            if sums["tpe"] is not None and sums["tpe"].numel():
+                sums["tpe"], sums["dropped"] = layout.sum_(sums["tpe"]), layout.sum_(sums["dropped"])
+                sums["exp"] = layout.sum_(sums["exp"].float()) / layout.world
+                sums["dev"] = layout.sum_(sums["dev"].float()) / layout.world
+            if not math.isfinite(sums["loss"]):
+                raise FloatingPointError(f"the loss is {sums['loss']} at data position {position}")
         return sums, position
 
     # ---- a wall-clock budget becomes a step count: one warm-up step, then the median of three
@@ -329,26 +417,28 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
             train_step(0)
             times.append(time.perf_counter() - t0)
         optimizer.zero_grad(set_to_none=True)
-        per_step = sorted(times)[1]
+        per_step = layout.max(sorted(times)[1])  # every rank must plan the same steps
         total_steps = max(1, int(cfg.minutes * 60 / per_step))
-        print(f"budget {cfg.minutes} min at {per_step:.2f} s/step: {total_steps} steps "
+        say(f"budget {cfg.minutes} min at {per_step:.2f} s/step: {total_steps} steps "
               f"of {cfg.tokens_per_step:,} tokens")
     warmup = default_warmup(total_steps) if warmup is None else warmup
     train_tokens = len(train_set) * cfg.seq_len
     planned = total_steps * cfg.tokens_per_step
     if planned > train_tokens:
-        print(f"warning: {planned:,} tokens planned but the training split holds "
+        say(f"warning: {planned:,} tokens planned but the training split holds "
               f"{train_tokens:,}: data will repeat ({planned / train_tokens:.2f} epochs)")
-    write_text_atomic(out / "train_config.json", cfg.to_json())
-    model_cfg.save(out / "model_config.json")
+    if main:
+        write_text_atomic(out / "train_config.json", cfg.to_json())
+        model_cfg.save(out / "model_config.json")
 
     # ---- the loop ----
     from tqdm.auto import tqdm
 
     metrics_path = out / "metrics.jsonl"
-    write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in metrics))
+    if main:
+        write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in metrics))
     end_step = total_steps if cfg.stop_after is None else min(total_steps, cfg.stop_after)
-    bar = tqdm(total=end_step, initial=start_step, disable=not cfg.progress, unit="step",
+    bar = tqdm(total=end_step, initial=start_step, disable=not (cfg.progress and main), unit="step",
                dynamic_ncols=True)
     model.train()
     step = start_step
@@ -357,24 +447,44 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     interrupted = False
 
     def checkpoint() -> Path:
-        return save_training_checkpoint(
-            ckpt_root, step, model, optimizer,
-            {"position": position, "total_steps": total_steps, "warmup_steps": warmup,
-             "seed": cfg.seed, "preset": cfg.preset, "val_loss": val_loss},
-            keep=cfg.keep, extra_files={"tokenizer.json": tokenizer.to_str()},
-        )
+        state = {"position": position, "total_steps": total_steps, "warmup_steps": warmup,
+                 "seed": cfg.seed, "preset": cfg.preset, "val_loss": val_loss}
+        extra = {"tokenizer.json": tokenizer.to_str()}
+        if layout.active:
+            from .parallel.checkpoint import save_distributed_checkpoint
+
+            return save_distributed_checkpoint(ckpt_root, step, model, optimizer, model_cfg, state,
+                                               keep=cfg.keep, extra_files=extra)
+        return save_training_checkpoint(ckpt_root, step, model, optimizer, state, keep=cfg.keep,
+                                        extra_files=extra)
+
+    def evaluate() -> float:
+        # Every rank runs the same sequences: expert parallelism and FSDP need them all.
+        loss = evaluate_loss(model, val_set, cfg.eval_sequences, cfg.batch_size, device)
+        if layout.active and cfg.fsdp:
+            from .parallel.data_parallel import reshard
+
+            reshard(model)
+        return loss
 
     # A wall-clock budget is also a hard limit, should the machine slow down after calibration.
     deadline = None if cfg.minutes is None or cfg.steps or cfg.tokens else (
         time.perf_counter() + 1.5 * cfg.minutes * 60)
-    with _StopFlag() as flag, open(metrics_path, "a") as log:
+    import contextlib
+
+    with _StopFlag() as flag, (open(metrics_path, "a") if main else contextlib.nullcontext()) as log:
         while step < end_step:
             t0 = time.perf_counter()
             lr = lr_at(step, cfg.lr, warmup, total_steps)
             for g in optimizer.param_groups:
                 g["lr"] = lr
             sums, position = train_step(position)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if layout.active:
+                from .parallel.data_parallel import clip_grad_norm_
+
+                grad_norm = clip_grad_norm_(params, cfg.grad_clip)
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -391,9 +501,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
                 row["tokens_per_expert"] = sums["tpe"].tolist()
                 row.update(load_stats(sums["tpe"]))
             if cfg.eval_every and step % cfg.eval_every == 0 and step < end_step:
-                row["val_loss"] = evaluate_loss(model, val_set, cfg.eval_sequences, cfg.batch_size, device)
-            log.write(json.dumps(row) + "\n")
-            log.flush()
+                row["val_loss"] = evaluate()
+            if main:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
             metrics.append(row)
             post = {"loss": f"{row['lm_loss']:.3f}", "lr": f"{lr:.2e}",
                     "tok/s": f"{row['tokens_per_s']:,.0f}"}
@@ -401,25 +512,29 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
                 post["cv"] = f"{sum(row['load_cv']) / len(row['load_cv']):.2f}"
             bar.set_postfix(post)
             bar.update(1)
-            if flag.stop:
+            if layout.any(flag.stop):
                 interrupted = True
                 break
-            if deadline is not None and time.perf_counter() > deadline:
-                print(f"\nstopping at step {step}: 1.5x the {cfg.minutes} min budget has passed "
+            if deadline is not None and layout.any(time.perf_counter() > deadline):
+                say(f"\nstopping at step {step}: 1.5x the {cfg.minutes} min budget has passed "
                       "(the machine slowed down); --resume finishes the schedule")
                 interrupted = True
                 break
             if step % cfg.ckpt_every == 0 and step < end_step:
                 last_ckpt = checkpoint()
         bar.close()
-        val_loss = evaluate_loss(model, val_set, cfg.eval_sequences, cfg.batch_size, device)
+        val_loss = evaluate()
         final = {"step": step, "tokens": step * cfg.tokens_per_step, "val_loss": val_loss,
                  "final": True}
-        log.write(json.dumps(final) + "\n")
+        if main:
+            log.write(json.dumps(final) + "\n")
         metrics.append(final)
         last_ckpt = checkpoint()
 
     plots: list[Path] = []
+    if not main:
+        return TrainResult(out, step, total_steps, step * cfg.tokens_per_step, val_loss, last_ckpt,
+                           interrupted, time.perf_counter() - t_start, plots)
     try:
         from .plots import plot_expert_load, plot_loss_curve
 
@@ -428,6 +543,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
                  plot_expert_load(metrics, model_cfg, out / "expert_load.png")]
         plots = [p for p in plots if p is not None]
     except ImportError as e:  # matplotlib is a runtime dependency; say so if it is missing
-        print(f"plots skipped: {e}")
+        say(f"plots skipped: {e}")
     return TrainResult(out, step, total_steps, step * cfg.tokens_per_step, val_loss, last_ckpt,
                        interrupted, time.perf_counter() - t_start, plots)

@@ -147,12 +147,17 @@ def latest_checkpoint(ckpt_root: Path) -> Optional[Path]:
     return done[-1] if done else None
 
 
-def load_training_state(ckpt: Path) -> tuple[dict[str, Any], dict]:
-    """(trainer state, optimizer state dict) of a checkpoint, with clear errors."""
+def read_trainer_state(ckpt: Path) -> dict[str, Any]:
+    """The ``trainer_state.json`` of a checkpoint, with a clear error."""
     try:
-        state = json.loads((ckpt / STATE_NAME).read_text())
+        return json.loads((ckpt / STATE_NAME).read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{ckpt / STATE_NAME}: unreadable training state ({e})") from e
+
+
+def load_training_state(ckpt: Path) -> tuple[dict[str, Any], dict]:
+    """(trainer state, optimizer state dict) of a checkpoint, with clear errors."""
+    state = read_trainer_state(ckpt)
     try:
         tensors = load_file(str(ckpt / OPTIM_NAME))
     except (OSError, SafetensorError) as e:

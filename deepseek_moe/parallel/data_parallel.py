@@ -33,6 +33,15 @@ def apply_fsdp(model: nn.Module, world_mesh) -> None:
     fully_shard(model, mesh=world_mesh, ignored_params=experts)
 
 
+def reshard(model: nn.Module) -> None:
+    """Free the gathered parameters FSDP2 keeps after a forward with no backward (evaluation)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 

@@ -44,13 +44,6 @@ class ParallelPlan:
         the processes launched, experts that cannot be split."""
         if self.ep < 1 or self.world < 1:
             raise ValueError(f"expert-parallel size ({self.ep}) and world size ({self.world}) must be >= 1")
-        launched = env_world_size() if launched is None else launched
-        if self.world != launched:
-            raise ValueError(f"the mesh needs {self.world} processes but {launched} were launched "
-                             f"(torchrun --nproc_per_node {self.world})")
-        if self.world % self.ep:
-            raise ValueError(f"world size {self.world} is not a multiple of the expert-parallel size "
-                             f"{self.ep}: the (dp, ep) mesh needs dp x ep = world")
         if config is not None and self.ep > 1:
             if not config.has_moe:
                 raise ValueError(f"{config.name or 'the model'} is dense: there are no experts for "
@@ -60,6 +53,17 @@ class ParallelPlan:
                                  f"an expert-parallel size of {self.ep}")
             if config.capacity_factor is not None:
                 raise ValueError("expert parallelism here is dropless: capacity_factor must be None")
+        launched = env_world_size() if launched is None else launched
+        if self.world != launched:
+            raise ValueError(f"the mesh needs {self.world} processes but {launched} were launched "
+                             f"(torchrun --nproc_per_node {self.world})")
+        if self.ep > self.world:
+            raise ValueError(f"expert-parallel size {self.ep} needs at least {self.ep} processes, but "
+                             f"{self.world} {'was' if self.world == 1 else 'were'} launched: "
+                             f"torchrun --nproc_per_node {self.ep} -m deepseek_moe train ...")
+        if self.world % self.ep:
+            raise ValueError(f"world size {self.world} is not a multiple of the expert-parallel size "
+                             f"{self.ep}: the (dp, ep) mesh needs dp x ep = world")
 
 
 def device_type(device: torch.device) -> str:
@@ -95,3 +99,59 @@ def build_mesh(plan: ParallelPlan, device: torch.device):
 def destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+class Layout:
+    """The training loop's view of the layout: rank, mesh and the few collectives it needs.
+    With one plain process every method is a no-op (or returns its input)."""
+
+    def __init__(self, plan: ParallelPlan, device: torch.device) -> None:
+        self.plan = plan
+        self.device = device
+        self.active = plan.distributed
+        self.rank, self.world = 0, 1
+        self.mesh = self.world_mesh = None
+        if self.active:
+            if env_world_size() == 1 and not dist.is_initialized():  # --fsdp in one plain process
+                dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+            self.rank, self.world = init_distributed(device)
+            self.mesh, self.world_mesh = build_mesh(plan, device)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def _tensor(self, values) -> torch.Tensor:
+        dev = self.device if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
+        return torch.as_tensor(values, dtype=torch.float64, device=dev)
+
+    def mean(self, values: list[float]) -> list[float]:
+        if not self.active or self.world == 1:
+            return values
+        t = self._tensor(values)
+        dist.all_reduce(t)
+        return (t / self.world).tolist()
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        if self.active and self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+    def max(self, value: float) -> float:
+        if not self.active or self.world == 1:
+            return value
+        t = self._tensor([value])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t[0])
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is true on one (stop decisions must agree)."""
+        return self.max(1.0 if flag else 0.0) > 0
+
+    def barrier(self) -> None:
+        if self.active and self.world > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.active:
+            destroy()
