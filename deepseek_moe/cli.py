@@ -8,6 +8,7 @@
     deepseek-moe analyze CKPT            the paper's expert analyses (Fig. 4, Fig. 5, shared, load)
     deepseek-moe lm-eval ARGS...         lm-evaluation-harness with the deepseek_moe model type
     deepseek-moe export CKPT OUT         any checkpoint layout -> the released layout
+    deepseek-moe reproduce EXP --out D   the paper's comparisons at small scale, with a report
     deepseek-moe main                    the main job: train the tiny DeepSeekMoE for a few minutes
 """
 
@@ -264,6 +265,27 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    """Train the models of one of the paper's comparisons (tiny presets, same data, same recipe,
+    several seeds), evaluate them on the test split and write a report with the paper's numbers,
+    the seed spread, plots and a verdict per claim. Runs again reuse finished models and resume
+    unfinished ones."""
+    from pathlib import Path
+
+    from .reproduce import Settings, reproduce
+
+    kw = {k: v for k, v in (("seeds", args.seeds), ("tokens", args.tokens), ("lr", args.lr),
+                            ("data_dir", args.data_dir)) if v is not None}
+    kw.update(scale=args.scale, progress=not args.no_progress)
+    if args.sources is not None:
+        kw["sources"] = tuple(args.sources)
+    if args.text:
+        kw["paths"] = tuple(args.text)
+    s = Settings.quick(**kw) if args.quick else Settings(**kw)
+    reproduce(args.experiment, Path(args.out), s)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """Write a checkpoint of any layout (a distributed run's sharded dcp/ state, or a
     single-process one) as the released single-directory layout, with its tokenizer."""
@@ -399,6 +421,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--split", default="validation")
     _add_data_args(sp)
     sp.set_defaults(func=cmd_analyze)
+
+    sp = sub.add_parser("reproduce", help="the paper's comparisons at small scale, with a report",
+                        description=cmd_reproduce.__doc__)
+    sp.add_argument("experiment", choices=["table1", "fig3", "shared-ratio", "upper-bound", "fig4-fig5"])
+    sp.add_argument("--out", required=True, help="output folder (runs are reused from it)")
+    sp.add_argument("--seeds", type=int, default=None, help="seeds per model (default 3; --quick 2)")
+    sp.add_argument("--quick", action="store_true", help="a smoke run of a few minutes")
+    sp.add_argument("--scale", type=int, default=1, help="widths x S and tokens x S^2 (for a GPU)")
+    sp.add_argument("--tokens", type=int, default=None, help="training tokens per run")
+    sp.add_argument("--lr", type=float, default=None)
+    sp.add_argument("--data-dir", default=None, help="data folder (default OUT/data)")
+    sp.add_argument("--sources", nargs="*", default=None)
+    sp.add_argument("--text", action="append", default=None, metavar="PATH")
+    sp.add_argument("--no-progress", action="store_true")
+    sp.set_defaults(func=cmd_reproduce)
 
     sp = sub.add_parser("export", help="a checkpoint of any layout -> the released layout",
                         description=cmd_export.__doc__)

@@ -1,0 +1,390 @@
+"""The paper's comparisons at small scale, with seeds, reuse, resume and a report with verdicts.
+
+    deepseek-moe reproduce table1 --out runs/table1 [--seeds 3] [--quick] [--scale 2]
+
+Every model of an experiment trains on the same data in the same order with the same recipe
+(for a given seed: the data order and the initialisation are functions of the seed); each
+model is trained once per seed. A finished run is reused when the command runs again, an
+unfinished one resumes from its last checkpoint. Held-out loss is the test split's (all domains,
+token-weighted), which no run has seen.
+
+A claim "A beats B" holds when A's mean held-out loss is lower by more than twice the standard
+error of the difference over seeds, does not hold when it is higher by that much, and is
+undecided otherwise (a single seed has no spread: undecided). A claim "A matches B" holds when
+the difference is within that margin.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+# ---- the experiments ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Claim:
+    a: str
+    b: str
+    kind: str  # "less": loss(a) < loss(b); "similar": loss(a) ~ loss(b)
+    text: str
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    title: str
+    models: tuple[tuple[str, str], ...]  # (label, preset family) in the paper's order
+    paper: dict[str, float]  # the paper's Pile loss per label (2B scale)
+    claims: tuple[Claim, ...]
+    analysis: bool = False  # fig4-fig5: run the expert analyses on the trained models
+
+
+EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
+    Experiment(
+        "table1", "Table 1: DeepSeekMoE vs the MoE baselines and Dense (equal total and activated parameters)",
+        (("Dense", "dense"), ("Hash Layer", "hash"), ("Switch", "switch"), ("GShard", "gshard"),
+         ("DeepSeekMoE", "deepseekmoe")),
+        {"Dense": 2.060, "Hash Layer": 1.932, "Switch": 1.881, "GShard": 1.867, "DeepSeekMoE": 1.808},
+        (Claim("Hash Layer", "Dense", "less", "every MoE beats Dense: Hash Layer < Dense"),
+         Claim("Switch", "Dense", "less", "every MoE beats Dense: Switch < Dense"),
+         Claim("GShard", "Dense", "less", "every MoE beats Dense: GShard < Dense"),
+         Claim("GShard", "Hash Layer", "less", "learned top-2 routing beats hashing: GShard < Hash Layer"),
+         Claim("DeepSeekMoE", "GShard", "less", "DeepSeekMoE beats GShard"),
+         Claim("DeepSeekMoE", "Switch", "less", "DeepSeekMoE beats Switch"))),
+    Experiment(
+        "fig3", "Fig. 3: shared-expert isolation, then finer expert segmentation",
+        (("GShard (0+2/16)", "gshard"), ("+shared (1+1/15)", "moe-1+1of15"), ("1+3/31", "moe-1+3of31"),
+         ("DeepSeekMoE (1+7/63)", "deepseekmoe")),
+        {"GShard (0+2/16)": 1.867, "DeepSeekMoE (1+7/63)": 1.808},
+        (Claim("+shared (1+1/15)", "GShard (0+2/16)", "less", "shared-expert isolation helps"),
+         Claim("1+3/31", "+shared (1+1/15)", "less", "finer segmentation helps (16 -> 32 experts)"),
+         Claim("DeepSeekMoE (1+7/63)", "1+3/31", "less", "finer segmentation helps (32 -> 64 experts)"))),
+    Experiment(
+        "shared-ratio", "Shared vs routed: 1, 2 or 4 shared experts of 64",
+        (("1 shared + 7/63", "deepseekmoe"), ("2 shared + 6/62", "moe-2+6of62"), ("4 shared + 4/60", "moe-4+4of60")),
+        {"1 shared + 7/63": 1.808, "2 shared + 6/62": 1.806, "4 shared + 4/60": 1.811},
+        (Claim("2 shared + 6/62", "1 shared + 7/63", "similar", "1 and 2 shared experts are on par"),
+         Claim("4 shared + 4/60", "1 shared + 7/63", "similar", "1 and 4 shared experts are on par"))),
+    Experiment(
+        "upper-bound", "Table 2: DeepSeekMoE near its upper bounds (GShard x1.5, Dense x16)",
+        (("DeepSeekMoE", "deepseekmoe"), ("GShard x1.5", "gshard-x1.5"), ("Dense x16", "dense-x16")),
+        {"DeepSeekMoE": 1.808, "GShard x1.5": 1.808, "Dense x16": 1.806},
+        (Claim("DeepSeekMoE", "GShard x1.5", "similar", "DeepSeekMoE matches GShard x1.5"),
+         Claim("DeepSeekMoE", "Dense x16", "similar", "DeepSeekMoE matches Dense x16"))),
+    Experiment(
+        "fig4-fig5", "Fig. 4 and 5: redundancy among routed experts; the shared expert",
+        (("DeepSeekMoE", "deepseekmoe"), ("GShard x1.5", "gshard-x1.5")),
+        {"DeepSeekMoE": 1.808, "GShard x1.5": 1.808},
+        (), analysis=True),
+)}
+
+
+# ---- sizes ---------------------------------------------------------------------------------------------
+@dataclass
+class Settings:
+    seeds: int = 3
+    tokens: int = 4_194_304  # per run: 1,024 steps of 16 x 256
+    seq_len: int = 256
+    batch_size: int = 16
+    lr: float = 1.08e-3
+    vocab_size: int = 4096
+    scale: int = 1  # multiplies hidden size and every FFN/expert width; tokens x scale^2
+    eval_tokens: Optional[int] = 131072  # held-out tokens per domain for the final loss
+    data_dir: Optional[str] = None  # default: OUT/data
+    sources: tuple[str, ...] = ("stdlib", "site-packages", "shakespeare", "debian")
+    paths: tuple[str, ...] = ()
+    validation_fraction: float = 0.005
+    extra_overrides: dict[str, Any] = field(default_factory=dict)  # for tests: smaller models
+    progress: bool = True
+
+    @classmethod
+    def quick(cls, **kw: Any) -> "Settings":
+        """Minutes, not hours: a smoke run (the verdicts will mostly be undecided)."""
+        base = dict(seeds=2, tokens=16 * 64 * 40, seq_len=64, batch_size=16, eval_tokens=8192)
+        base.update(kw)
+        return cls(**base)
+
+
+def model_overrides(s: Settings) -> dict[str, Any]:
+    """Overrides of the ``-tiny`` presets for these settings (the ratios of SPEC section 3 hold)."""
+    from .presets import get_config
+
+    o: dict[str, Any] = {"vocab_size": s.vocab_size}
+    if s.scale != 1:
+        base = get_config("deepseekmoe-tiny")
+        o["hidden_size"] = base.hidden_size * s.scale
+        o["num_attention_heads"] = base.num_attention_heads * s.scale
+        o["num_key_value_heads"] = base.num_key_value_heads * s.scale
+    o.update(s.extra_overrides)
+    return o
+
+
+def preset_overrides(family: str, s: Settings) -> dict[str, Any]:
+    from .presets import get_config
+
+    o = model_overrides(s)
+    if s.scale != 1:  # widths scale with the hidden size
+        c = get_config(f"{family}-tiny")
+        o["intermediate_size"] = c.intermediate_size * s.scale
+        o["moe_intermediate_size"] = c.moe_intermediate_size * s.scale
+    return o
+
+
+# ---- runs ----------------------------------------------------------------------------------------------
+def run_dir(out: Path, family: str, seed: int) -> Path:
+    return out / "runs" / f"{family}-seed{seed}"
+
+
+def _finished(run: Path) -> Optional[dict[str, Any]]:
+    f = run / "result.json"
+    if f.is_file():
+        try:
+            return json.loads(f.read_text())
+        except json.JSONDecodeError:
+            return None
+    return None
+
+
+def train_one(out: Path, family: str, seed: int, s: Settings) -> dict[str, Any]:
+    """Train (or reuse, or resume) one model with one seed, then score it on the test split."""
+    from .evaluate import eval_cache, evaluate_splits, load_checkpoint
+    from .train import TrainConfig, train
+
+    run = run_dir(out, family, seed)
+    done = _finished(run)
+    if done is not None:
+        return done
+    tokens = s.tokens * s.scale * s.scale
+    cfg = TrainConfig(
+        preset=f"{family}-tiny", out=str(run), model_overrides=preset_overrides(family, s),
+        data_dir=s.data_dir or str(out / "data"), sources=tuple(s.sources), paths=tuple(s.paths),
+        vocab_size=s.vocab_size, validation_fraction=s.validation_fraction,
+        test_fraction=s.validation_fraction, seq_len=s.seq_len, batch_size=s.batch_size, tokens=tokens,
+        lr=s.lr, seed=seed, ckpt_every=max(50, tokens // (s.seq_len * s.batch_size) // 4), keep=1,
+        eval_sequences=32, progress=s.progress)
+    res = train(cfg, resume=(run / "checkpoints").is_dir())
+    if res.interrupted:
+        raise KeyboardInterrupt(f"{run} was interrupted; run the command again to resume")
+    model, _, ckpt, run_d = load_checkpoint(run)
+    cache = eval_cache(ckpt, run_d, progress=False)
+    if cache.num_tokens("train") < tokens:
+        raise ValueError(f"{tokens:,} tokens per run but the training split holds "
+                         f"{cache.num_tokens('train'):,}: runs must see unique tokens only")
+    report = evaluate_splits(model, cache, ("test",), seq_len=s.seq_len, max_tokens=s.eval_tokens,
+                             progress=False, checkpoint=str(ckpt))
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    result = {"family": family, "seed": seed, "test_loss": report.splits["test"]["all"].loss,
+              "test": {d: sc.loss for d, sc in report.splits["test"].items()},
+              "tokens": res.tokens, "steps": res.step,
+              "curve": [(r["tokens"], r["lm_loss"]) for r in rows if "lm_loss" in r]}
+    from .evaluate import write_json_atomic
+
+    write_json_atomic(run / "result.json", result)
+    return result
+
+
+# ---- verdicts ------------------------------------------------------------------------------------------
+def mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else float("nan"))
+
+
+def verdict(a: Sequence[float], b: Sequence[float], kind: str) -> tuple[str, str]:
+    """(verdict, why) for a claim on two models' per-seed losses; see the module docstring."""
+    ma, sa = mean_std(a)
+    mb, sb = mean_std(b)
+    diff = ma - mb
+    if len(a) < 2 or len(b) < 2:
+        return "undecided", f"difference {diff:+.4f}, one seed: no spread to judge it by"
+    margin = 2 * math.sqrt(sa * sa / len(a) + sb * sb / len(b))
+    why = f"difference {diff:+.4f}, 2 x standard error {margin:.4f}"
+    if kind == "less":
+        if diff < -margin:
+            return "holds", why
+        if diff > margin:
+            return "does not hold", why
+        return "undecided", why + " (within the seed spread)"
+    if kind == "similar":
+        return ("holds", why) if abs(diff) <= margin else ("does not hold", why)
+    raise ValueError(f"unknown claim kind {kind!r}")
+
+
+# ---- the experiment ------------------------------------------------------------------------------------
+def reproduce(name: str, out: Path, s: Settings) -> Path:
+    """Run ``name`` (see ``EXPERIMENTS``) into ``out``; returns the report's path."""
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}")
+    if s.seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {s.seeds}")
+    exp = EXPERIMENTS[name]
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, list[dict[str, Any]]] = {}
+    n = len(exp.models) * s.seeds
+    i = 0
+    for seed in range(s.seeds):  # seed-major: a partial experiment already compares every model
+        for label, family in exp.models:
+            i += 1
+            print(f"[{i}/{n}] {label} ({family}-tiny), seed {seed}", flush=True)
+            results.setdefault(label, []).append(train_one(out, family, seed, s))
+    analyses = _analyses(exp, out, s) if exp.analysis else {}
+    text = report(exp, results, analyses, s, out)
+    path = out / "report.md"
+    path.write_text(text)
+    print(text)
+    return path
+
+
+def _analyses(exp: Experiment, out: Path, s: Settings) -> dict[str, list[dict[str, Any]]]:
+    from .analyze import analyze
+    from .evaluate import eval_cache, load_checkpoint, write_json_atomic
+
+    res: dict[str, list[dict[str, Any]]] = {}
+    for label, family in exp.models:
+        for seed in range(s.seeds):
+            run = run_dir(out, family, seed)
+            f = run / "analysis.json"
+            if not f.is_file():
+                model, _, ckpt, run_d = load_checkpoint(run)
+                cache = eval_cache(ckpt, run_d, progress=False)
+                a = analyze(model, cache, analyses=("disable_top", "top_k", "shared"), split="test",
+                            seq_len=s.seq_len, max_tokens=s.eval_tokens or 32768, progress=False)
+                write_json_atomic(f, a.to_dict())
+            res.setdefault(label, []).append(json.loads(f.read_text()))
+    return res
+
+
+def report(exp: Experiment, results: dict[str, list[dict[str, Any]]], analyses: dict[str, list[dict[str, Any]]],
+           s: Settings, out: Path) -> str:
+    """The markdown report (and its PNGs in ``out``)."""
+    from .params import count_parameters, human
+    from .presets import get_config
+
+    lines = [f"# {exp.title}", "",
+             f"{s.seeds} seed(s); {s.tokens * s.scale ** 2:,} training tokens per run (unique: the "
+             f"runs never repeat data); seq {s.seq_len} x batch {s.batch_size}; peak lr {s.lr}; "
+             f"vocab {s.vocab_size}; width x{s.scale}. Loss: test split, all domains (nats/token).",
+             "", "| model | preset | total | activated | test loss (mean +- std) | per seed | paper (2B, Pile) |",
+             "|---|---|---|---|---|---|---|"]
+    for label, family in exp.models:
+        rs = results[label]
+        cfg = get_config(f"{family}-tiny", **preset_overrides(family, s))
+        p = count_parameters(cfg)
+        m, sd = mean_std([r["test_loss"] for r in rs])
+        paper = exp.paper.get(label)
+        seeds = ", ".join(f"{r['test_loss']:.4f}" for r in rs)
+        paper_s = "-" if paper is None else f"{paper:.3f}"
+        lines.append(f"| {label} | {family}-tiny | {human(p.total)} | {human(p.active)} | {m:.4f} +- "
+                     f"{sd:.4f} | {seeds} | {paper_s} |")
+    if exp.claims:
+        lines += ["", "## The paper's claims", "", "| claim | verdict | evidence |", "|---|---|---|"]
+        for c in exp.claims:
+            v, why = verdict([r["test_loss"] for r in results[c.a]], [r["test_loss"] for r in results[c.b]], c.kind)
+            lines.append(f"| {c.text} | **{v}** | {why} |")
+    if analyses:
+        lines += _analysis_section(analyses)
+    plots = _plots(exp, results, analyses, out)
+    lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def _analysis_section(analyses: dict[str, list[dict[str, Any]]]) -> list[str]:
+    lines = ["", "## Disabling top routed experts (Fig. 4)", "",
+             "| model | " + " | ".join(f"r = {round(r['ratio'] * 16)}/16" for r in
+                                      next(iter(analyses.values()))[0]["disable_top"]) + " |",
+             "|---|" + "---|" * len(next(iter(analyses.values()))[0]["disable_top"])]
+    rises: dict[str, list[float]] = {}
+    for label, runs in analyses.items():
+        cols = list(zip(*[[r["loss"] for r in a["disable_top"]] for a in runs]))
+        lines.append(f"| {label} | " + " | ".join(f"{statistics.fmean(c):.4f}" for c in cols) + " |")
+        rises[label] = [a["disable_top"][-1]["loss"] - a["disable_top"][0]["loss"] for a in runs]
+    labels = list(analyses)
+    if len(labels) == 2:
+        v, why = verdict([-x for x in rises[labels[0]]], [-x for x in rises[labels[1]]], "less")
+        lines += ["", f"Claim: {labels[0]}'s loss rises more than {labels[1]}'s when the top 4/16 routed "
+                      f"experts are disabled (less redundancy): **{v}** ({why.replace('difference', 'rise difference')})"]
+    lines += ["", "## Activated routed experts (Fig. 5) and the shared expert", ""]
+    for label, runs in analyses.items():
+        sweep = {}
+        for a in runs:
+            for r in a["top_k_sweep"]:
+                sweep.setdefault(r["k"], []).append(r["loss"])
+        lines.append(f"- {label} (trained k = {runs[0]['top_k']}): " + ", ".join(
+            f"k={k}: {statistics.fmean(v):.4f}" for k, v in sorted(sweep.items())))
+        shared = [a["shared"] for a in runs if a.get("shared")]
+        if shared:
+            lines.append(f"  - shared expert off, k + 1 routed: {statistics.fmean(x['with_shared'] for x in shared):.4f} "
+                         f"-> {statistics.fmean(x['without_shared'] for x in shared):.4f} (paper: 1.808 -> 2.414)")
+    return lines
+
+
+def _plots(exp: Experiment, results: dict[str, list[dict[str, Any]]], analyses: dict[str, list[dict[str, Any]]],
+           out: Path) -> list[Path]:
+    from .plots import _ema, _pyplot
+
+    plt = _pyplot()
+    paths = []
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for label, _ in exp.models:
+        curves = [r["curve"] for r in results[label] if r["curve"]]
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)
+        x = [t / 1e6 for t, _ in curves[0][:n]]
+        y = [statistics.fmean(c[i][1] for c in curves) for i in range(n)]
+        ax.plot(x, _ema(y, min(1.0, max(0.02, 10 / max(n, 1)))), label=label)
+    ax.set_xlabel("training tokens (millions)")
+    ax.set_ylabel("training LM loss, mean over seeds (EMA)")
+    ax.set_title(exp.title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    lo = min(min(statistics.fmean([r["test_loss"] for r in rs]) for rs in results.values()) - 0.3, 10)
+    ax.set_ylim(bottom=lo)
+    fig.tight_layout()
+    p = out / "loss_curves.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(exp.models)), 4.5))
+    labels = [label for label, _ in exp.models]
+    ms = [mean_std([r["test_loss"] for r in results[label]]) for label in labels]
+    err = [0 if math.isnan(sd) else sd for _, sd in ms]
+    ax.bar(range(len(labels)), [m for m, _ in ms], yerr=err, capsize=6, color="tab:blue", alpha=0.8)
+    for i, label in enumerate(labels):
+        for r in results[label]:
+            ax.plot(i, r["test_loss"], "k.", ms=5)
+    ax.set_xticks(range(len(labels)), labels, rotation=15, fontsize=8)
+    lo, hi = min(m for m, _ in ms), max(m for m, _ in ms)
+    pad = max(0.02, (hi - lo) * 0.6, max(err) * 2)
+    ax.set_ylim(lo - pad, hi + pad)
+    ax.set_ylabel("test loss (nats), mean +- std; dots: seeds")
+    ax.set_title(exp.title, fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    p = out / "test_loss.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+
+    if analyses:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for label, runs in analyses.items():
+            ratios = [r["ratio"] for r in runs[0]["disable_top"]]
+            base = statistics.fmean(a["disable_top"][0]["loss"] for a in runs)
+            y = [statistics.fmean(a["disable_top"][i]["loss"] for a in runs) - base for i in range(len(ratios))]
+            ax.plot(ratios, y, "o-", label=label)
+        ax.set_xlabel("ratio of disabled top routed experts")
+        ax.set_ylabel("loss increase over r = 0 (nats)")
+        ax.set_title("Fig. 4: disabling top routed experts", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        p = out / "disable_top_experts.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+    return paths
