@@ -467,6 +467,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, FloatingPointError) as e:  # includes checkpoint and tokenizer errors
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # training saved a checkpoint first; the command resumes
+        print(f"\ninterrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
