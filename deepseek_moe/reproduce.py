@@ -277,8 +277,9 @@ def report(exp: Experiment, results: dict[str, list[dict[str, Any]]], analyses: 
         paper = exp.paper.get(label)
         seeds = ", ".join(f"{r['test_loss']:.4f}" for r in rs)
         paper_s = "-" if paper is None else f"{paper:.3f}"
-        lines.append(f"| {label} | {family}-tiny | {human(p.total)} | {human(p.active)} | {m:.4f} +- "
-                     f"{sd:.4f} | {seeds} | {paper_s} |")
+        spread = "(1 seed)" if math.isnan(sd) else f"+- {sd:.4f}"
+        lines.append(f"| {label} | {family}-tiny | {human(p.total)} | {human(p.active)} | {m:.4f} {spread} "
+                     f"| {seeds} | {paper_s} |")
     if exp.claims:
         lines += ["", "## The paper's claims", "", "| claim | verdict | evidence |", "|---|---|---|"]
         for c in exp.claims:
@@ -328,21 +329,25 @@ def _plots(exp: Experiment, results: dict[str, list[dict[str, Any]]], analyses: 
     plt = _pyplot()
     paths = []
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    top = []  # the curves a quarter of the way in: the y range shows the end, where models differ
     for label, _ in exp.models:
         curves = [r["curve"] for r in results[label] if r["curve"]]
         if not curves:
             continue
         n = min(len(c) for c in curves)
         x = [t / 1e6 for t, _ in curves[0][:n]]
-        y = [statistics.fmean(c[i][1] for c in curves) for i in range(n)]
-        ax.plot(x, _ema(y, min(1.0, max(0.02, 10 / max(n, 1)))), label=label)
+        y = _ema([statistics.fmean(c[i][1] for c in curves) for i in range(n)],
+                 min(1.0, max(0.02, 10 / max(n, 1))))
+        ax.plot(x, y, label=label)
+        top.append(y[n // 4])
     ax.set_xlabel("training tokens (millions)")
     ax.set_ylabel("training LM loss, mean over seeds (EMA)")
     ax.set_title(exp.title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
-    lo = min(min(statistics.fmean([r["test_loss"] for r in rs]) for rs in results.values()) - 0.3, 10)
-    ax.set_ylim(bottom=lo)
+    lo = min(statistics.fmean([r["test_loss"] for r in rs]) for rs in results.values()) - 0.3
+    if top:
+        ax.set_ylim(lo, max(max(top), lo + 0.5))
     fig.tight_layout()
     p = out / "loss_curves.png"
     fig.savefig(p, dpi=110)
