@@ -87,8 +87,9 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
     tok_path: Optional[Path] = Path(tokenizer) if tokenizer is not None else None
     if tok_path is None and (ckpt / TOKENIZER_NAME).is_file():
         tok_path = ckpt / TOKENIZER_NAME
-    if tok_path is None and run_train_config(run).get("tokenizer"):
-        tok_path = Path(run_train_config(run)["tokenizer"])
+    trained_with = run_train_config(run).get("tokenizer")
+    if tok_path is None and trained_with:
+        tok_path = Path(trained_with)
     tok = load_tokenizer(tok_path) if tok_path is not None else None
     if tok is not None and tok.get_vocab_size() > model.config.vocab_size:
         raise CheckpointError(f"the tokenizer {tok_path} has {tok.get_vocab_size()} tokens but the "
@@ -274,13 +275,13 @@ def evaluate_splits(model: DeepseekForCausalLM, cache, splits: Sequence[str] = (
             st = evaluate_tokens(model, toks, seq_len, batch_size, max_tokens, bar)
             m = cache.meta["splits"][split]["domains"][d]
             report.splits.setdefault(split, {})[d] = Score(st.loss, m["tokens"], m["bytes"], st.predicted)
-            t = totals.setdefault(split, [0.0, 0, 0, 0, 0])
+            t = totals.setdefault(split, [0.0, 0, 0, 0])
             # "all" weights each domain by its share of the split, whatever max_tokens sampled.
             t[0] += st.loss * m["tokens"]
             t[1] += m["tokens"]
             t[2] += m["bytes"]
             t[3] += st.predicted
-        for split, (wsum, tokens, nbytes, scored, _) in totals.items():
+        for split, (wsum, tokens, nbytes, scored) in totals.items():
             report.splits[split]["all"] = Score(wsum / tokens, int(tokens), int(nbytes), int(scored))
     finally:
         bar.close()
