@@ -276,7 +276,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     kw = {k: v for k, v in (("seeds", args.seeds), ("tokens", args.tokens), ("lr", args.lr),
                             ("data_dir", args.data_dir)) if v is not None}
-    kw.update(scale=args.scale, progress=not args.no_progress)
+    kw.update(scale=args.scale, progress=not args.no_progress, device=args.device, bf16=args.bf16)
     if args.sources is not None:
         kw["sources"] = tuple(args.sources)
     if args.text:
@@ -432,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tokens", type=int, default=None, help="training tokens per run")
     sp.add_argument("--lr", type=float, default=None)
     sp.add_argument("--data-dir", default=None, help="data folder (default OUT/data)")
+    sp.add_argument("--device", default="cpu", help="cpu or cuda (the whole experiment runs there)")
+    sp.add_argument("--bf16", action="store_true", help="bf16 autocast (GPUs; CPU is faster in fp32)")
     sp.add_argument("--sources", nargs="*", default=None)
     sp.add_argument("--text", action="append", default=None, metavar="PATH")
     sp.add_argument("--no-progress", action="store_true")

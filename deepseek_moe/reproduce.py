@@ -6,7 +6,10 @@ Every model of an experiment trains on the same data in the same order with the 
 (for a given seed: the data order and the initialisation are functions of the seed); each
 model is trained once per seed. A finished run is reused when the command runs again, an
 unfinished one resumes from its last checkpoint. Held-out loss is the test split's (all domains,
-token-weighted), which no run has seen.
+token-weighted), which no run has seen. Experiments given the same output folder share the runs
+of the models they have in common (runs/FAMILY-seedN), and each writes report-NAME.md with its
+plots NAME-*.png. Two commands may run into one folder at once: each run is claimed with a lock
+file (``RunLock``), and a run that the other command holds is put off and waited for.
 
 A claim "A beats B" holds when A's mean held-out loss is lower by more than twice the standard
 error of the difference over seeds, does not hold when it is higher by that much, and is
@@ -18,7 +21,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -101,6 +107,8 @@ class Settings:
     validation_fraction: float = 0.005
     extra_overrides: dict[str, Any] = field(default_factory=dict)  # for tests: smaller models
     progress: bool = True
+    device: str = "cpu"  # "cuda" trains and scores on the GPU
+    bf16: bool = False  # bf16 autocast (GPUs; fp32 is faster on CPU)
 
     @classmethod
     def quick(cls, **kw: Any) -> "Settings":
@@ -150,15 +158,75 @@ def _finished(run: Path) -> Optional[dict[str, Any]]:
     return None
 
 
-def train_one(out: Path, family: str, seed: int, s: Settings) -> dict[str, Any]:
-    """Train (or reuse, or resume) one model with one seed, then score it on the test split."""
-    from .evaluate import eval_cache, evaluate_splits, load_checkpoint
-    from .train import TrainConfig, train
+class RunLock:
+    """An exclusive claim on one run directory, so that several ``reproduce`` commands sharing an
+    output folder (say table1 and fig3, which share the GShard and DeepSeekMoE runs) never train
+    the same run at once. The lock file holds the owner's host and pid; a lock left by a process
+    that no longer exists on this host is taken over."""
 
+    def __init__(self, run: Path):
+        self.path = run / ".lock"
+        self.held = False
+
+    def _stale(self) -> bool:
+        try:
+            host, pid = self.path.read_text().split()
+        except (OSError, ValueError):
+            return False  # being written right now, or gone: not ours to judge
+        if host != socket.gethostname():
+            return False
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, ValueError):
+            return False
+        return False
+
+    def acquire(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if self._stale():
+                    self.path.unlink(missing_ok=True)
+                    continue
+                return False
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{socket.gethostname()} {os.getpid()}\n")
+            self.held = True
+            return True
+        return False
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def train_one(out: Path, family: str, seed: int, s: Settings) -> Optional[dict[str, Any]]:
+    """Train (or reuse, or resume) one model with one seed, then score it on the test split.
+    Returns None when another process is training this run right now (see ``RunLock``)."""
     run = run_dir(out, family, seed)
     done = _finished(run)
     if done is not None:
         return done
+    lock = RunLock(run)
+    if not lock.acquire():
+        return None
+    try:
+        done = _finished(run)  # finished between the first look and the lock
+        return done if done is not None else _train_and_score(run, family, seed, s)
+    finally:
+        lock.release()
+
+
+def _train_and_score(run: Path, family: str, seed: int, s: Settings) -> dict[str, Any]:
+    from .evaluate import eval_cache, evaluate_splits, load_checkpoint
+    from .train import TrainConfig, train
+
+    out = run.parent.parent
     tokens = s.tokens * s.scale * s.scale
     cfg = TrainConfig(
         preset=f"{family}-tiny", out=str(run), model_overrides=preset_overrides(family, s),
@@ -166,11 +234,11 @@ def train_one(out: Path, family: str, seed: int, s: Settings) -> dict[str, Any]:
         vocab_size=s.vocab_size, validation_fraction=s.validation_fraction,
         test_fraction=s.validation_fraction, seq_len=s.seq_len, batch_size=s.batch_size, tokens=tokens,
         lr=s.lr, seed=seed, ckpt_every=max(50, tokens // (s.seq_len * s.batch_size) // 4), keep=1,
-        eval_sequences=32, progress=s.progress)
+        eval_sequences=32, progress=s.progress, device=s.device, bf16_autocast=s.bf16)
     res = train(cfg, resume=(run / "checkpoints").is_dir())
     if res.interrupted:
         raise KeyboardInterrupt(f"{run} was interrupted; run the command again to resume")
-    model, _, ckpt, run_d = load_checkpoint(run)
+    model, _, ckpt, run_d = load_checkpoint(run, device=s.device)
     cache = eval_cache(ckpt, run_d, progress=False)
     if cache.num_tokens("train") < tokens:
         raise ValueError(f"{tokens:,} tokens per run but the training split holds "
@@ -214,7 +282,7 @@ def verdict(a: Sequence[float], b: Sequence[float], kind: str) -> tuple[str, str
 
 
 # ---- the experiment ------------------------------------------------------------------------------------
-def reproduce(name: str, out: Path, s: Settings) -> Path:
+def reproduce(name: str, out: Path, s: Settings, poll_s: float = 30.0) -> Path:
     """Run ``name`` (see ``EXPERIMENTS``) into ``out``; returns the report's path."""
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}")
@@ -222,17 +290,38 @@ def reproduce(name: str, out: Path, s: Settings) -> Path:
         raise ValueError(f"seeds must be >= 1, got {s.seeds}")
     exp = EXPERIMENTS[name]
     out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, list[dict[str, Any]]] = {}
-    n = len(exp.models) * s.seeds
-    i = 0
-    for seed in range(s.seeds):  # seed-major: a partial experiment already compares every model
-        for label, family in exp.models:
-            i += 1
-            print(f"[{i}/{n}] {label} ({family}-tiny), seed {seed}", flush=True)
-            results.setdefault(label, []).append(train_one(out, family, seed, s))
+    # seed-major: a partial experiment already compares every model. A run that another process
+    # is training (a second experiment sharing OUT) is put off and waited for at the end.
+    todo = [(seed, label, family) for seed in range(s.seeds) for label, family in exp.models]
+    n, i = len(todo), 0
+    done: dict[tuple[int, str], dict[str, Any]] = {}
+    waiting = False
+    while todo:
+        later = []
+        for seed, label, family in todo:
+            if not waiting:
+                print(f"[{i + 1}/{n}] {label} ({family}-tiny), seed {seed}", flush=True)
+            r = train_one(out, family, seed, s)
+            if r is None:
+                if not waiting:
+                    print(f"  {run_dir(out, family, seed)} is being trained by another process; later",
+                          flush=True)
+                later.append((seed, label, family))
+            else:
+                i += 1
+                done[(seed, label)] = r
+        if later and len(later) == len(todo):
+            if not waiting:
+                print(f"waiting for {len(later)} run(s) that another process is training", flush=True)
+            waiting = True
+            time.sleep(poll_s)
+        else:
+            waiting = False
+        todo = later
+    results = {label: [done[(seed, label)] for seed in range(s.seeds)] for label, _ in exp.models}
     analyses = _analyses(exp, out, s) if exp.analysis else {}
     text = report(exp, results, analyses, s, out)
-    path = out / "report.md"
+    path = out / f"report-{name}.md"
     path.write_text(text)
     print(text)
     return path
@@ -248,7 +337,7 @@ def _analyses(exp: Experiment, out: Path, s: Settings) -> dict[str, list[dict[st
             run = run_dir(out, family, seed)
             f = run / "analysis.json"
             if not f.is_file():
-                model, _, ckpt, run_d = load_checkpoint(run)
+                model, _, ckpt, run_d = load_checkpoint(run, device=s.device)
                 cache = eval_cache(ckpt, run_d, progress=False)
                 a = analyze(model, cache, analyses=("disable_top", "top_k", "shared"), split="test",
                             seq_len=s.seq_len, max_tokens=s.eval_tokens or 32768, progress=False)
@@ -287,7 +376,7 @@ def report(exp: Experiment, results: dict[str, list[dict[str, Any]]], analyses: 
             lines.append(f"| {c.text} | **{v}** | {why} |")
     if analyses:
         lines += _analysis_section(analyses)
-    plots = _plots(exp, results, analyses, out)
+    plots = _plots(exp, results, analyses, out, exp.name)
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     return "\n".join(lines) + "\n"
 
@@ -323,7 +412,7 @@ def _analysis_section(analyses: dict[str, list[dict[str, Any]]]) -> list[str]:
 
 
 def _plots(exp: Experiment, results: dict[str, list[dict[str, Any]]], analyses: dict[str, list[dict[str, Any]]],
-           out: Path) -> list[Path]:
+           out: Path, prefix: str) -> list[Path]:
     from .plots import _ema, _pyplot
 
     plt = _pyplot()
@@ -349,7 +438,7 @@ def _plots(exp: Experiment, results: dict[str, list[dict[str, Any]]], analyses: 
     if top:
         ax.set_ylim(lo, max(max(top), lo + 0.5))
     fig.tight_layout()
-    p = out / "loss_curves.png"
+    p = out / f"{prefix}-loss_curves.png"
     fig.savefig(p, dpi=110)
     plt.close(fig)
     paths.append(p)
@@ -370,7 +459,7 @@ def _plots(exp: Experiment, results: dict[str, list[dict[str, Any]]], analyses: 
     ax.set_title(exp.title, fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    p = out / "test_loss.png"
+    p = out / f"{prefix}-test_loss.png"
     fig.savefig(p, dpi=110)
     plt.close(fig)
     paths.append(p)
@@ -388,7 +477,7 @@ def _plots(exp: Experiment, results: dict[str, list[dict[str, Any]]], analyses: 
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        p = out / "disable_top_experts.png"
+        p = out / f"{prefix}-disable_top_experts.png"
         fig.savefig(p, dpi=110)
         plt.close(fig)
         paths.append(p)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from deepseek_moe.reproduce import EXPERIMENTS, Settings, reproduce, verdict
+from deepseek_moe.reproduce import EXPERIMENTS, RunLock, Settings, reproduce, run_dir, train_one, verdict
 
 
 def test_verdict_follows_the_numbers():
@@ -58,7 +58,9 @@ def test_each_experiment_end_to_end(tiny, name, capsys):
     for c in exp.claims:  # each claim's verdict is the one the numbers give
         line = next(r for r in text.splitlines() if r.startswith(f"| {c.text} |"))
         assert f"**{verdict(results[c.a], results[c.b], c.kind)[0]}**" in line
+    assert path == out / name / f"report-{name}.md"
     for png in ("loss_curves.png", "test_loss.png") + (("disable_top_experts.png",) if exp.analysis else ()):
+        png = f"{name}-{png}"
         assert (out / name / png).stat().st_size > 5000 and f"]({png})" in text
     if exp.analysis:
         assert "Disabling top routed experts (Fig. 4)" in text and "shared expert off" in text
@@ -75,3 +77,61 @@ def test_finished_runs_are_reused(tiny, monkeypatch):
     reproduce("table1", out / "table1", s)
     with pytest.raises(ValueError, match="unknown experiment 'table9'"):
         reproduce("table9", out / "x", s)
+
+
+def test_run_lock(tmp_path):
+    import subprocess
+    import sys
+
+    a, b = RunLock(tmp_path / "r"), RunLock(tmp_path / "r")
+    assert a.acquire() and not b.acquire()  # held by this (live) process
+    a.release()
+    assert b.acquire()
+    b.release()
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()  # a pid that no longer exists: its lock is stale and taken over
+    import socket
+
+    (tmp_path / "r" / ".lock").write_text(f"{socket.gethostname()} {p.pid}\n")
+    assert a.acquire()
+    a.release()
+    assert not (tmp_path / "r" / ".lock").exists()
+
+
+def test_two_experiments_share_runs_and_wait_for_each_other(tiny, monkeypatch, capsys):
+    """fig3 then table1 in one folder: table1 reuses fig3's GShard and DeepSeekMoE runs, each
+    writes its own report, and a run that another live process holds is put off until it is
+    free (here: until that process exits, leaving a stale lock that is taken over)."""
+    import subprocess
+    import sys
+
+    import deepseek_moe.train as train_mod
+
+    out, s = tiny
+    shared = out / "shared"
+    reproduce("fig3", shared, s)
+    trained = []
+    real_train = train_mod.train
+    monkeypatch.setattr(train_mod, "train", lambda cfg, **k: trained.append(cfg.out) or real_train(cfg, **k))
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3)"])
+    import threading
+
+    threading.Thread(target=holder.wait, daemon=True).start()  # reap it, as init would a stranger
+    import socket
+
+    lock = run_dir(shared, "dense", 0) / ".lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text(f"{socket.gethostname()} {holder.pid}\n")
+    assert train_one(shared, "dense", 0, s) is None  # held by a live process: not trained here
+    capsys.readouterr()
+    reproduce("table1", shared, s, poll_s=0.5)
+    holder.wait()
+    printed = capsys.readouterr().out
+    assert "dense-seed0 is being trained by another process; later" in printed
+    assert sorted(Path(t).name for t in trained) == sorted(
+        f"{f}-seed{i}" for f in ("dense", "hash", "switch") for i in range(2))
+    assert trained.index(str(run_dir(shared, "dense", 0))) > 0  # put off, not first
+    assert not lock.exists()
+    for name in ("fig3", "table1"):
+        assert (shared / f"report-{name}.md").read_text().startswith(f"# {EXPERIMENTS[name].title}")
+        assert (shared / f"{name}-test_loss.png").is_file()
