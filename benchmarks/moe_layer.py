@@ -1,6 +1,7 @@
 """DeepSeekMoE layer vs a dense SwiGLU FFN of the same activated FLOPs, measured in one run.
 
-For each shape it times, on the CPU with torch's default thread count:
+For each shape it times, on the CPU with torch's default thread count (or a GPU: ``--device cuda``,
+every time taken after a ``cuda.synchronize``):
 
 - ``fast``: the ``DeepseekMoE`` layer with ``dispatch="fast"`` (router, sorted dispatch, grouped
   experts, shared experts, balance losses: everything the layer does in training);
@@ -31,6 +32,7 @@ tcmalloc behave similarly); the header says which settings a table was measured 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -108,8 +110,12 @@ def init_normal_(module: torch.nn.Module, std: float, seed: int) -> None:
 
 
 def timed(fn: Callable[[], None]) -> float:
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     fn()
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # GPU kernels run asynchronously: time them to completion
     return time.perf_counter() - t0
 
 
@@ -132,12 +138,13 @@ def saved_activation_bytes(step: Callable[[], torch.Tensor], params: list[torch.
 
 def bench_shape(s: Shape, args: argparse.Namespace, dtype: torch.dtype) -> dict:
     torch.manual_seed(1)
-    moe = build_moe(s, dtype)
+    dev = torch.device(args.device)
+    moe = build_moe(s, dtype).to(dev)
     dense = SwiGLU(s.hidden, s.dense_intermediate)
     init_normal_(dense, std=0.006, seed=2)
-    dense = dense.to(dtype)
+    dense = dense.to(dev, dtype)
     B = max(1, s.tokens // s.seq_len)
-    x = torch.randn(B, s.tokens // B, s.hidden, dtype=dtype).requires_grad_(True)
+    x = torch.randn(B, s.tokens // B, s.hidden, dtype=dtype).to(dev).requires_grad_(True)
     gy = torch.randn_like(x)  # upstream gradient, fixed and outside the timing
 
     def moe_out() -> torch.Tensor:
@@ -210,8 +217,14 @@ def allocator_settings() -> str:
     return " ".join(set_) if set_ else "default malloc settings"
 
 
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"CPU, {torch.get_num_threads()} threads"
+
+
 def print_table(results: list[dict], args: argparse.Namespace) -> None:
-    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, dtype {args.dtype}, "
+    print(f"\ntorch {torch.__version__}, {device_name(args.device)}, dtype {args.dtype}, "
           f"median of {args.repeats} (reference: {args.reference_repeats}) after {args.warmup} "
           f"warm-up; {allocator_settings()}")
     # Other processes on these cores slow the MoE layer's many per-expert ops down more than
@@ -269,6 +282,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                    help="skip measuring the autograd-saved activation memory")
     p.add_argument("--malloc-cache", action="store_true",
                    help="re-run under glibc settings that keep freed memory in the process")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (GPU times are synchronised)")
+    p.add_argument("--tokens", type=int, default=None, help="tokens per step instead of the shape's")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = p.parse_args(argv)
     if args.malloc_cache and any(os.environ.get(k) != v for k, v in MALLOC_CACHE_ENV.items()):
@@ -288,13 +303,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     for n in names:
         args.skip_reference = skip_ref or n not in ref_names
         t0 = time.perf_counter()
-        results.append(bench_shape(SHAPES[n], args, dtype))
+        shape = SHAPES[n] if args.tokens is None else dataclasses.replace(SHAPES[n], tokens=args.tokens)
+        results.append(bench_shape(shape, args, dtype))
         print(f"[{n} measured in {time.perf_counter() - t0:.0f} s]", flush=True)
     args.skip_reference = skip_ref
     print_table(results, args)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(),
+            json.dump({"torch": torch.__version__, "device": device_name(args.device),
+                       "threads": torch.get_num_threads(),
                        "dtype": args.dtype, "repeats": args.repeats, "goal": GOAL,
                        "allocator": allocator_settings(), "results": results}, f, indent=2)
 
