@@ -292,13 +292,14 @@ def reproduce(name: str, out: Path, s: Settings, poll_s: float = 30.0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     # seed-major: a partial experiment already compares every model. A run that another process
     # is training (a second experiment sharing OUT) is put off and waited for at the end.
-    todo = [(seed, label, family) for seed in range(s.seeds) for label, family in exp.models]
-    n, i = len(todo), 0
+    todo = [(i, seed, label, family) for i, (seed, (label, family)) in
+            enumerate((seed, m) for seed in range(s.seeds) for m in exp.models)]
+    n = len(todo)
     done: dict[tuple[int, str], dict[str, Any]] = {}
     waiting = False
     while todo:
         later = []
-        for seed, label, family in todo:
+        for i, seed, label, family in todo:
             if not waiting:
                 print(f"[{i + 1}/{n}] {label} ({family}-tiny), seed {seed}", flush=True)
             r = train_one(out, family, seed, s)
@@ -306,9 +307,8 @@ def reproduce(name: str, out: Path, s: Settings, poll_s: float = 30.0) -> Path:
                 if not waiting:
                     print(f"  {run_dir(out, family, seed)} is being trained by another process; later",
                           flush=True)
-                later.append((seed, label, family))
+                later.append((i, seed, label, family))
             else:
-                i += 1
                 done[(seed, label)] = r
         if later and len(later) == len(todo):
             if not waiting:
@@ -322,7 +322,9 @@ def reproduce(name: str, out: Path, s: Settings, poll_s: float = 30.0) -> Path:
     analyses = _analyses(exp, out, s) if exp.analysis else {}
     text = report(exp, results, analyses, s, out)
     path = out / f"report-{name}.md"
-    path.write_text(text)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # atomic: another command may write it too
+    tmp.write_text(text)
+    os.replace(tmp, path)
     print(text)
     return path
 

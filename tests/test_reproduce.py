@@ -128,6 +128,8 @@ def test_two_experiments_share_runs_and_wait_for_each_other(tiny, monkeypatch, c
     holder.wait()
     printed = capsys.readouterr().out
     assert "dense-seed0 is being trained by another process; later" in printed
+    assert printed.count("[1/10] Dense (dense-tiny), seed 0") == 2  # put off, then taken up
+    assert "[10/10] DeepSeekMoE (deepseekmoe-tiny), seed 1" in printed
     assert sorted(Path(t).name for t in trained) == sorted(
         f"{f}-seed{i}" for f in ("dense", "hash", "switch") for i in range(2))
     assert trained.index(str(run_dir(shared, "dense", 0))) > 0  # put off, not first
