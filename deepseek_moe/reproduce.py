@@ -180,7 +180,7 @@ class RunLock:
         except ProcessLookupError:
             return True
         except (PermissionError, ValueError):
-            return False
+            pass  # alive under another user, or not a pid: not stale
         return False
 
     def acquire(self) -> bool:
@@ -322,9 +322,9 @@ def reproduce(name: str, out: Path, s: Settings, poll_s: float = 30.0) -> Path:
     analyses = _analyses(exp, out, s) if exp.analysis else {}
     text = report(exp, results, analyses, s, out)
     path = out / f"report-{name}.md"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # atomic: another command may write it too
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from .train_state import write_text_atomic
+
+    write_text_atomic(path, text)  # another command sharing OUT may write it too
     print(text)
     return path
 
@@ -378,7 +378,7 @@ def report(exp: Experiment, results: dict[str, list[dict[str, Any]]], analyses: 
             lines.append(f"| {c.text} | **{v}** | {why} |")
     if analyses:
         lines += _analysis_section(analyses)
-    plots = _plots(exp, results, analyses, out, exp.name)
+    plots = _plots(exp, results, analyses, out)
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     return "\n".join(lines) + "\n"
 
@@ -414,7 +414,7 @@ def _analysis_section(analyses: dict[str, list[dict[str, Any]]]) -> list[str]:
 
 
 def _plots(exp: Experiment, results: dict[str, list[dict[str, Any]]], analyses: dict[str, list[dict[str, Any]]],
-           out: Path, prefix: str) -> list[Path]:
+           out: Path) -> list[Path]:
     from .plots import _ema, _pyplot
 
     plt = _pyplot()
@@ -440,7 +440,7 @@ def _plots(exp: Experiment, results: dict[str, list[dict[str, Any]]], analyses: 
     if top:
         ax.set_ylim(lo, max(max(top), lo + 0.5))
     fig.tight_layout()
-    p = out / f"{prefix}-loss_curves.png"
+    p = out / f"{exp.name}-loss_curves.png"
     fig.savefig(p, dpi=110)
     plt.close(fig)
     paths.append(p)
@@ -461,7 +461,7 @@ def _plots(exp: Experiment, results: dict[str, list[dict[str, Any]]], analyses: 
     ax.set_title(exp.title, fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    p = out / f"{prefix}-test_loss.png"
+    p = out / f"{exp.name}-test_loss.png"
     fig.savefig(p, dpi=110)
     plt.close(fig)
     paths.append(p)
@@ -479,7 +479,7 @@ def _plots(exp: Experiment, results: dict[str, list[dict[str, Any]]], analyses: 
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        p = out / f"{prefix}-disable_top_experts.png"
+        p = out / f"{exp.name}-disable_top_experts.png"
         fig.savefig(p, dpi=110)
         plt.close(fig)
         paths.append(p)
