@@ -9,6 +9,20 @@ SMALL = {"vocab_size": 512, "num_hidden_layers": 2, "hidden_size": 64, "num_atte
          "moe_intermediate_size": 24, "n_routed_experts": 15, "num_experts_per_tok": 3}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_cache_home(tmp_path_factory):
+    """No test writes into the user's cache: the default data folder is a temporary one."""
+    import os
+
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

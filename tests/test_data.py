@@ -223,8 +223,9 @@ def test_debian_and_shakespeare_readers(tmp_path, monkeypatch):
 
 
 def test_default_sources_smoke():
-    """The first documents of each built-in source are real text with the right domain."""
-    expected = {"stdlib": "code", "site-packages": "code", "shakespeare": "shakespeare"}
+    """The first documents of the machine's own sources are real text with the right domain (the
+    pinned ones: test_run_safety.py)."""
+    expected = {"stdlib": "code", "site-packages": "code"}
     for source, domain in expected.items():
         docs = list(itertools.islice(iter_documents((source,)), 50))
         assert len(docs) == 50 and all(d.domain == domain for d in docs)
@@ -318,22 +319,27 @@ def test_prepare_data_reuses_and_rebuilds(tmp_path, monkeypatch):
     tok, cache = prepare_data(data, vocab_size=300, sources=(), paths=[root], progress=False)
     assert tok.get_vocab_size() == 300 and len(builds) == 1
     assert cache.corpus_stats().domains["user"].documents == 150
-    tok_mtime = (data / "tokenizer.json").stat().st_mtime_ns
-    meta_mtime = (data / "cache" / "meta.json").stat().st_mtime_ns
+    (tok_file,) = (data / "tokenizers").glob("*/tokenizer.json")
+    tok_mtime = tok_file.stat().st_mtime_ns
+    meta_mtime = (cache.path / "meta.json").stat().st_mtime_ns
 
     tok2, cache2 = prepare_data(data, vocab_size=300, sources=(), paths=[root], progress=False)
-    assert len(builds) == 1 and (data / "cache" / "meta.json").stat().st_mtime_ns == meta_mtime
-    assert tok2.to_str() == tok.to_str()
+    assert len(builds) == 1 and (cache2.path / "meta.json").stat().st_mtime_ns == meta_mtime
+    assert cache2.path == cache.path and tok2.to_str() == tok.to_str()
 
     (root / "new.txt").write_text("a brand new document\n")  # input changed: cache rebuilt ...
     _, cache3 = prepare_data(data, vocab_size=300, sources=(), paths=[root], progress=False)
     assert len(builds) == 2 and cache3.corpus_stats().domains["user"].documents == 151
-    assert (data / "tokenizer.json").stat().st_mtime_ns == tok_mtime  # ... token ids kept
+    assert tok_file.stat().st_mtime_ns == tok_mtime  # ... token ids kept
+    # ... into a folder of its own: the first corpus's cache is still there, unchanged
+    assert cache3.path != cache.path and (cache.path / "meta.json").stat().st_mtime_ns == meta_mtime
 
     tok4, _ = prepare_data(data, vocab_size=320, sources=(), paths=[root], progress=False)  # new vocab
     assert tok4.get_vocab_size() == 320 and len(builds) == 3
+    assert tok_file.stat().st_mtime_ns == tok_mtime  # the 300-token BPE is kept beside it
 
-    (data / "tokenizer.json").write_text("garbage")  # a corrupted own tokenizer is retrained
+    tok4_file = next(p for p in (data / "tokenizers").glob("*/tokenizer.json") if p != tok_file)
+    tok4_file.write_text("garbage")  # a corrupted own tokenizer is retrained
     tok5, _ = prepare_data(data, vocab_size=320, sources=(), paths=[root], progress=False)
     assert tok5.to_str() == tok4.to_str()
 

@@ -8,6 +8,7 @@ from .corpus import (
     TEST_FRACTION,
     VALIDATION_FRACTION,
     CorpusError,
+    default_data_dir,
     CorpusStats,
     Document,
     DomainStats,
@@ -15,7 +16,7 @@ from .corpus import (
     split_of,
 )
 from .packing import PackedSequences, SequenceSampler, batch
-from .prepare import prepare_data
+from .prepare import check_corpus, corpus_record, prepare_data
 from .tokenizer import EOS_TOKEN, TokenizerError, eos_id, load_tokenizer, save_tokenizer, train_tokenizer
 
 __all__ = [
@@ -35,6 +36,9 @@ __all__ = [
     "VALIDATION_FRACTION",
     "batch",
     "build_token_cache",
+    "check_corpus",
+    "corpus_record",
+    "default_data_dir",
     "eos_id",
     "iter_documents",
     "load_tokenizer",

