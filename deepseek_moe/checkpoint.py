@@ -193,6 +193,43 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process's umask: read from /proc where there is one, so it is never changed, even
+    for a moment (``os.umask`` can only be read by setting it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def normal_mode(directory: bool = False) -> int:
+    """The mode a plain ``open`` (0o666) or ``mkdir`` (0o777) gives under the umask. ``tempfile``
+    makes its files 0o600 and directories 0o700: atomic writes set this before renaming them in."""
+    return (0o777 if directory else 0o666) & ~current_umask()
+
+
+def remove_stale(parent: Path, pattern: "re.Pattern[str]") -> None:
+    """Remove the entries of ``parent`` whose whole name matches ``pattern``: what an
+    interrupted atomic write left behind (only names of our own temporary form)."""
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return
+    for p in entries:
+        if not pattern.fullmatch(p.name):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
 def _write_json(path: Path, obj: object) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
@@ -203,11 +240,13 @@ def _write_json(path: Path, obj: object) -> None:
 def save_pretrained(
     model: DeepseekForCausalLM, path: Union[str, os.PathLike],
     max_shard_size: Union[int, str] = "5GB", dtype: Optional[torch.dtype] = None,
+    extra_files: Optional[Mapping[str, Union[str, os.PathLike]]] = None,
 ) -> None:
     """Write ``model`` to ``path`` in the released layout: ``config.json`` and either
     ``model.safetensors`` or ``model-0000k-of-0000N.safetensors`` shards of at most
     ``max_shard_size`` plus ``model.safetensors.index.json``. Floating tensors are cast to
-    ``dtype`` if given.
+    ``dtype`` if given. ``extra_files`` maps file names (such as ``tokenizer.json``) to files
+    copied in beside the weights, as part of the same atomic write.
 
     Atomic: everything is written and fsynced in a temporary sibling directory that then
     replaces ``path``; an existing checkpoint there is removed only after that, and any failure
@@ -215,22 +254,48 @@ def save_pretrained(
     """
     limit = parse_size(max_shard_size)
     path = Path(path).absolute()
+    extra = {name: Path(src) for name, src in (extra_files or {}).items()}
+    for name, src in extra.items():
+        if not name or Path(name).name != name or name in (".", "..") or name == CONFIG_NAME \
+                or name.endswith(".safetensors") or name == INDEX_NAME:
+            raise CheckpointError(f"cannot add {name!r} to a checkpoint: not a plain file name "
+                                  f"beside the weights")
+        if not src.is_file():
+            raise CheckpointError(f"cannot add {name} to a checkpoint: {src} is not a file")
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{path} exists and is not a directory")
     if path.is_dir() and any(path.iterdir()) and not (path / CONFIG_NAME).is_file():
         raise CheckpointError(f"refusing to overwrite {path}: a non-empty directory that is not "
                               f"a checkpoint (no {CONFIG_NAME})")
+    # Leftovers of an interrupted save of the same name: ``.old-*`` only while ``path`` exists
+    # (between _swap_in's two renames the old copy is the only one).
+    stale_tmp = re.compile(re.escape(f".{path.name}.tmp-") + r"[a-z0-9_]{8}")
+    stale_old = re.compile(re.escape(f".{path.name}.old-") + r"[0-9a-f]{8}")
+    remove_stale(path.parent, stale_tmp)
+    if path.exists():
+        remove_stale(path.parent, stale_old)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     except OSError as e:
         raise CheckpointError(f"cannot write a checkpoint under {path.parent}: {e}") from e
     try:
+        os.chmod(tmp, normal_mode(directory=True))
         _write_checkpoint(model, tmp, limit, dtype)
+        for name, src in extra.items():
+            try:
+                shutil.copyfile(src, tmp / name)
+            except OSError as e:
+                raise CheckpointError(f"cannot copy {src} into the checkpoint: {e}") from e
+            os.chmod(tmp / name, normal_mode())
+            _fsync(tmp / name)
+        if extra:
+            _fsync(tmp)
         _swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    remove_stale(path.parent, stale_old)
 
 
 def _write_checkpoint(
@@ -262,6 +327,7 @@ def _write_checkpoint(
     for fname, shard in zip(files, shards):
         # One shard's tensors materialised at a time (only casts / device moves copy anything).
         save_file({n: prepare(t) for n, t in shard}, out / fname, metadata={"format": "pt"})
+        os.chmod(out / fname, normal_mode())  # safetensors writes 0o600 (a temporary file)
         _fsync(out / fname)
         weight_map.update({n: fname for n, _ in shard})
     if len(files) > 1:

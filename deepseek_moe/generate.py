@@ -98,6 +98,55 @@ def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[li
     return out
 
 
+def check_sampling(
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    seed: Optional[int] = None,
+    **_: object,
+) -> None:
+    """ValueError unless ``max_new_tokens`` and the sampling arguments of ``generate`` are valid
+    (the others, e.g. ``greedy`` and ``pad_id``, are left to ``generate``)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+            or not math.isfinite(temperature) or temperature < 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                              or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed must be an integer or None, got {seed!r}")
+
+
+def _check_length(longest: int, max_new_tokens: int, max_positions: int) -> None:
+    if longest + max_new_tokens > max_positions:
+        raise ValueError(
+            f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds "
+            f"max_position_embeddings {max_positions}"
+        )
+
+
+def check_prompt_text(text: object, what: str = "prompt") -> str:
+    """``text`` if it is a string that UTF-8 can encode, else a ValueError naming the problem.
+
+    Command-line arguments that are not valid UTF-8 arrive (on POSIX) as strings with lone
+    surrogates, which no tokenizer can take."""
+    if not isinstance(text, str):
+        raise ValueError(f"the {what} must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        c = ord(text[e.start])
+        where = (f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"U+{c:04X}")
+        raise ValueError(f"the {what} is not valid UTF-8 text ({where} at character {e.start})") from None
+    return text
+
+
 @torch.inference_mode()
 def generate(
     model: DeepseekForCausalLM,
@@ -129,22 +178,9 @@ def generate(
     cfg = model.config
     V = cfg.vocab_size
     rows = _check_prompts(prompts, V)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    check_sampling(max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     longest = max(len(r) for r in rows)
-    if longest + max_new_tokens > cfg.max_position_embeddings:
-        raise ValueError(
-            f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds "
-            f"max_position_embeddings {cfg.max_position_embeddings}"
-        )
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
-    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ValueError(f"seed must be an integer or None, got {seed!r}")
+    _check_length(longest, max_new_tokens, cfg.max_position_embeddings)
     (pad_id,) = _token_ids([pad_id], "pad_id", V)
     stops = set(_token_ids([stop_tokens] if isinstance(stop_tokens, int) else stop_tokens,
                            "stop_tokens", V))
@@ -238,6 +274,41 @@ def default_stop_tokens(tokenizer: "Tokenizer", model: DeepseekForCausalLM) -> s
     return stops
 
 
+def encode_prompts(
+    model: DeepseekForCausalLM,
+    tokenizer: "Tokenizer",
+    prompt: Union[str, Sequence[str]],
+    max_new_tokens: int = 128,
+    **sampling: object,
+) -> list[list[int]]:
+    """The token ids of each prompt, once every input of ``generate_text`` has been checked:
+    a ValueError (before any generation) for bad sampling arguments, text that is not valid
+    UTF-8 or that the tokenizer cannot encode, an empty prompt, token ids beyond the model's
+    vocabulary, or prompts too long for ``max_new_tokens`` more tokens."""
+    from .data.tokenizer import encode_checked
+
+    check_sampling(max_new_tokens, **sampling)  # type: ignore[arg-type]
+    single = isinstance(prompt, str)
+    texts = [prompt] if single else list(prompt)
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise ValueError("prompt must be a string or a non-empty list of strings")
+    V = model.config.vocab_size
+    prompts = []
+    for i, t in enumerate(texts):
+        what = "prompt" if single else f"prompt {i}"
+        ids = encode_checked(tokenizer, check_prompt_text(t, what), what)
+        if not ids:
+            raise ValueError(f"the {what} ({t[:40]!r}) encodes to no tokens; give some text")
+        if max(ids) >= V:
+            raise ValueError(
+                f"the tokenizer gives token id {max(ids)} but the model's vocab_size is {V}: "
+                "is this the tokenizer the model was trained with?"
+            )
+        prompts.append(ids)
+    _check_length(max(len(p) for p in prompts), max_new_tokens, model.config.max_position_embeddings)
+    return prompts
+
+
 def generate_text(
     model: DeepseekForCausalLM,
     tokenizer: "Tokenizer",
@@ -257,25 +328,9 @@ def generate_text(
     ``sampling``: the keyword arguments of ``generate`` (temperature, greedy, top_k, top_p, seed).
     """
     single = isinstance(prompt, str)
-    texts = [prompt] if single else list(prompt)
-    if not texts or not all(isinstance(t, str) for t in texts):
-        raise ValueError("prompt must be a string or a non-empty list of strings")
-    V = model.config.vocab_size
-    prompts = []
-    from .data.tokenizer import encode_checked
-
-    for i, t in enumerate(texts):
-        ids = encode_checked(tokenizer, t, "prompt" if single else f"prompt {i}")
-        if not ids:
-            raise ValueError(f"prompt {i} ({t[:40]!r}) encodes to no tokens; give some text")
-        if max(ids) >= V:
-            raise ValueError(
-                f"the tokenizer gives token id {max(ids)} but the model's vocab_size is {V}: "
-                "is this the tokenizer the model was trained with?"
-            )
-        prompts.append(ids)
+    prompts = encode_prompts(model, tokenizer, prompt, max_new_tokens, **sampling)
     stops = default_stop_tokens(tokenizer, model) if stop_tokens is None else set(stop_tokens)
-    decoders = [IncrementalDecoder(tokenizer) for _ in texts]
+    decoders = [IncrementalDecoder(tokenizer) for _ in prompts]
 
     def on_token(row: int, token_id: int) -> None:
         if token_id in stops:

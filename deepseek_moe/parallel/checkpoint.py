@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -32,8 +33,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from ..checkpoint import CheckpointError, load_pretrained, save_pretrained
 from ..config import DeepseekMoEConfig
 from ..model import DeepseekForCausalLM
-from ..train_state import (LATEST_NAME, STATE_NAME, _fsync_path, complete_checkpoints, step_dir_name,
-                           write_text_atomic)
+from ..train_state import (LATEST_NAME, STATE_NAME, _fsync_path, complete_checkpoints,
+                           remove_orphan_tmp_dirs, step_dir_name, write_text_atomic)
 
 DCP_DIR = "dcp"
 
@@ -71,7 +72,9 @@ def save_distributed_checkpoint(ckpt_root: Path, step: int, model: nn.Module, op
     tmp = ckpt_root / f".tmp-{final.name}"
     if _rank() == 0:
         ckpt_root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        # Every rank finished the previous save (its closing barrier) and none starts this one
+        # before the barrier below: no temporary directory is in use, so all are orphans.
+        remove_orphan_tmp_dirs(ckpt_root)
         tmp.mkdir()
     _barrier()
     msd, osd = get_state_dict(model, optimizer)
@@ -130,16 +133,64 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, full_mod
                    options=StateDictOptions(full_state_dict=True))
 
 
-def export_released(ckpt: Path, out: Path) -> Path:
+# The files of an exported checkpoint: the only ones ``export --force`` may replace.
+_RELEASED_FILE = re.compile(r"config\.json|model\.safetensors|model-\d+-of-\d+\.safetensors|"
+                            r"model\.safetensors\.index\.json|tokenizer\.json|generation_config\.json")
+
+
+def _check_export_target(ckpt: Path, out: Path, force: bool) -> None:
+    """Refuse an export that would destroy what it did not create: ``out`` being, inside or
+    holding the source checkpoint, a non-empty ``out`` without ``force``, and, even with
+    ``force``, an ``out`` holding anything besides the released layout's files."""
+    src, dst = Path(ckpt).resolve(), Path(out).resolve()
+    if dst == src:
+        raise CheckpointError(f"refusing to export {ckpt} onto itself: choose a new OUT")
+    if src in dst.parents:
+        raise CheckpointError(f"refusing to export into {out}: it is inside the source "
+                              f"checkpoint {ckpt}")
+    if dst in src.parents:
+        raise CheckpointError(f"refusing to export onto {out}: it contains the source "
+                              f"checkpoint {ckpt}")
+    if Path(out).is_symlink():
+        raise CheckpointError(f"refusing to replace {out}: it is a symbolic link")
+    if not dst.exists():
+        return
+    if not dst.is_dir():
+        raise CheckpointError(f"refusing to overwrite {out}: it exists and is not a directory")
+    entries = sorted(dst.iterdir())
+    if not entries:
+        return
+    names = [e.name + ("/" if e.is_dir() else "") for e in entries]
+    held = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+    foreign = [e for e in entries if e.is_symlink() or not e.is_file()
+               or not _RELEASED_FILE.fullmatch(e.name)]
+    if foreign:
+        raise CheckpointError(
+            f"refusing to overwrite {out}: it is not an exported checkpoint (it holds {held}); "
+            f"export never replaces a training checkpoint, a run or any other folder, even "
+            f"with --force")
+    if not force:
+        raise CheckpointError(f"refusing to overwrite {out}: it holds {held} (pass --force to "
+                              f"replace an exported checkpoint)")
+
+
+def export_released(ckpt: Path, out: Path, force: bool = False) -> Path:
     """Write the released single-directory layout of a checkpoint of any layout (one process):
-    the model comes from ``dcp/`` when present, else from the checkpoint's own safetensors."""
+    the model comes from ``dcp/`` when present, else from the checkpoint's own safetensors;
+    its ``tokenizer.json`` goes in with the same atomic write.
+
+    ``out`` must be new or empty; ``force`` replaces an earlier export (a directory holding only
+    released-layout files). The source checkpoint itself, a folder inside or around it, a
+    training checkpoint, a run or any other folder is always refused, before the model loads."""
+    ckpt, out = Path(ckpt), Path(out)
+    _check_export_target(ckpt, out, force)
     if not is_distributed_checkpoint(ckpt):
         model = load_pretrained(ckpt)
     else:
         config = DeepseekMoEConfig.load(ckpt / "config.json")
         model = DeepseekForCausalLM(config)
         load_distributed_state(ckpt, model, None)
-    save_pretrained(model, out)
-    if (ckpt / "tokenizer.json").is_file():
-        shutil.copyfile(ckpt / "tokenizer.json", out / "tokenizer.json")
+    tokenizer = ckpt / "tokenizer.json"
+    save_pretrained(model, out,
+                    extra_files={"tokenizer.json": tokenizer} if tokenizer.is_file() else None)
     return out
