@@ -19,6 +19,7 @@ import sys
 from typing import Optional, Sequence
 
 from . import __version__
+from .data.corpus import DEFAULT_SOURCES
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
@@ -97,6 +98,9 @@ def _summary(result) -> str:
         + (" (interrupted; continue with --resume)" if result.interrupted else ""),
         f"tokens trained:  {result.tokens:,} in {result.seconds / 60:.1f} min",
     ]
+    if result.budget_seconds is not None:
+        lines.append(f"training loop:   {result.train_seconds / 60:.2f} min of a "
+                     f"{result.budget_seconds / 60:.2f} min budget")
     if result.val_loss is not None:
         lines.append(f"validation loss: {result.val_loss:.4f} (perplexity {math.exp(result.val_loss):.1f})")
     if result.checkpoint is not None:
@@ -113,7 +117,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     import os
 
-    result = train(_train_config(args), resume=args.resume)
+    result = train(_train_config(args), resume=args.resume, force=args.force)
     if os.environ.get("RANK", "0") == "0":
         print(_summary(result))
     return 130 if result.interrupted else 0
@@ -122,18 +126,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     """Continue a prompt with a checkpoint, streaming the text as it is produced."""
     from .evaluate import load_checkpoint
-    from .generate import generate_text
+    from .generate import check_prompt_text, check_sampling, encode_prompts, generate_text
 
+    sampling = dict(greedy=args.temperature == 0, temperature=args.temperature or 1.0,
+                    top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    check_sampling(args.max_new_tokens, **sampling)  # before the (slow) load
+    check_prompt_text(args.prompt)
     model, tokenizer, ckpt, _ = load_checkpoint(args.checkpoint, device=args.device,
                                                 tokenizer=args.tokenizer)
     if tokenizer is None:
         raise ValueError(f"{ckpt} has no tokenizer.json: pass --tokenizer")
-    print(args.prompt, end="", flush=True)
-    generate_text(
-        model, tokenizer, args.prompt, args.max_new_tokens,
-        greedy=args.temperature == 0, temperature=args.temperature or 1.0, top_k=args.top_k,
-        top_p=args.top_p, seed=args.seed, stream=lambda row, text: print(text, end="", flush=True),
-    )
+    encode_prompts(model, tokenizer, args.prompt, args.max_new_tokens, **sampling)
+    print(args.prompt, end="", flush=True)  # only once every input is known to be good
+    generate_text(model, tokenizer, args.prompt, args.max_new_tokens,
+                  stream=lambda row, text: print(text, end="", flush=True), **sampling)
     print()
     return 0
 
@@ -146,12 +152,29 @@ def _out_dir(args: argparse.Namespace, ckpt, run, kind: str):
     return (run / kind) if run is not None else Path(f"{kind}-{ckpt.name}")
 
 
+def _data_label(args: argparse.Namespace):
+    """None on the run's own corpus; else a name for results on other text, so that they are
+    written beside the run's own results, never over them."""
+    import hashlib
+    from pathlib import Path
+
+    if args.text:
+        first = Path(args.text[0].partition("=")[2] or args.text[0]) if "=" in args.text[0] else Path(args.text[0])
+        h = hashlib.sha256("\0".join(args.text).encode()).hexdigest()[:8]
+        more = f"-and-{len(args.text) - 1}" if len(args.text) > 1 else ""
+        return f"text-{first.stem or first.name}{more}-{h}"
+    if args.sources is not None:
+        return "sources-" + ("-".join(args.sources) or "none")
+    return None
+
+
 def _add_data_args(sp: argparse.ArgumentParser) -> None:
     g = sp.add_argument_group("held-out data (default: the run's corpus, with the checkpoint's tokenizer)")
     g.add_argument("--data-dir", default=None, help="data folder (default: the run's)")
     g.add_argument("--sources", nargs="*", default=None, help="built-in sources (default: the run's)")
     g.add_argument("--text", action="append", default=None, metavar="PATH",
-                   help="your own text instead of the run's (repeatable)")
+                   help="evaluate exactly this text instead of the run's held-out data (repeatable; "
+                   "results go beside the run's, as eval-text-NAME.json / analysis-text-NAME/)")
     g.add_argument("--tokenizer", default=None,
                    help="tokenizer.json (default: the one inside the checkpoint)")
     g = sp.add_argument_group("run")
@@ -167,13 +190,21 @@ def _add_data_args(sp: argparse.ArgumentParser) -> None:
 def _load_for_eval(args: argparse.Namespace, need_data: bool = True, check=None):
     from .evaluate import eval_cache, load_checkpoint, run_train_config
 
+    from .evaluate import TOKENIZER_NAME, check_text_files, text_cache
+
+    only_text = bool(args.text) and args.sources is None
+    if only_text and need_data:
+        check_text_files(args.text)  # before loading anything
     model, tok, ckpt, run = load_checkpoint(args.checkpoint, device=args.device, tokenizer=args.tokenizer)
     if check is not None:
         check(model)  # before any data work
     seq_len = args.seq_len or int(run_train_config(run).get("seq_len", 256))
     seq_len = min(seq_len, model.config.max_position_embeddings)
     cache = None
-    if need_data:
+    if need_data and only_text:  # exactly the given text, in a temporary cache of its own
+        tok_path = args.tokenizer or ckpt / TOKENIZER_NAME
+        cache = text_cache(args.text, tok_path, progress=not args.no_progress)
+    elif need_data:
         cache = eval_cache(ckpt, run, args.tokenizer, data_dir=args.data_dir, sources=args.sources,
                            paths=args.text, progress=not args.no_progress)
         if tok is not None and cache.vocab_size != tok.get_vocab_size():
@@ -190,7 +221,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .data.tokenizer import eos_id
-    from .evaluate import evaluate_splits, write_json_atomic
+    from .evaluate import TEXT_SPLIT, evaluate_splits, write_json_atomic
     from .multiple_choice import builtin_task, evaluate_multiple_choice, load_task_file
 
     tasks = []
@@ -210,10 +241,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     need_data = bool(args.splits) or any(p is None for _, p in tasks)
     model, tok, ckpt, run, cache, seq_len = _load_for_eval(args, need_data)
     out_dir = _out_dir(args, ckpt, run, "eval")
+    label = _data_label(args)
     result: dict = {"checkpoint": str(ckpt), "model": model.config.name}
-    if args.splits:
-        report = evaluate_splits(model, cache, args.splits, seq_len, args.batch_size, args.max_tokens,
+    if label is not None:
+        result["data"] = {"text": args.text or [], "sources": args.sources}
+    split_names = args.splits
+    if args.text and args.sources is None:  # all of the given text, reported as split "text"
+        split_names = [TEXT_SPLIT] if args.splits else []
+    if split_names:
+        report = evaluate_splits(model, cache, split_names, seq_len, args.batch_size, args.max_tokens,
                                  progress=not args.no_progress, checkpoint=str(ckpt))
+        if split_names == [TEXT_SPLIT] and split_names != args.splits:
+            report.splits = {"text": report.splits[TEXT_SPLIT]}
         result["loss"] = report.to_dict()
         print(report.format())
     if tasks:
@@ -225,7 +264,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result["multiple_choice"] = {}
         for name, path in tasks:
             if path is None:
-                examples = builtin_task(cache, per_domain=args.mc_per_domain, seed=args.mc_seed)
+                examples = builtin_task(cache, split=split_names[0] if split_names == [TEXT_SPLIT] else "validation",
+                                        per_domain=args.mc_per_domain, seed=args.mc_seed)
             else:
                 fmt, examples = load_task_file(path, limit=args.limit)
                 name = f"{name} ({fmt})"
@@ -237,7 +277,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 rows.append((f"  {g}", str(v["n"]), f"{v['acc']:.4f}", f"{v['acc_norm']:.4f}"))
         print()
         print(_table(rows))
-    path = out_dir / "eval.json"
+    path = out_dir / ("eval.json" if label is None else f"eval-{label}.json")
     write_json_atomic(path, result)
     print(f"\nwrote {path}")
     return 0
@@ -248,13 +288,15 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     experts (Fig. 4), vary the activated routed experts (Fig. 5), drop the shared expert(s), and
     expert load / routing entropy by domain. A table each, a PNG each, analysis.json."""
     from .analyze import analyze, check_moe, plot_analysis
-    from .evaluate import write_json_atomic
+    from .evaluate import TEXT_SPLIT, write_json_atomic
 
     model, _, ckpt, run, cache, seq_len = _load_for_eval(args, need_data=True, check=check_moe)
-    res = analyze(model, cache, analyses=args.analyses, split=args.split, seq_len=seq_len,
+    split = TEXT_SPLIT if args.text and args.sources is None else args.split  # all of the given text
+    res = analyze(model, cache, analyses=args.analyses, split=split, seq_len=seq_len,
                   batch_size=args.batch_size, max_tokens=args.max_tokens or 32768, ks=args.k,
                   progress=not args.no_progress)
-    out_dir = _out_dir(args, ckpt, run, "analysis")
+    label = _data_label(args)
+    out_dir = _out_dir(args, ckpt, run, "analysis" if label is None else f"analysis-{label}")
     plot_analysis(res, out_dir)
     write_json_atomic(out_dir / "analysis.json", res.to_dict())
     (out_dir / "analysis.md").write_text(res.format() + "\n")
@@ -288,14 +330,16 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write a checkpoint of any layout (a distributed run's sharded dcp/ state, or a
-    single-process one) as the released single-directory layout, with its tokenizer."""
+    single-process one) as the released single-directory layout, with its tokenizer. OUT must
+    be new or empty; --force replaces an earlier export, never a training checkpoint, a run or
+    another folder."""
     from pathlib import Path
 
     from .evaluate import resolve_checkpoint
     from .parallel.checkpoint import export_released
 
     ckpt, _ = resolve_checkpoint(args.checkpoint)
-    out = export_released(ckpt, Path(args.out))
+    out = export_released(ckpt, Path(args.out), force=args.force)
     print(f"exported {ckpt} -> {out}")
     return 0
 
@@ -324,9 +368,11 @@ def _add_train_args(sp: argparse.ArgumentParser, preset: str, out: str, minutes:
     g.add_argument("--minutes", type=float, default=minutes, help="wall-clock minutes")
     g = sp.add_argument_group("data")
     g.add_argument("--data-dir", default=None,
-                   help="corpus, tokenizer and token cache (default ~/.cache/deepseek-moe/data)")
-    g.add_argument("--sources", nargs="*", default=["stdlib", "site-packages", "shakespeare", "debian"],
-                   help="built-in sources to include")
+                   help="pinned sources, tokenizers and token caches "
+                   "(default $XDG_CACHE_HOME/deepseek-moe/data, else ~/.cache/deepseek-moe/data)")
+    g.add_argument("--sources", nargs="*", default=list(DEFAULT_SOURCES),
+                   help="built-in sources: the pinned default %(default)s; also site-packages "
+                   "and debian (fortunes, dictionary, wordnet), which read what this machine has")
     g.add_argument("--text", action="append", default=[], metavar="PATH",
                    help="your own text: a file, a folder, or JSONL with a 'text' field (repeatable)")
     g.add_argument("--tokenizer", default=None, help="use this tokenizer.json instead of training one")
@@ -342,7 +388,11 @@ def _add_train_args(sp: argparse.ArgumentParser, preset: str, out: str, minutes:
     g.add_argument("--seed", type=int, default=0)
     g = sp.add_argument_group("run")
     g.add_argument("--out", default=out, help="output directory")
-    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the newest whole checkpoint in --out (skipping damaged ones)")
+    g.add_argument("--force", action="store_true",
+                   help="start over in a used --out: delete the previous run's checkpoints, metrics "
+                   "and plots (with --resume: only when there is no checkpoint to resume)")
     g.add_argument("--stop-after", type=int, default=None,
                    help="stop this invocation at this step (the schedule still spans the budget)")
     g.add_argument("--ckpt-every", type=int, default=200, help="steps between checkpoints")
@@ -442,7 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("export", help="a checkpoint of any layout -> the released layout",
                         description=cmd_export.__doc__)
     sp.add_argument("checkpoint", help="a run directory, its checkpoints/ folder, or a checkpoint")
-    sp.add_argument("out", help="output directory (replaced atomically)")
+    sp.add_argument("out", help="output directory: new or empty")
+    sp.add_argument("--force", action="store_true",
+                    help="replace OUT if it holds an earlier export (atomically)")
     sp.set_defaults(func=cmd_export)
 
     sp = sub.add_parser("lm-eval", help="lm-evaluation-harness with this model type (optional extra)",

@@ -97,12 +97,22 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
     return model, tok, ckpt, run
 
 
+# Runs from before the pinned corpus recorded no sources; this was the default then.
+LEGACY_SOURCES = ("stdlib", "site-packages", "shakespeare", "debian")
+
+
 def eval_cache(ckpt: Path, run_dir: Optional[Path], tokenizer_path: Optional[PathLike] = None, *,
                data_dir: Optional[PathLike] = None, sources: Optional[Sequence[str]] = None,
                paths: Optional[Sequence[PathLike]] = None, progress: bool = True):
     """The token cache of the run's corpus (or the one given), tokenized with the checkpoint's
-    tokenizer; built if needed, reused when it already matches."""
-    from .data import prepare_data
+    tokenizer; built if needed, reused when it already matches.
+
+    On the run's own corpus (no ``sources`` / ``paths`` given), the cache must hold the corpus the
+    checkpoint recorded: a changed one is refused, naming what changed. Other corpora get caches
+    of their own (``prepare``), so the run's is never rewritten.
+    """
+    from .data import check_corpus, default_data_dir, prepare_data
+    from .train_state import read_trainer_state
 
     cfg = run_train_config(run_dir)
     tok_path = Path(tokenizer_path) if tokenizer_path else ckpt / TOKENIZER_NAME
@@ -112,18 +122,61 @@ def eval_cache(ckpt: Path, run_dir: Optional[Path], tokenizer_path: Optional[Pat
         else:
             raise CheckpointError(f"{ckpt} has no {TOKENIZER_NAME}: pass the tokenizer the model "
                                   "was trained with (--tokenizer)")
-    data_dir = data_dir or cfg.get("data_dir") or Path.home() / ".cache" / "deepseek-moe" / "data"
+    own = sources is None and paths is None
+    data_dir = data_dir or cfg.get("data_dir") or default_data_dir()
     kwargs: dict[str, Any] = {}
     for key in ("validation_fraction", "test_fraction"):
         if key in cfg:
             kwargs[key] = cfg[key]
     if sources is None:
-        sources = cfg.get("sources", ["stdlib", "site-packages", "shakespeare", "debian"])
+        sources = cfg.get("sources", LEGACY_SOURCES) if run_dir is not None else ()
     if paths is None:
         paths = cfg.get("paths", [])
     _, cache = prepare_data(data_dir, sources=tuple(sources), paths=tuple(paths),
                             tokenizer_path=tok_path, progress=progress, **kwargs)
+    if own and (ckpt / "trainer_state.json").is_file():
+        recorded = read_trainer_state(ckpt).get("corpus")
+        check_corpus(recorded, cache, f"evaluating {ckpt} on its run's corpus")
     return cache
+
+
+def check_text_files(paths: Sequence[PathLike]) -> None:
+    """Refuse a ``--text`` file that is empty, not UTF-8 or binary, naming it (evaluating other
+    text must score exactly what was given, not silently less)."""
+    from .data.corpus import user_files
+
+    for _, f in user_files(paths):
+        data = f.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{f} is not UTF-8 text (byte {e.start}): nothing of it can be evaluated") from None
+        if "\x00" in text:
+            raise ValueError(f"{f} holds NUL bytes: a binary file, not text")
+        if not text.strip():
+            raise ValueError(f"{f} is empty: nothing to evaluate")
+
+
+TEXT_SPLIT = "train"  # a --text cache holds every document in one split, stored as "train"
+
+
+def text_cache(paths: Sequence[PathLike], tokenizer_path: PathLike, progress: bool = True):
+    """Exactly the given files (no built-in source, no held-out sampling: every document in the
+    split ``TEXT_SPLIT``), tokenized into a temporary folder removed when the process exits."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from .data import CorpusStats, build_token_cache, iter_documents, load_tokenizer
+
+    check_text_files(paths)
+    tok = load_tokenizer(tokenizer_path)
+    work = Path(tempfile.mkdtemp(prefix="deepseek-moe-text-"))
+    atexit.register(shutil.rmtree, work, True)
+    stats = CorpusStats()
+    docs = iter_documents((), tuple(paths), stats=stats)
+    return build_token_cache(work / "cache", docs, tok, progress, corpus_stats=stats,
+                             validation_fraction=0.0, test_fraction=0.0)
 
 
 # --- loss over a token stream -------------------------------------------------------------------------

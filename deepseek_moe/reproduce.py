@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from .data.corpus import DEFAULT_SOURCES
+
 # ---- the experiments ---------------------------------------------------------------------------------
 
 
@@ -102,7 +104,7 @@ class Settings:
     scale: int = 1  # multiplies hidden size and every FFN/expert width; tokens x scale^2
     eval_tokens: Optional[int] = 131072  # held-out tokens per domain for the final loss
     data_dir: Optional[str] = None  # default: OUT/data
-    sources: tuple[str, ...] = ("stdlib", "site-packages", "shakespeare", "debian")
+    sources: tuple[str, ...] = DEFAULT_SOURCES
     paths: tuple[str, ...] = ()
     validation_fraction: float = 0.005
     extra_overrides: dict[str, Any] = field(default_factory=dict)  # for tests: smaller models
@@ -235,7 +237,8 @@ def _train_and_score(run: Path, family: str, seed: int, s: Settings) -> dict[str
         test_fraction=s.validation_fraction, seq_len=s.seq_len, batch_size=s.batch_size, tokens=tokens,
         lr=s.lr, seed=seed, ckpt_every=max(50, tokens // (s.seq_len * s.batch_size) // 4), keep=1,
         eval_sequences=32, progress=s.progress, device=s.device, bf16_autocast=s.bf16)
-    res = train(cfg, resume=(run / "checkpoints").is_dir())
+    # The run folder is this command's own: resume its newest whole checkpoint, else start it over.
+    res = train(cfg, resume=True, force=True)
     if res.interrupted:
         raise KeyboardInterrupt(f"{run} was interrupted; run the command again to resume")
     model, _, ckpt, run_d = load_checkpoint(run, device=s.device)

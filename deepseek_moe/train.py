@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import signal
 import sys
 import time
@@ -27,15 +28,19 @@ from .checkpoint import CheckpointError, load_pretrained
 from .model import DeepseekForCausalLM
 from .parallel.mesh import Layout, ParallelPlan, env_world_size
 from .presets import get_config
+from .data.corpus import DEFAULT_SOURCES, default_data_dir
 from .train_state import (
-    latest_checkpoint,
+    complete_checkpoints,
     load_training_state,
+    pick_checkpoint,
+    read_trainer_state,
     save_training_checkpoint,
     write_text_atomic,
 )
 
 DECAY_MULTIPLIER = 0.316
 DECAY_AT = (0.8, 0.9)
+REPLAN_AT = 10  # a wall-clock budget is re-planned after this many timed steps (and half way)
 
 
 @dataclass
@@ -46,8 +51,8 @@ class TrainConfig:
     out: str = "runs/tiny"
     model_overrides: dict[str, Any] = field(default_factory=dict)
     # data
-    data_dir: Optional[str] = None  # default: ~/.cache/deepseek-moe/data
-    sources: tuple[str, ...] = ("stdlib", "site-packages", "shakespeare", "debian")
+    data_dir: Optional[str] = None  # default: $XDG_CACHE_HOME/deepseek-moe/data
+    sources: tuple[str, ...] = DEFAULT_SOURCES
     paths: tuple[str, ...] = ()
     tokenizer: Optional[str] = None  # an existing tokenizer.json; else one is trained
     vocab_size: Optional[int] = None  # BPE size to train (default: the model's vocab_size)
@@ -193,6 +198,8 @@ class TrainResult:
     interrupted: bool
     seconds: float
     plots: list[Path] = field(default_factory=list)
+    train_seconds: float = 0.0  # in the training loop (no data preparation, final eval or save)
+    budget_seconds: Optional[float] = None  # a wall-clock budget, when the run had one
 
 
 class _StopFlag:
@@ -218,6 +225,61 @@ class _StopFlag:
     def __exit__(self, *exc) -> None:
         if self._old is not None:
             signal.signal(signal.SIGINT, self._old)
+
+
+# What ``train`` writes into its output directory; ``--force`` deletes these, and only these.
+RUN_FILES = ("train_config.json", "model_config.json", "metrics.jsonl", "loss_curve.png",
+             "expert_load.png", "checkpoints")
+
+
+@dataclass
+class _RunPlan:
+    ckpt: Optional[Path]  # the checkpoint to resume from
+    state: Optional[dict[str, Any]]  # its trainer state
+    delete: list[Path]  # the previous run's files, removed before starting over
+
+
+def _describe(out: Path, names: list[str]) -> str:
+    parts = []
+    for n in names:
+        if n == "checkpoints":
+            done = complete_checkpoints(out / n)
+            parts.append(f"checkpoints/ ({len(done)} complete" + (f", newest {done[-1].name})" if done else ")"))
+        else:
+            parts.append(n + ("/" if (out / n).is_dir() else ""))
+    return ", ".join(parts)
+
+
+def plan_run(out: Path, resume: bool, force: bool, say=print) -> _RunPlan:
+    """Decide what a ``train`` into ``out`` does, before any work, refusing what would lose data.
+
+    - no ``resume``: ``out`` must be empty (hidden entries aside) unless ``force``, which deletes
+      the previous run's own files (``RUN_FILES``) and keeps everything else;
+    - ``resume``: the newest checkpoint that is whole (``pick_checkpoint``), saying which newer
+      ones it skipped; with none, an error unless ``force`` (start over as above).
+    """
+    entries = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
+    ours = [n for n in entries if n in RUN_FILES]
+    if resume:
+        ckpt, skipped = pick_checkpoint(out / "checkpoints")
+        for bad, why in skipped:
+            say(f"--resume: skipping {bad}: {why}")
+        if ckpt is not None:
+            return _RunPlan(ckpt, read_trainer_state(ckpt), [])
+        if not force:
+            found = f" ({_describe(out, ours)})" if ours else ""
+            raise ValueError(f"--resume: no complete checkpoint to resume under {out / 'checkpoints'}{found}; "
+                             "add --force to start over instead")
+        say(f"--resume --force: no complete checkpoint under {out / 'checkpoints'}; starting over")
+    elif entries and not force:
+        others = [n for n in entries if n not in RUN_FILES]
+        what = _describe(out, ours) if ours else ", ".join(others[:5]) + (" ..." if len(others) > 5 else "")
+        hint = ("--resume continues that run, --force starts over (deleting "
+                + ", ".join(ours) + ")") if ours else "choose an empty --out, or --force to train beside them"
+        raise ValueError(f"refusing to start a new run in {out}: it already holds {what}; {hint}")
+    if ours:
+        say(f"--force: deleting the previous run's {_describe(out, ours)} in {out}")
+    return _RunPlan(None, None, [out / n for n in ours])
 
 
 def _check_writable(out: Path) -> None:
@@ -266,8 +328,11 @@ def _resume(ckpt: Path, cfg: TrainConfig, model_cfg, model: torch.nn.Module,
     return state
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
+def train(cfg: TrainConfig, resume: bool = False, force: bool = False) -> TrainResult:
     """Train ``cfg.preset`` on the prepared corpus; returns where everything was written.
+
+    A new run needs an empty ``cfg.out``; ``resume`` continues the newest whole checkpoint there;
+    ``force`` starts over, deleting the previous run's files (see ``plan_run``).
 
     Under torchrun (or with ``fsdp``) the run is laid out over the processes (see
     ``deepseek_moe.parallel``); rank 0 writes the metrics, plots and checkpoint files.
@@ -289,28 +354,37 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
                          f"{plan.world} processes")
     layout = Layout(plan, device)
     try:
-        return _train(cfg, resume, out, ckpt_root, device, t_start, model_cfg, layout)
+        say = print if layout.is_main else (lambda *a, **k: None)
+        run_plan = plan_run(out, resume, force, say)  # every rank decides alike, before any deletion
+        layout.barrier()
+        return _train(cfg, run_plan, out, ckpt_root, device, t_start, model_cfg, layout)
     finally:
         layout.close()
 
 
-def _train(cfg: TrainConfig, resume: bool, out: Path, ckpt_root: Path, device: torch.device,
+def _train(cfg: TrainConfig, run_plan: _RunPlan, out: Path, ckpt_root: Path, device: torch.device,
            t_start: float, model_cfg, layout: "Layout") -> TrainResult:
-    from .data import PackedSequences, SequenceSampler, batch, prepare_data
+    from .data import PackedSequences, SequenceSampler, batch, check_corpus, corpus_record, prepare_data
 
     main = layout.is_main
     say = print if main else (lambda *a, **k: None)
+    ckpt = run_plan.ckpt
     if main:
+        for p in run_plan.delete:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
         _check_writable(out)
     # ---- data: rank 0 builds the cache, the others then open it ----
-    data_dir = Path(cfg.data_dir) if cfg.data_dir else Path.home() / ".cache" / "deepseek-moe" / "data"
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
+    # A resumed run keeps its token ids: the checkpoint's own tokenizer, whatever data_dir holds now.
+    tok_path = Path(cfg.tokenizer) if cfg.tokenizer else None
+    if ckpt is not None and (ckpt / "tokenizer.json").is_file():
+        tok_path = ckpt / "tokenizer.json"
 
     def prepare(progress: bool):
         return prepare_data(
             data_dir, vocab_size=cfg.vocab_size or model_cfg.vocab_size, sources=cfg.sources,
-            paths=cfg.paths, tokenizer_path=Path(cfg.tokenizer) if cfg.tokenizer else None,
-            progress=progress, validation_fraction=cfg.validation_fraction,
-            test_fraction=cfg.test_fraction,
+            paths=cfg.paths, tokenizer_path=tok_path, progress=progress,
+            validation_fraction=cfg.validation_fraction, test_fraction=cfg.test_fraction,
         )
 
     if main:
@@ -323,6 +397,12 @@ def _train(cfg: TrainConfig, resume: bool, out: Path, ckpt_root: Path, device: t
         layout.barrier()
         with contextlib.redirect_stdout(io.StringIO()):
             tokenizer, cache = prepare(False)
+    corpus = corpus_record(cache)
+    if ckpt is not None:
+        if run_plan.state.get("corpus"):
+            check_corpus(run_plan.state["corpus"], cache, f"--resume from {ckpt}")
+        else:
+            say(f"note: {ckpt} records no corpus fingerprint (an older run); it cannot be checked")
     vocab = tokenizer.get_vocab_size()
     if vocab > model_cfg.vocab_size:
         raise ValueError(
@@ -355,9 +435,6 @@ def _train(cfg: TrainConfig, resume: bool, out: Path, ckpt_root: Path, device: t
     params = [p for g in optimizer.param_groups for p in g["params"]]
     start_step, position, total_steps, metrics = 0, 0, None, []
     warmup_saved = None  # a resumed run keeps the schedule it started with
-    ckpt = latest_checkpoint(ckpt_root) if resume else None
-    if resume and ckpt is None:
-        say(f"--resume: no complete checkpoint under {ckpt_root}; starting from scratch")
     if ckpt is not None:
         state = _resume(ckpt, cfg, model_cfg, model, optimizer, layout, device)
         start_step, position, total_steps = state["step"], state["position"], state["total_steps"]
@@ -407,20 +484,20 @@ def _train(cfg: TrainConfig, resume: bool, out: Path, ckpt_root: Path, device: t
                 raise FloatingPointError(f"the loss is {sums['loss']} at data position {position}")
         return sums, position
 
-    # ---- a wall-clock budget becomes a step count: one warm-up step, then the median of three
-    # timed ones (none of them applied: gradients are dropped) ----
+    # ---- a wall-clock budget becomes a step count, planned from the run's own steps: a first
+    # (dropped) step gives a provisional plan, then the timed training steps re-plan it at
+    # REPLAN_AT steps (warmup included) and again half way (the decay steps come after) ----
+    budget_s = None
     if total_steps is None:
+        budget_s = cfg.minutes * 60
+        t0 = time.perf_counter()
         train_step(0)
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            train_step(0)
-            times.append(time.perf_counter() - t0)
         optimizer.zero_grad(set_to_none=True)
-        per_step = layout.max(sorted(times)[1])  # every rank must plan the same steps
-        total_steps = max(1, int(cfg.minutes * 60 / per_step))
-        say(f"budget {cfg.minutes} min at {per_step:.2f} s/step: {total_steps} steps "
-              f"of {cfg.tokens_per_step:,} tokens")
+        first = layout.max(time.perf_counter() - t0)  # every rank must plan the same steps
+        total_steps = max(1, int(budget_s / first))
+        say(f"budget {cfg.minutes} min: {total_steps} steps provisionally ({first:.2f} s for a "
+            f"first step of {cfg.tokens_per_step:,} tokens); re-planned from the timed steps")
+    warmup_fixed = warmup is not None
     warmup = default_warmup(total_steps) if warmup is None else warmup
     train_tokens = len(train_set) * cfg.seq_len
     planned = total_steps * cfg.tokens_per_step
@@ -448,7 +525,7 @@ def _train(cfg: TrainConfig, resume: bool, out: Path, ckpt_root: Path, device: t
 
     def checkpoint() -> Path:
         state = {"position": position, "total_steps": total_steps, "warmup_steps": warmup,
-                 "seed": cfg.seed, "preset": cfg.preset, "val_loss": val_loss}
+                 "seed": cfg.seed, "preset": cfg.preset, "val_loss": val_loss, "corpus": corpus}
         extra = {"tokenizer.json": tokenizer.to_str()}
         if layout.active:
             from .parallel.checkpoint import save_distributed_checkpoint
@@ -472,6 +549,31 @@ def _train(cfg: TrainConfig, resume: bool, out: Path, ckpt_root: Path, device: t
         time.perf_counter() + 1.5 * cfg.minutes * 60)
     import contextlib
 
+    t_loop = time.perf_counter()
+    step_times: list[float] = []
+    replans = 0
+
+    def replan_due() -> bool:
+        if budget_s is None or replans >= 2:
+            return False
+        return step >= (min(REPLAN_AT, max(1, total_steps - 1)) if replans == 0 else total_steps // 2)
+
+    def replan() -> None:
+        """Set the step count that fills the wall-clock budget from the median timed step."""
+        nonlocal total_steps, end_step, warmup, replans
+        timed = sorted(step_times[2:] or step_times)
+        per_step = layout.max(timed[len(timed) // 2])
+        left = budget_s - (time.perf_counter() - t_loop)
+        total_steps = max(step, step + int(left / per_step))
+        if not warmup_fixed and replans == 0:
+            warmup = default_warmup(total_steps)
+        replans += 1
+        end_step = total_steps if cfg.stop_after is None else min(total_steps, cfg.stop_after)
+        bar.total = end_step
+        bar.refresh()
+        say(f"\nbudget {cfg.minutes} min: {total_steps} steps at {per_step:.3f} s/step "
+            f"(median of {len(timed)} timed steps)")
+
     with _StopFlag() as flag, (open(metrics_path, "a") if main else contextlib.nullcontext()) as log:
         while step < end_step:
             t0 = time.perf_counter()
@@ -489,6 +591,7 @@ def _train(cfg: TrainConfig, resume: bool, out: Path, ckpt_root: Path, device: t
             optimizer.zero_grad(set_to_none=True)
             step += 1
             dt = time.perf_counter() - t0
+            step_times.append(dt)
             row: dict[str, Any] = {
                 "step": step, "tokens": step * cfg.tokens_per_step, "loss": sums["loss"],
                 "lm_loss": sums["lm_loss"], "lr": lr, "grad_norm": grad_norm.item(),
@@ -520,9 +623,14 @@ def _train(cfg: TrainConfig, resume: bool, out: Path, ckpt_root: Path, device: t
                       "(the machine slowed down); --resume finishes the schedule")
                 interrupted = True
                 break
+            if replan_due():
+                replan()
+                if step >= end_step:
+                    break
             if step % cfg.ckpt_every == 0 and step < end_step:
                 last_ckpt = checkpoint()
         bar.close()
+        train_seconds = time.perf_counter() - t_loop
         val_loss = evaluate()
         final = {"step": step, "tokens": step * cfg.tokens_per_step, "val_loss": val_loss,
                  "final": True}
@@ -534,7 +642,7 @@ def _train(cfg: TrainConfig, resume: bool, out: Path, ckpt_root: Path, device: t
     plots: list[Path] = []
     if not main:
         return TrainResult(out, step, total_steps, step * cfg.tokens_per_step, val_loss, last_ckpt,
-                           interrupted, time.perf_counter() - t_start, plots)
+                           interrupted, time.perf_counter() - t_start, plots, train_seconds, budget_s)
     try:
         from .plots import plot_expert_load, plot_loss_curve
 
@@ -545,4 +653,4 @@ def _train(cfg: TrainConfig, resume: bool, out: Path, ckpt_root: Path, device: t
     except ImportError as e:  # matplotlib is a runtime dependency; say so if it is missing
         say(f"plots skipped: {e}")
     return TrainResult(out, step, total_steps, step * cfg.tokens_per_step, val_loss, last_ckpt,
-                       interrupted, time.perf_counter() - t_start, plots)
+                       interrupted, time.perf_counter() - t_start, plots, train_seconds, budget_s)

@@ -26,13 +26,16 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import CheckpointError, save_pretrained
+from .checkpoint import CheckpointError, normal_mode, remove_stale, save_pretrained
 from .model import DeepseekForCausalLM
 
 STATE_NAME = "trainer_state.json"
 OPTIM_NAME = "optimizer.safetensors"
 LATEST_NAME = "latest"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
+# The temporary directories of a checkpoint being written (here and in parallel/checkpoint.py):
+# ``.tmp-step-XXXXXXXX`` and names that go on from it.
+_TMP_STEP = re.compile(r"\.tmp-step-\d{8}(?:-.*)?")
 
 
 def step_dir_name(step: int) -> str:
@@ -48,9 +51,11 @@ def _fsync_path(path: Path) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and ``os.replace``."""
+    """Write ``text`` to ``path`` via a temporary file and ``os.replace``; the file gets the
+    mode a plain write would give (not ``mkstemp``'s 0o600)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, normal_mode())
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -59,6 +64,12 @@ def write_text_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_orphan_tmp_dirs(ckpt_root: Path) -> None:
+    """Remove the ``.tmp-step-*`` directories that a save killed midway left in ``ckpt_root``.
+    Call it only where no other process or rank can be writing a checkpoint there."""
+    remove_stale(ckpt_root, _TMP_STEP)
 
 
 def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -100,6 +111,7 @@ def save_training_checkpoint(
     ``extra_files`` (name -> text) go into the directory too, e.g. the run's ``tokenizer.json``,
     so that a checkpoint is self-contained for evaluation and generation."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
+    remove_orphan_tmp_dirs(ckpt_root)
     final = ckpt_root / step_dir_name(step)
     tmp_parent = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=ckpt_root))
     try:
@@ -110,6 +122,7 @@ def save_training_checkpoint(
             _fsync_path(tmp / name)
         tensors, meta = optimizer_to_tensors(optimizer)
         save_file(tensors, str(tmp / OPTIM_NAME))
+        os.chmod(tmp / OPTIM_NAME, normal_mode())  # safetensors writes 0o600
         _fsync_path(tmp / OPTIM_NAME)
         full_state = dict(state, step=step, optimizer=meta,
                           torch_rng_state=torch.get_rng_state().tolist())
@@ -163,3 +176,46 @@ def load_training_state(ckpt: Path) -> tuple[dict[str, Any], dict]:
     except (OSError, SafetensorError) as e:
         raise CheckpointError(f"{ckpt / OPTIM_NAME}: unreadable optimizer state ({e})") from e
     return state, optimizer_from_tensors(tensors, state["optimizer"])
+
+
+def checkpoint_problem(ckpt: Path) -> Optional[str]:
+    """Why ``ckpt`` cannot be resumed from, or None when it looks whole: its trainer state parses
+    with the fields a resume reads, its config parses, and every safetensors file it names opens
+    (a truncated or overwritten file fails here, before any weight is loaded)."""
+    from safetensors import safe_open
+
+    try:
+        state = json.loads((ckpt / STATE_NAME).read_text())
+    except (OSError, ValueError) as e:
+        return f"{STATE_NAME} is unreadable ({e})"
+    missing = [k for k in ("step", "position", "total_steps", "torch_rng_state") if k not in state]
+    if missing:
+        return f"{STATE_NAME} lacks {', '.join(missing)}"
+    try:
+        json.loads((ckpt / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"config.json is unreadable ({e})"
+    files = sorted(ckpt.glob("model*.safetensors"))
+    if not (ckpt / "dcp").is_dir():
+        if not files:
+            return "it holds no model*.safetensors"
+        files.append(ckpt / OPTIM_NAME)
+    for f in files:
+        try:
+            with safe_open(str(f), "pt") as g:
+                g.keys()
+        except (OSError, SafetensorError) as e:
+            return f"{f.name} is unreadable ({e})"
+    return None
+
+
+def pick_checkpoint(ckpt_root: Path) -> tuple[Optional[Path], list[tuple[Path, str]]]:
+    """The newest complete checkpoint that ``checkpoint_problem`` finds whole, and the newer ones
+    it skipped with the reason for each."""
+    skipped: list[tuple[Path, str]] = []
+    for ckpt in reversed(complete_checkpoints(ckpt_root)):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return ckpt, skipped
+        skipped.append((ckpt, problem))
+    return None, skipped
