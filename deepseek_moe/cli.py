@@ -123,6 +123,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 130 if result.interrupted else 0
 
 
+def next_free_dir(base: str) -> str:
+    """``base`` when it is new or empty, else the first of ``base-2``, ``base-3`` ... that is."""
+    from pathlib import Path
+
+    def free(p: Path) -> bool:
+        return not p.exists() or (p.is_dir() and not any(p.iterdir()))
+
+    if free(Path(base)):
+        return base
+    n = 2
+    while not free(Path(f"{base}-{n}")):
+        n += 1
+    return f"{base}-{n}"
+
+
+def cmd_main(args: argparse.Namespace) -> int:
+    """The main job: `train` of the tiny DeepSeekMoE; each run without --out gets a new folder
+    (runs/main, then runs/main-2, ...), so running it again never touches an earlier run."""
+    if args.out is None:
+        args.out = next_free_dir("runs/main")
+    return cmd_train(args)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     """Continue a prompt with a checkpoint, streaming the text as it is produced."""
     from .evaluate import load_checkpoint
@@ -387,7 +410,9 @@ def _add_train_args(sp: argparse.ArgumentParser, preset: str, out: str, minutes:
     g.add_argument("--warmup-steps", type=int, default=None, help="default min(2000, 10%% of steps)")
     g.add_argument("--seed", type=int, default=0)
     g = sp.add_argument_group("run")
-    g.add_argument("--out", default=out, help="output directory")
+    g.add_argument("--out", default=out,
+                   help="output directory" + (" (default: runs/main, or the next free runs/main-N)"
+                                              if out is None else ""))
     g.add_argument("--resume", action="store_true",
                    help="continue from the newest whole checkpoint in --out (skipping damaged ones)")
     g.add_argument("--force", action="store_true",
@@ -505,8 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("main", help="the main job: train the tiny DeepSeekMoE for a few minutes",
                         description="Train deepseekmoe-tiny on the default corpus for a few "
                         "minutes, report validation loss and write loss and expert-load plots.")
-    _add_train_args(sp, "deepseekmoe-tiny", "runs/main", minutes=3.0)
-    sp.set_defaults(func=cmd_train)
+    _add_train_args(sp, "deepseekmoe-tiny", None, minutes=3.0)
+    sp.set_defaults(func=cmd_main)
     return p
 
 

@@ -41,6 +41,7 @@ from .train_state import (
 DECAY_MULTIPLIER = 0.316
 DECAY_AT = (0.8, 0.9)
 REPLAN_AT = 10  # a wall-clock budget is re-planned after this many timed steps (and half way)
+REPLAN_WINDOW = 50  # ... from the mean time of at most this many of the latest steps
 
 
 @dataclass
@@ -559,10 +560,11 @@ def _train(cfg: TrainConfig, run_plan: _RunPlan, out: Path, ckpt_root: Path, dev
         return step >= (min(REPLAN_AT, max(1, total_steps - 1)) if replans == 0 else total_steps // 2)
 
     def replan() -> None:
-        """Set the step count that fills the wall-clock budget from the median timed step."""
+        """Set the step count that fills the wall-clock budget from the mean of the latest timed
+        steps (the first two, slower while buffers are allocated, left out)."""
         nonlocal total_steps, end_step, warmup, replans
-        timed = sorted(step_times[2:] or step_times)
-        per_step = layout.max(timed[len(timed) // 2])
+        timed = (step_times[2:] or step_times)[-REPLAN_WINDOW:]
+        per_step = layout.max(sum(timed) / len(timed))
         left = budget_s - (time.perf_counter() - t_loop)
         total_steps = max(step, step + int(left / per_step))
         if not warmup_fixed and replans == 0:
@@ -572,7 +574,7 @@ def _train(cfg: TrainConfig, run_plan: _RunPlan, out: Path, ckpt_root: Path, dev
         bar.total = end_step
         bar.refresh()
         say(f"\nbudget {cfg.minutes} min: {total_steps} steps at {per_step:.3f} s/step "
-            f"(median of {len(timed)} timed steps)")
+            f"(mean of the last {len(timed)} timed steps)")
 
     with _StopFlag() as flag, (open(metrics_path, "a") if main else contextlib.nullcontext()) as log:
         while step < end_step:

@@ -242,10 +242,28 @@ def test_minutes_budget_is_planned_on_timed_steps(tmp_path, capsys):
     assert main(_train_args(tmp_path, corpus, "--minutes", "0.15", "--ckpt-every", "1000")) == 0
     out = capsys.readouterr().out
     assert "provisionally" in out
-    plans = [ln for ln in out.splitlines() if "s/step (median of" in ln]
+    plans = [ln for ln in out.splitlines() if "s/step (mean of the last" in ln]
     assert len(plans) == 2  # after the first timed steps, and half way
     planned = int(plans[-1].split(": ")[1].split()[0])
     assert f"steps:           {planned} of {planned}" in out
     loop = [ln for ln in out.splitlines() if ln.startswith("training loop:")][0]
     minutes = float(loop.split()[2])
     assert 0.5 * 0.15 < minutes < 1.5 * 0.15
+
+
+def test_main_job_never_reuses_a_run(tmp_path, monkeypatch):
+    """Running the main job again (no --out) trains into the next free folder."""
+    from deepseek_moe import cli
+
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    monkeypatch.setattr(cli, "cmd_train", lambda args: seen.append(args.out) or 0)
+    assert cli.main(["main"]) == 0
+    Path(seen[-1]).mkdir(parents=True)
+    (Path(seen[-1]) / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "runs" / "main-2").mkdir()  # an empty folder is free
+    assert cli.main(["main"]) == 0
+    (tmp_path / "runs" / "main-2" / "x").write_text("")
+    assert cli.main(["main"]) == 0
+    assert cli.main(["main", "--out", "mine"]) == 0
+    assert seen == ["runs/main", "runs/main-2", "runs/main-3", "mine"]
