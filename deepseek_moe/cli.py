@@ -179,10 +179,11 @@ def _data_label(args: argparse.Namespace):
     """None on the run's own corpus; else a name for results on other text, so that they are
     written beside the run's own results, never over them."""
     import hashlib
-    from pathlib import Path
+
+    from .data.corpus import parse_user_path
 
     if args.text:
-        first = Path(args.text[0].partition("=")[2] or args.text[0]) if "=" in args.text[0] else Path(args.text[0])
+        first = parse_user_path(args.text[0])[1]
         h = hashlib.sha256("\0".join(args.text).encode()).hexdigest()[:8]
         more = f"-and-{len(args.text) - 1}" if len(args.text) > 1 else ""
         return f"text-{first.stem or first.name}{more}-{h}"
