@@ -83,8 +83,8 @@ def _train_config(args: argparse.Namespace):
         batch_size=args.batch_size, grad_accum=args.grad_accum, stop_after=args.stop_after,
         lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed, ckpt_every=args.ckpt_every,
         keep=args.keep, eval_every=args.eval_every, eval_sequences=args.eval_sequences,
-        device=args.device, bf16_autocast=args.bf16, progress=not args.no_progress,
-        expert_parallel=args.expert_parallel, fsdp=args.fsdp, **budget,
+        device=args.device, dtype=args.dtype, bf16_autocast=args.bf16, compile=args.compile,
+        progress=not args.no_progress, expert_parallel=args.expert_parallel, fsdp=args.fsdp, **budget,
     )
 
 
@@ -426,7 +426,12 @@ def _add_train_args(sp: argparse.ArgumentParser, preset: str, out: str, minutes:
     g.add_argument("--eval-every", type=int, default=0, help="steps between validation (0: end only)")
     g.add_argument("--eval-sequences", type=int, default=64)
     g.add_argument("--device", default="cpu")
-    g.add_argument("--bf16", action="store_true", help="bf16 autocast (GPUs; CPU is faster in fp32)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="arithmetic: bf16 autocast or plain fp32; auto measures this CPU once and takes "
+                   "the faster (bf16 on GPUs); a resumed run keeps its own unless forced")
+    g.add_argument("--bf16", action="store_true", help="the same as --dtype bfloat16")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (fullgraph, grouped_mm experts; bf16)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g = sp.add_argument_group("layout (launch with torchrun --nproc_per_node N -m deepseek_moe train ...)")
     g.add_argument("--expert-parallel", type=int, default=1, metavar="E",
@@ -537,6 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .runtime import keep_freed_memory
+
+    keep_freed_memory()  # every command: big freed blocks stay in the process (see runtime.py)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["lm-eval"]:  # everything after it is lm-eval's (argparse cannot pass --options on)
         args = argparse.Namespace(func=cmd_lm_eval, args=argv[1:])

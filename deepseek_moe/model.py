@@ -26,6 +26,24 @@ from .ffn import SwiGLU
 from .moe import DeepseekMoE, MoEAux
 
 
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Refuse token ids outside ``[0, vocab_size)``.
+
+    On the CPU (not under ``torch.compile``) a clear ``ValueError`` naming the id. Elsewhere the
+    check must not read the ids back to the host (that would stall the GPU every forward), so it
+    is an asynchronous device-side assertion: a bad id still stops the run, without a stall.
+    """
+    if input_ids.numel() == 0:
+        return
+    bad_BS = (input_ids < 0) | (input_ids >= vocab_size)
+    if input_ids.device.type == "cpu" and not torch.compiler.is_compiling():
+        if bad_BS.any():
+            bad = input_ids[bad_BS][0].item()
+            raise ValueError(f"token id {bad} is out of range for vocab_size {vocab_size}")
+    else:
+        torch._assert_async(~bad_BS.any(), f"a token id is out of range for vocab_size {vocab_size}")
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -270,9 +288,7 @@ class DeepseekForCausalLM(nn.Module):
         B, S = input_ids.shape
         cfg = self.config
         device = input_ids.device
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
-            bad = input_ids[(input_ids < 0) | (input_ids >= cfg.vocab_size)][0].item()
-            raise ValueError(f"token id {bad} is out of range for vocab_size {cfg.vocab_size}")
+        check_token_ids(input_ids, cfg.vocab_size)
         start = 0 if cache is None else cache.length
         if cache is not None and (cache.batch_size != B or start + S > cache.max_len):
             raise ValueError(

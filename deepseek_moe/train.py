@@ -28,6 +28,8 @@ from .checkpoint import CheckpointError, load_pretrained
 from .model import DeepseekForCausalLM
 from .parallel.mesh import Layout, ParallelPlan, env_world_size
 from .presets import get_config
+from .runtime import DTYPES, compile_model, cpu_matmul_speeds, dtype_name, resolve_dtype
+from .runtime import autocast as runtime_autocast
 from .data.corpus import DEFAULT_SOURCES, default_data_dir
 from .train_state import (
     complete_checkpoints,
@@ -81,7 +83,9 @@ class TrainConfig:
     eval_every: int = 0  # 0: only at the end
     eval_sequences: int = 64
     device: str = "cpu"
-    bf16_autocast: bool = False  # on GPUs; CPU training stays in fp32 (5x faster here)
+    dtype: str = "auto"  # autocast: auto (the faster on this CPU, bf16 on GPUs), float32, bfloat16
+    bf16_autocast: bool = False  # the same as dtype="bfloat16" (the --bf16 of earlier versions)
+    compile: bool = False  # torch.compile the model (fullgraph; the grouped_mm experts backend)
     progress: bool = True
     # layout (torchrun): batch_size is the global batch, split evenly over the processes
     expert_parallel: int = 1  # processes per expert-parallel group
@@ -101,6 +105,12 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.expert_parallel < 1:
             raise ValueError(f"expert_parallel must be >= 1, got {self.expert_parallel}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def dtype_choice(self) -> str:
+        return "bfloat16" if self.bf16_autocast else self.dtype
 
     @property
     def tokens_per_step(self) -> int:
@@ -301,6 +311,11 @@ def _read_metrics(path: Path, upto_step: int) -> list[dict[str, Any]]:
     return [r for r in rows if r.get("step", 0) <= upto_step and not r.get("final")]
 
 
+def _speeds_text() -> str:
+    sp = cpu_matmul_speeds()
+    return f"matmul fp32 {sp['float32']:.0f} GFLOP/s, bf16 {sp['bfloat16']:.0f} GFLOP/s"
+
+
 def _resume(ckpt: Path, cfg: TrainConfig, model_cfg, model: torch.nn.Module,
             optimizer: torch.optim.Optimizer, layout: "Layout", device: torch.device) -> dict[str, Any]:
     """Load ``ckpt`` into the model and optimizer, whatever layout either was saved or is now in;
@@ -449,8 +464,26 @@ def _train(cfg: TrainConfig, run_plan: _RunPlan, out: Path, ckpt_root: Path, dev
         total_steps = math.ceil(cfg.tokens / cfg.tokens_per_step)
     warmup = warmup_saved if warmup_saved is not None else cfg.warmup_steps
 
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16_autocast
-                else torch.autocast(device.type, enabled=False))
+    # Arithmetic: a resumed run keeps the dtype it was started with (exact resume), unless forced.
+    # (checkpoints from before the choice existed were trained in fp32 unless --bf16)
+    saved_dtype = run_plan.state.get("dtype", "float32") if ckpt is not None else None
+    if saved_dtype is not None and cfg.dtype_choice == "auto":
+        compute_dtype = resolve_dtype(saved_dtype, device)
+    else:
+        compute_dtype = resolve_dtype(cfg.dtype_choice, device)
+        if saved_dtype is not None and dtype_name(compute_dtype) != saved_dtype:
+            say(f"note: the run was started in {saved_dtype}; it continues in {dtype_name(compute_dtype)}")
+    say(f"arithmetic: {dtype_name(compute_dtype)}"
+        + (" autocast" if compute_dtype is not None else "")
+        + (f" (--dtype auto on this CPU: {_speeds_text()})" if cfg.dtype_choice == "auto" and device.type == "cpu"
+           and saved_dtype is None else ""))
+    autocast = runtime_autocast(compute_dtype, device)
+    step_model = model
+    if cfg.compile:
+        if compute_dtype != torch.bfloat16:
+            raise ValueError("--compile runs the experts on grouped_mm, which torch.compile takes in bf16 "
+                             f"only, but this run computes in {dtype_name(compute_dtype)}: add --dtype bfloat16")
+        step_model = compile_model(model)
 
     def train_step(position: int) -> tuple[dict[str, Any], int]:
         """One optimizer step's forward/backward over ``grad_accum`` micro-batches."""
@@ -461,7 +494,7 @@ def _train(cfg: TrainConfig, run_plan: _RunPlan, out: Path, ckpt_root: Path, dev
             x = batch(train_set, sampler, position + layout.rank * local_b, local_b).to(device)
             position += cfg.batch_size
             with autocast:
-                o = model(x, labels=x)
+                o = step_model(x, labels=x)
             # One process stops at once; ranks decide together after the reduction below.
             if not layout.active and not torch.isfinite(o.loss):
                 raise FloatingPointError(f"the loss is {o.loss.item()} at data position {position}")
@@ -526,7 +559,8 @@ def _train(cfg: TrainConfig, run_plan: _RunPlan, out: Path, ckpt_root: Path, dev
 
     def checkpoint() -> Path:
         state = {"position": position, "total_steps": total_steps, "warmup_steps": warmup,
-                 "seed": cfg.seed, "preset": cfg.preset, "val_loss": val_loss, "corpus": corpus}
+                 "seed": cfg.seed, "preset": cfg.preset, "val_loss": val_loss, "corpus": corpus,
+                 "dtype": dtype_name(compute_dtype)}
         extra = {"tokenizer.json": tokenizer.to_str()}
         if layout.active:
             from .parallel.checkpoint import save_distributed_checkpoint

@@ -23,6 +23,23 @@ def _own_cache_home(tmp_path_factory):
         os.environ["XDG_CACHE_HOME"] = old
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _fp32_by_default():
+    """``--dtype auto`` means fp32 in the suite, on every CPU, so that results do not depend on the
+    machine's bf16 speed (tests of bf16 and of the measurement ask for them explicitly)."""
+    import os
+
+    from deepseek_moe.runtime import AUTO_DTYPE_ENV
+
+    old = os.environ.get(AUTO_DTYPE_ENV)
+    os.environ[AUTO_DTYPE_ENV] = "float32"
+    yield
+    if old is None:
+        os.environ.pop(AUTO_DTYPE_ENV, None)
+    else:
+        os.environ[AUTO_DTYPE_ENV] = old
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -1,10 +1,11 @@
 """Run under torchrun by tests/test_distributed.py: a parallel run against a single-process one.
 
-    torchrun --nproc_per_node N tests/dist_worker.py --ep E [--fsdp] --out result.json
+    torchrun --nproc_per_node N tests/dist_worker.py --ep E [--fsdp] [--capacity F] --out result.json
 
 Every rank builds the same model (same seed), applies the layout, and takes 5 AdamW steps on
 its slice of a fixed global batch. Rank 0 also runs the plain single-process model on the whole
-batch and writes the largest differences (losses, device-level balance loss, parameters) and
+batch (with a capacity factor: on each rank's slice in turn, accumulating gradients, since the
+capacity is per forward's tokens) and writes the largest differences (losses, device-level balance loss, parameters) and
 whether the first forward with expert-parallel size 1 equals the local path exactly.
 """
 
@@ -33,9 +34,13 @@ CFG = dict(vocab_size=256, num_hidden_layers=2, hidden_size=32, num_attention_he
 B, S, STEPS = 8, 16, 5
 
 
+CAPACITY = None
+
+
 def build(n_groups: int) -> DeepseekForCausalLM:
     torch.manual_seed(0)
-    m = DeepseekForCausalLM(get_config("deepseekmoe-tiny", n_device_groups=n_groups, **CFG))
+    m = DeepseekForCausalLM(get_config("deepseekmoe-tiny", n_device_groups=n_groups,
+                                       capacity_factor=CAPACITY, **CFG))
     m.init_weights(0.05)  # far from uniform routing, so the balance losses are not flat
     return m
 
@@ -48,8 +53,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ep", type=int, required=True)
     ap.add_argument("--fsdp", action="store_true")
+    ap.add_argument("--capacity", type=float, default=None)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    global CAPACITY
+    CAPACITY = args.capacity
     rank, world = init_distributed(torch.device("cpu"))
     plan = ParallelPlan(world=world, ep=args.ep, fsdp=args.fsdp)
     plan.validate(get_config("deepseekmoe-tiny", **CFG))
@@ -66,9 +74,10 @@ def main() -> None:
     opt = optimizer(model)  # FSDP2: before any forward, so that it holds the sharded parameters
     with torch.no_grad():
         ep1_exact = bool(torch.equal(model(x).logits, plain_local(x).logits)) if args.ep == 1 else None
-    losses, dev = [], []
+    losses, dev, dropped = [], [], 0
     for _ in range(STEPS):
         out = model(x, labels=x)
+        dropped += int(out.dropped_tokens.sum())
         out.loss.backward()
         sync_gradients(model, mesh, args.fsdp)
         clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
@@ -85,14 +94,19 @@ def main() -> None:
         ref = build(max(args.ep, 1))
         ropt = optimizer(ref)
         rlosses, rdev = [], []
+        parts = [data] if CAPACITY is None else list(data.chunk(world))
         for _ in range(STEPS):
-            out = ref(data, labels=data)
-            out.loss.backward()
+            loss = devl = 0.0
+            for part in parts:
+                out = ref(part, labels=part)
+                (out.loss / len(parts)).backward()
+                loss += out.loss.item() / len(parts)
+                devl += out.device_balance_loss.sum().item() / len(parts)
             torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
             ropt.step()
             ropt.zero_grad(set_to_none=True)
-            rlosses.append(out.loss.item())
-            rdev.append(out.device_balance_loss.sum().item())
+            rlosses.append(loss)
+            rdev.append(devl)
         rsd = ref.state_dict()
         param_diff = max((full[k].float() - v.float()).abs().max().item() for k, v in rsd.items())
         Path(args.out).write_text(json.dumps({
@@ -100,6 +114,7 @@ def main() -> None:
             "loss_diff": max(abs(a - b) for a, b in zip(losses, rlosses)),
             "device_loss_diff": max(abs(a - b) for a, b in zip(dev, rdev)), "device_losses": dev,
             "param_diff": param_diff, "keys_match": sorted(full) == sorted(rsd), "ep1_exact": ep1_exact,
+            "dropped": dropped,
         }))
     dist.barrier()
     dist.destroy_process_group()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deepseek_moe.moe import GroupedExperts, dispatch_reference, dispatch_sorted
+from deepseek_moe.moe import GroupedExperts, dispatch, dispatch_reference
 
 
 def _routed_inputs(dtype):
@@ -25,7 +25,7 @@ def _routed_inputs(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fast_dispatch_on_cuda_matches_reference(dtype):
     experts, x, ids, w = _routed_inputs(dtype)
-    y, _ = dispatch_sorted(x, ids, w, experts)  # grouped_mm in bf16, loop in fp32
+    y, _ = dispatch(x, ids, w, experts)  # grouped_mm in bf16, loop in fp32
     y_ref, _ = dispatch_reference(x, ids, w, experts)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(y, y_ref, rtol=tol, atol=tol)
@@ -37,7 +37,7 @@ def test_fast_dispatch_gradients_on_cuda_match_reference(dtype):
     experts, x, ids, w = _routed_inputs(dtype)
     gy = torch.randn(256, 128, device="cuda", dtype=dtype)
     grads = []
-    for fn in (dispatch_sorted, dispatch_reference):
+    for fn in (dispatch, dispatch_reference):
         for p in experts.parameters():
             p.grad = None
         xi = x.clone().requires_grad_(True)
@@ -80,3 +80,32 @@ def test_model_step_on_cuda_matches_cpu(preset):
     out_b.loss.backward()
     assert abs(out_b.loss.item() - out_c.loss.item()) < 0.05
     assert all(torch.isfinite(p.grad).all() for p in gpu.parameters() if p.grad is not None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("capacity", [None, 1.0])
+def test_training_step_never_synchronises_with_the_host(capacity):
+    """Forward, backward, clipping and AdamW under bf16 autocast with the default backend
+    (grouped_mm): any op that waits for the GPU to read a value back raises."""
+    from deepseek_moe.model import DeepseekForCausalLM
+    from deepseek_moe.presets import get_config
+    from deepseek_moe.train import TrainConfig, build_optimizer
+
+    cfg = get_config("deepseekmoe-tiny", vocab_size=512, capacity_factor=capacity)
+    torch.manual_seed(0)
+    model = DeepseekForCausalLM(cfg).cuda()
+    opt = build_optimizer(model, TrainConfig(steps=1))
+    x = torch.randint(0, 512, (4, 64), device="cuda")
+    for step in range(2):  # the second step runs with the optimizer state in place
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = model(x, labels=x)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out.loss).item()

@@ -113,11 +113,15 @@ def test_balance_losses_enter_the_gradient_with_their_alphas():
 
 # --- runs -----------------------------------------------------------------------------------------
 
-def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path, corpus):
-    full = train(config(tmp_path / "a", corpus))
-    first = train(config(tmp_path / "b", corpus, stop_after=3))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path, corpus, dtype):
+    full = train(config(tmp_path / "a", corpus, dtype=dtype))
+    first = train(config(tmp_path / "b", corpus, stop_after=3, dtype=dtype))
     assert first.step == 3 and first.interrupted is False
+    # --dtype auto (fp32 in this suite) on resume: the run keeps the arithmetic it started with
     resumed = train(config(tmp_path / "b", corpus), resume=True)
+    assert json.loads((latest_checkpoint(resumed.out / "checkpoints") / "trainer_state.json")
+                      .read_text())["dtype"] == dtype
     assert resumed.step == full.step == 6
     a, b = step_rows(full.out), step_rows(resumed.out)
     assert [r["step"] for r in b] == list(range(1, 7))

@@ -1,6 +1,6 @@
 """Mixture-of-Experts: router, dispatch, grouped experts, balance losses, and the layer."""
 
-from .dispatch import dispatch_reference, dispatch_sorted
+from .dispatch import Permutation, combine, dispatch, dispatch_reference, expert_counts, permute
 from .experts import GroupedExperts
 from .layer import DeepseekMoE, MoEAux
 from .losses import balance_losses, balance_statistics
@@ -15,6 +15,10 @@ __all__ = [
     "TopKRouter",
     "balance_losses",
     "balance_statistics",
+    "Permutation",
+    "combine",
+    "dispatch",
     "dispatch_reference",
-    "dispatch_sorted",
+    "expert_counts",
+    "permute",
 ]

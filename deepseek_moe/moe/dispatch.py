@@ -1,23 +1,102 @@
-"""Token dispatch: send each token to its routed experts, run them, combine the gated outputs.
+"""Token dispatch for eq. 9's routed sum, in three stages with narrow interfaces:
+
+1. ``permute``: sort the token-expert assignments by expert; count them per expert; apply the
+   capacity rule. Indices only, no rows are moved. The one place that states both rules below.
+2. the experts stage, ``GroupedExperts.forward(x_MD, counts_E, gate_M)``: rows sorted by expert
+   in, ``gate * SwiGLU_e(row)`` out, the gate scaling the input of the down projection. Its
+   backends (``reference``, ``loop``, ``grouped_mm``) live in ``moe.experts``; expert parallelism
+   wraps exactly this stage (``parallel.expert_parallel``).
+3. ``combine``: every gated row back to its token, summed in fp32, deterministically.
+
+``dispatch`` runs the three. On the CPU the ``loop`` backend fuses them into one autograd node
+(``GroupedExperts.routed_forward``) behind the same inputs and result.
 
 Shape legend: T tokens, D hidden size, E routed experts, K experts per token, M = K*T
 token-expert assignments.
 
-Assignment ``a`` is numbered k-major (``a = k * T + t``): when a capacity is set, every token's
-first choice has priority over any token's second choice (as in GShard), and within one choice
-earlier tokens come first. Both paths follow that rule, so they drop the same assignments.
+**Assignment order.** Assignment ``a`` is numbered k-major (``a = k * T + t``), and rows are sorted
+by expert stably, so within an expert every token's first choice comes before any token's second
+choice, and within one choice earlier tokens come first.
 
-Both return ``(out_TD fp32, dropped)`` where ``dropped`` is the number of assignments that did
-not fit under ``capacity`` (0 when dropless).
+**Capacity rule.** With a capacity C, expert e keeps the first C of its rows in that order (so
+first choices have priority, as in GShard) and drops the rest. A dropped row keeps its place in
+its expert's group with a gate of 0, so it contributes exactly 0 to the output and to every
+gradient, and no shape depends on the data (no host synchronisation). ``dispatch_reference``
+drops the same assignments.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from .experts import GroupedExperts
+from .experts import GroupedExperts, compute_dtype
+
+
+@dataclass
+class Permutation:
+    """The permute stage's result: assignments sorted by expert (row m of the sorted order)."""
+
+    order_M: torch.Tensor  # int64: the assignment a = k * T + t of each row
+    token_M: torch.Tensor  # int64: the token t of each row
+    gate_M: torch.Tensor  # fp32: the gate g_{i,t} of each row (eq. 10); 0 for a dropped row
+    counts_E: torch.Tensor  # int64 [E]: rows per expert (dropped rows included)
+    dropped: torch.Tensor  # int64 scalar: assignments over capacity (0 when dropless)
+    n_tokens: int
+
+
+def expert_counts(topk_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Assignments per expert, int64 [E]. A scatter-add, not ``bincount``: the output size is
+    fixed, so a GPU need not read the ids' maximum back to the host."""
+    ids = topk_ids.reshape(-1)
+    return torch.zeros(n_experts, dtype=torch.long, device=ids.device).scatter_add_(
+        0, ids, torch.ones_like(ids))
+
+
+def permute(topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor, n_experts: int,
+            capacity: Optional[int] = None) -> Permutation:
+    """Sort assignments by expert in k-major order and apply the capacity rule (module docstring)."""
+    T = topk_ids_TK.shape[0]
+    ids_M = topk_ids_TK.t().reshape(-1)
+    sorted_ids_M, order_M = torch.sort(ids_M, stable=True)
+    counts_E = expert_counts(ids_M, n_experts)
+    gate_M = topk_weights_TK.t().reshape(-1).index_select(0, order_M)
+    dropped = torch.zeros((), dtype=torch.long, device=ids_M.device)
+    if capacity is not None:
+        starts_E = torch.cumsum(counts_E, 0) - counts_E
+        rank_M = torch.arange(ids_M.numel(), device=ids_M.device) - starts_E.index_select(0, sorted_ids_M)
+        gate_M = torch.where(rank_M < capacity, gate_M, torch.zeros_like(gate_M))
+        dropped = (counts_E - capacity).clamp(min=0).sum()
+    return Permutation(order_M, order_M % T, gate_M, counts_E, dropped, T)
+
+
+def combine(y_MD: torch.Tensor, perm: Permutation) -> torch.Tensor:
+    """Gated rows back to their tokens, summed in fp32 -> [T, D].
+
+    Each row is first put back in assignment order (a gather through the inverse permutation, in
+    the rows' own dtype), then the K rows of a token are summed with an fp32 accumulator. No
+    atomics, so the result is the same on every run; no fp32 copy of the [K*T, D] rows.
+    """
+    M = perm.order_M.numel()
+    T = perm.n_tokens
+    inverse_M = torch.empty_like(perm.order_M).scatter_(
+        0, perm.order_M, torch.arange(M, device=perm.order_M.device))
+    return y_MD.index_select(0, inverse_M).view(M // T, T, -1).sum(0, dtype=torch.float32)
+
+
+def dispatch(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
+             experts: GroupedExperts, capacity: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """permute -> experts -> combine: ``(routed output fp32 [T, D], dropped assignments)``."""
+    perm = permute(topk_ids_TK, topk_weights_TK, experts.n_experts, capacity)
+    if x_TD.shape[0] == 0:
+        return x_TD.new_zeros(x_TD.shape, dtype=torch.float32), perm.dropped
+    if experts.fuses_dispatch(x_TD):
+        return experts.routed_forward(x_TD, perm.token_M, perm.gate_M, perm.counts_E), perm.dropped
+    x_TD = x_TD.to(compute_dtype(x_TD))  # gather the narrower rows
+    y_MD = experts(x_TD.index_select(0, perm.token_M), perm.counts_E, perm.gate_M)
+    return combine(y_MD, perm), perm.dropped
 
 
 def dispatch_reference(
@@ -27,7 +106,7 @@ def dispatch_reference(
     experts: GroupedExperts,
     capacity: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The readable per-expert loop (slow; the fast path is tested against it)."""
+    """The readable per-expert loop, no permutation (slow; the pipeline is tested against it)."""
     T, D = x_TD.shape
     out_TD = torch.zeros(T, D, dtype=torch.float32, device=x_TD.device)
     dropped = torch.zeros((), dtype=torch.long, device=x_TD.device)
@@ -43,46 +122,3 @@ def dispatch_reference(
         gate_N1 = topk_weights_TK[t_idx, k_idx].unsqueeze(1)
         out_TD = out_TD.index_add(0, t_idx, y_ND.float() * gate_N1)
     return out_TD, dropped
-
-
-def dispatch_sorted(
-    x_TD: torch.Tensor,
-    topk_ids_TK: torch.Tensor,
-    topk_weights_TK: torch.Tensor,
-    experts: GroupedExperts,
-    capacity: Optional[int] = None,
-    backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dropless (unless ``capacity``) dispatch: sort assignments by expert, one grouped SwiGLU.
-
-    No per-expert host synchronisation: ids are sorted and counted on the device. On CPU with the
-    ``loop`` backend the gather, the experts, the gate and the combine run as one autograd node
-    (``GroupedExperts.routed_forward``), whose combine is an ``index_add_`` (sequential over the
-    index on CPU, so deterministic). Elsewhere the combine is a deterministic ``index_copy`` (each
-    assignment has its own row) followed by a sum over K.
-    """
-    T, D = x_TD.shape
-    K = topk_ids_TK.shape[1]
-    E = experts.n_experts
-    ids_M = topk_ids_TK.t().reshape(-1)
-    order_M = torch.argsort(ids_M, stable=True)
-    counts_E = torch.bincount(ids_M, minlength=E)
-    dropped = torch.zeros((), dtype=torch.long, device=x_TD.device)
-    if capacity is not None:
-        starts_E = torch.cumsum(counts_E, 0) - counts_E
-        rank_M = torch.arange(ids_M.numel(), device=ids_M.device) - starts_E[ids_M[order_M]]
-        order_M = order_M[rank_M < capacity]
-        kept_E = counts_E.clamp(max=capacity)
-        dropped = (counts_E - kept_E).sum()
-        counts_E = kept_E
-    token_M = order_M % T
-    gate_M = topk_weights_TK.t().reshape(-1).index_select(0, order_M)
-    backend = experts.resolve_backend(x_TD, backend)
-    # CUDA's index_add_ uses atomics, so GPUs keep the deterministic index_copy combine below.
-    if backend == "loop" and x_TD.device.type == "cpu":
-        return experts.routed_forward(x_TD, token_M, gate_M, counts_E), dropped
-    y_MD = experts(x_TD.index_select(0, token_M), counts_E, backend=backend)
-    y_MD = y_MD.float() * gate_M.unsqueeze(1)
-    out_KTD = torch.zeros(K * T, D, dtype=torch.float32, device=x_TD.device)
-    out_KTD = out_KTD.index_copy(0, order_M, y_MD).view(K, T, D)
-    return out_KTD.sum(0), dropped

@@ -39,6 +39,8 @@ FFN's, so what separates the two is memory traffic and the number of parallel re
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -214,25 +216,66 @@ def _empty_grad(w: torch.Tensor, idle: list[int]) -> torch.Tensor:
     return g
 
 
-def grouped_swiglu(x_MD: torch.Tensor, counts_E: torch.Tensor, w1_EID: torch.Tensor, w3_EID: torch.Tensor,
-                   w2_EDI: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """SwiGLU experts over rows sorted by expert (``counts_E[e]`` rows for expert e) -> [M, D]."""
-    backend = GroupedExperts.resolve_backend(x_MD, backend)
-    if backend == "loop":
-        counts = counts_E.tolist()  # the one host synchronisation of this path
-        return _LoopGroupedSwiGLU.apply(x_MD, None, None, w1_EID, w3_EID, w2_EDI, counts)
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the experts compute in: autocast's lower precision when autocast is on for
+    ``x``'s device and ``x`` is a float of higher precision, else ``x``'s own dtype."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev) and x.dtype == torch.float32:
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+# --- backends of the experts stage -----------------------------------------------------------
+# Each maps (x_MD rows sorted by expert, counts_E, gate_M or None, w1, w3, w2), all in one dtype,
+# to y_MD = gate * expert(x) per row, the gate scaling the input of the down projection.
+
+def _reference_rows(x_MD, counts_E, gate_M, w1, w3, w2):
+    """One expert at a time with plain autograd: the readable backend."""
+    out, s = [], 0
+    for e, n in enumerate(counts_E.tolist()):
+        rows = x_MD[s:s + n]
+        h = F.silu(rows @ w1[e].t()) * (rows @ w3[e].t())
+        if gate_M is not None:
+            h = h * gate_M[s:s + n].to(h.dtype).unsqueeze(1)
+        out.append(h @ w2[e].t())
+        s += n
+    return torch.cat(out) if out else x_MD.new_zeros(0, w2.shape[1])
+
+
+def _loop_rows(x_MD, counts_E, gate_M, w1, w3, w2):
+    """One GEMM per expert into preallocated buffers (``_LoopGroupedSwiGLU``); CPU's choice."""
+    counts = counts_E.tolist()  # the one host synchronisation of this backend
+    return _LoopGroupedSwiGLU.apply(x_MD, None, gate_M, w1, w3, w2, counts)
+
+
+def _grouped_mm_rows(x_MD, counts_E, gate_M, w1, w3, w2):
+    """``torch.nn.functional.grouped_mm`` with the group offsets on the device: no host
+    synchronisation, and it compiles with ``fullgraph=True``."""
     offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
-    g = F.grouped_mm(x_MD, w1_EID.transpose(-2, -1), offs=offs)
-    u = F.grouped_mm(x_MD, w3_EID.transpose(-2, -1), offs=offs)
-    return F.grouped_mm(F.silu(g) * u, w2_EDI.transpose(-2, -1), offs=offs)
+    g = F.grouped_mm(x_MD, w1.transpose(-2, -1), offs=offs)
+    u = F.grouped_mm(x_MD, w3.transpose(-2, -1), offs=offs)
+    h = F.silu(g) * u
+    if gate_M is not None:
+        h = h * gate_M.to(h.dtype).unsqueeze(1)
+    return F.grouped_mm(h, w2.transpose(-2, -1), offs=offs)
+
+
+BACKENDS = {"reference": _reference_rows, "loop": _loop_rows, "grouped_mm": _grouped_mm_rows}
 
 
 class GroupedExperts(nn.Module):
-    """``n_experts`` SwiGLU experts of width ``intermediate_size``, stored stacked."""
+    """``n_experts`` SwiGLU experts of width ``intermediate_size``, stored stacked.
 
-    def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int):
+    ``forward(x_MD, counts_E, gate_M)`` is the experts stage of the dispatch pipeline
+    (``moe.dispatch``): rows sorted by expert in, gated rows out. Expert parallelism wraps exactly
+    this call with forward hooks. ``backend`` picks its computation (``"auto"``: ``grouped_mm``
+    for bf16 on CUDA, else ``loop``; or ``"loop"``, ``"grouped_mm"``, ``"reference"``).
+    """
+
+    def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int, backend: str = "auto"):
         super().__init__()
         self.n_experts = n_experts
+        self.backend = backend
         self.w1 = nn.Parameter(torch.empty(n_experts, intermediate_size, hidden_size))  # gate
         self.w3 = nn.Parameter(torch.empty(n_experts, intermediate_size, hidden_size))  # up
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden_size, intermediate_size))  # down
@@ -241,43 +284,52 @@ class GroupedExperts(nn.Module):
         """Expert ``e`` on ``x_ND`` with plain autograd (the readable reference)."""
         return F.linear(F.silu(F.linear(x_ND, self.w1[e])) * F.linear(x_ND, self.w3[e]), self.w2[e])
 
-    @staticmethod
-    def resolve_backend(x: torch.Tensor, backend: str = "auto") -> str:
-        """``"auto"`` -> ``"grouped_mm"`` for bf16 on CUDA, else ``"loop"``; validates the name."""
-        if backend == "auto":
-            return "grouped_mm" if x.is_cuda and x.dtype == torch.bfloat16 else "loop"
-        if backend not in ("loop", "grouped_mm"):
-            raise ValueError(f"unknown grouped-experts backend {backend!r}")
-        return backend
+    def resolve_backend(self, x: torch.Tensor) -> str:
+        """The backend this call uses; validates the name."""
+        if self.backend == "auto":
+            return "grouped_mm" if x.is_cuda and compute_dtype(x) == torch.bfloat16 else "loop"
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown grouped-experts backend {self.backend!r}; "
+                             f"choose from auto, {', '.join(BACKENDS)}")
+        return self.backend
 
-    def local_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(w1, w3, w2) as plain tensors: the experts this process holds. Under expert parallelism
-        the parameters are DTensors sharded over experts, and the computation runs on the local
-        shard (``to_local`` is differentiable, so gradients reach the DTensor)."""
-        return tuple(w.to_local() if hasattr(w, "to_local") else w  # type: ignore[return-value]
-                     for w in (self.w1, self.w3, self.w2))
+    def local_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(w1, w3, w2) in ``dtype``, as plain tensors: the experts this process holds. Under expert
+        parallelism the parameters are DTensors sharded over experts, and the computation runs on
+        the local shard (``to_local`` is differentiable, so gradients reach the DTensor)."""
+        ws = (w.to_local() if hasattr(w, "to_local") else w for w in (self.w1, self.w3, self.w2))
+        return tuple(w.to(dtype) for w in ws)  # type: ignore[return-value]
 
-    def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-        """Rows of ``x_MD`` sorted by expert, ``counts_E[e]`` rows for expert ``e`` -> [M, D]."""
-        return grouped_swiglu(x_MD, counts_E, *self.local_weights(), backend=backend)
+    def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor,
+                gate_M: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Rows sorted by expert (``counts_E[e]`` rows for local expert ``e``), optional fp32
+        gates -> ``gate * expert(row)`` [M, D] in the compute dtype."""
+        dtype = compute_dtype(x_MD)
+        backend = self.resolve_backend(x_MD)
+        with torch.autocast(x_MD.device.type, enabled=False):
+            return BACKENDS[backend](x_MD.to(dtype), counts_E, gate_M, *self.local_weights(dtype))
 
-    def routed_forward(
-        self,
-        x_TD: torch.Tensor,
-        token_M: torch.Tensor,
-        weight_M: torch.Tensor,
-        counts_E: torch.Tensor,
-    ) -> torch.Tensor:
-        """Gather, experts, gate and combine in one autograd node (the ``loop`` backend).
+    def fuses_dispatch(self, x_TD: torch.Tensor) -> bool:
+        """Whether ``routed_forward`` serves this call: the ``loop`` backend on the CPU, with
+        nothing wrapping the experts stage (expert parallelism's hooks need the plain stage)."""
+        return (x_TD.device.type == "cpu" and self.resolve_backend(x_TD) == "loop"
+                and not self._forward_pre_hooks and not self._forward_hooks)
 
-        Assignment m (sorted by expert, ``counts_E[e]`` per expert) sends token ``token_M[m]``
-        with gate ``weight_M[m]``; returns fp32 [T, D] with
-        ``out[t] = sum over m with token_M[m] == t of weight_M[m] * expert(m)(x_TD[t])``.
-        The gate multiplies inside the expert (in the model dtype); the sum is fp32.
+    def routed_forward(self, x_TD: torch.Tensor, token_M: torch.Tensor, gate_M: torch.Tensor,
+                       counts_E: torch.Tensor) -> torch.Tensor:
+        """Gather, experts, gate and combine in one autograd node (the fused ``loop`` backend).
+
+        Row m (sorted by expert, ``counts_E[e]`` per expert) sends token ``token_M[m]`` with gate
+        ``gate_M[m]``; returns fp32 [T, D] with
+        ``out[t] = sum over m with token_M[m] == t of expert(m)(x_TD[t]) * gate_M[m]``.
+        The gate multiplies inside the expert (in the compute dtype); the sum is fp32.
         """
+        dtype = compute_dtype(x_TD)
         counts = counts_E.tolist()  # the one host synchronisation of this path
-        return _LoopGroupedSwiGLU.apply(x_TD, token_M, weight_M, *self.local_weights(), counts)
+        with torch.autocast(x_TD.device.type, enabled=False):
+            return _LoopGroupedSwiGLU.apply(x_TD.to(dtype), token_M, gate_M, *self.local_weights(dtype),
+                                            counts)
 
     def extra_repr(self) -> str:
         E, I, D = self.w1.shape
-        return f"experts={E}, hidden={D}, intermediate={I}"
+        return f"experts={E}, hidden={D}, intermediate={I}, backend={self.backend}"

@@ -1,6 +1,6 @@
 """The DeepSeekMoE layer (eq. 9): shared experts always on, plus gated top-k routed experts.
 
-router -> dispatcher -> grouped experts -> combine. The residual ``+ u_t`` of eq. 9 is added by
+router -> permute -> grouped experts -> combine (``moe.dispatch``). The residual ``+ u_t`` of eq. 9 is added by
 the decoder block. Shape legend: B batch, S sequence, T = B*S tokens, D hidden, E routed experts.
 """
 
@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
 from ..config import DeepseekMoEConfig
 from ..ffn import SwiGLU
-from .dispatch import dispatch_reference, dispatch_sorted
+from .dispatch import dispatch, dispatch_reference, expert_counts
 from .experts import GroupedExperts
 from .losses import balance_losses
 from .router import HashRouter, TopKRouter
@@ -69,11 +69,9 @@ class DeepseekMoE(nn.Module):
             )
         self.dispatch = config.dispatch
         self.routing = RoutingOptions()
-        # Set from outside by deepseek_moe.parallel (expert parallelism): a callable with the
-        # signature of dispatch_sorted, and each expert's device group (its owning rank) for
-        # the device-level balance loss. None: the local dispatch and contiguous config groups.
-        self.dispatcher: Optional[Callable[..., tuple[torch.Tensor, torch.Tensor]]] = None
-        self.expert_groups: Optional[torch.Tensor] = None
+        # D of eq. 15-17: routed experts in D contiguous groups. Expert parallelism sets it to its
+        # size, so that the groups are the ranks that hold the experts.
+        self.n_device_groups = config.n_device_groups
 
     def capacity(self, n_tokens: int) -> Optional[int]:
         if self.config.capacity_factor is None:
@@ -92,23 +90,13 @@ class DeepseekMoE(nn.Module):
         else:
             r = self.gate(x_TD, ids_T, top_k=opts.top_k, disable_top=opts.disable_top)
         capacity = self.capacity(B * S)
-        if self.dispatcher is not None:
-            routed_TD, dropped = self.dispatcher(
-                x_TD, r.topk_ids_TK, r.topk_weights_TK, self.experts, capacity
-            )
-        elif self.dispatch == "reference":
-            routed_TD, dropped = dispatch_reference(
-                x_TD, r.topk_ids_TK, r.topk_weights_TK, self.experts, capacity
-            )
-        else:
-            routed_TD, dropped = dispatch_sorted(
-                x_TD, r.topk_ids_TK, r.topk_weights_TK, self.experts, capacity
-            )
+        route = dispatch_reference if self.dispatch == "reference" else dispatch
+        routed_TD, dropped = route(x_TD, r.topk_ids_TK, r.topk_weights_TK, self.experts, capacity)
         y_TD = routed_TD.to(x_BSD.dtype)
         if self.shared_experts is not None and not opts.disable_shared:
             y_TD = y_TD + self.shared_experts(x_TD)
 
-        tokens_per_expert = torch.bincount(r.topk_ids_TK.reshape(-1), minlength=self.n_routed_experts)
+        tokens_per_expert = expert_counts(r.topk_ids_TK, self.n_routed_experts)
         if r.scores_TE is None:
             zero = torch.zeros((), dtype=torch.float32, device=x_BSD.device)
             exp_loss, dev_loss, entropy = zero, zero, zero
@@ -119,9 +107,8 @@ class DeepseekMoE(nn.Module):
             exp_loss, dev_loss = balance_losses(
                 r.scores_TE.view(B, S, -1),
                 r.topk_ids_TK.view(B, S, -1),
-                n_groups=self.config.n_device_groups,
+                n_groups=self.n_device_groups,
                 seq_aux=self.config.seq_aux,
-                groups_E=self.expert_groups,
             )
         aux = MoEAux(exp_loss, dev_loss, tokens_per_expert, dropped, entropy)
         return y_TD.view(B, S, D), aux

@@ -10,8 +10,6 @@ perfectly uniform routing both losses equal 1.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 
@@ -38,13 +36,11 @@ def balance_losses(
     topk_ids_BSK: torch.Tensor,
     n_groups: int = 1,
     seq_aux: bool = True,
-    groups_E: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(expert-level eq. 12, device-level eq. 15) balance losses, each a scalar before alpha.
 
-    Routed experts are split into ``n_groups`` contiguous groups of equal size for eq. 15-17, or,
-    with ``groups_E`` (int64 [E]: each expert's group, e.g. the rank that holds it under expert
-    parallelism), into those groups.
+    Routed experts are split into ``n_groups`` contiguous groups of equal size for eq. 15-17 (under
+    expert parallelism, the ranks that hold them).
     """
     if not seq_aux:
         B, S, E = scores_BSE.shape
@@ -53,16 +49,9 @@ def balance_losses(
     f_BE, P_BE = balance_statistics(scores_BSE, topk_ids_BSK)
     expert_loss = (f_BE * P_BE).sum(-1).mean()
     B, E = f_BE.shape
-    if groups_E is None:
-        if E % n_groups:
-            raise ValueError(f"{n_groups} device groups do not divide {E} routed experts")
-        f_BG = f_BE.view(B, n_groups, E // n_groups).mean(-1)  # eq. 16
-        P_BG = P_BE.view(B, n_groups, E // n_groups).sum(-1)  # eq. 17
-    else:
-        G = int(groups_E.max()) + 1
-        idx = groups_E.to(f_BE.device).expand(B, E)
-        size_G = torch.bincount(groups_E.cpu(), minlength=G).to(f_BE)
-        f_BG = torch.zeros(B, G, device=f_BE.device).scatter_add_(1, idx, f_BE) / size_G
-        P_BG = torch.zeros(B, G, device=P_BE.device, dtype=P_BE.dtype).scatter_add(1, idx, P_BE)
+    if E % n_groups:
+        raise ValueError(f"{n_groups} device groups do not divide {E} routed experts")
+    f_BG = f_BE.view(B, n_groups, E // n_groups).mean(-1)  # eq. 16
+    P_BG = P_BE.view(B, n_groups, E // n_groups).sum(-1)  # eq. 17
     device_loss = (f_BG * P_BG).sum(-1).mean()
     return expert_loss, device_loss

@@ -1,17 +1,20 @@
 """Expert parallelism: each rank of an ``ep`` group holds ``E / ep`` consecutive routed experts.
 
-Per MoE layer and micro-batch (P ranks in the group, E_l = E / P experts each):
+It wraps only the experts stage of the dispatch pipeline (``moe.dispatch``): the router, the
+permutation (with its capacity rule), the combine and the balance losses run on the token's own
+rank, unchanged. Around ``GroupedExperts.forward(x_MD, counts_E, gate_M)`` (P ranks in the group,
+E_l = E / P experts each), forward hooks
 
-1. sort this rank's token-expert assignments by expert; expert e lives on rank e // E_l, so the
-   sorted rows are already grouped by destination rank;
-2. exchange the per-expert counts (one small all_to_all_single), then the rows themselves
-   (all_to_all_single with uneven split sizes, autograd-aware);
-3. regroup the received rows by local expert and run the same grouped SwiGLU as one device;
-4. send the outputs back the way they came, gate them and sum them into their tokens here.
+1. exchange the per-expert counts (one small ``all_to_all_single``); rows sorted by expert are
+   already grouped by destination rank, since expert e lives on rank e // E_l;
+2. send the rows and their gates to their expert's rank (``all_to_all_single`` with uneven
+   split sizes, autograd-aware) and regroup what arrives by local expert;
+3. let the stage run its own backend on the local experts;
+4. send the outputs back the way they came, in the order the stage was given them.
 
-The router, the gate weights and the balance losses stay on the token's own rank, so their
-gradients are local; an expert's gradient arrives through the reverse all-to-all from every rank
-that sent it tokens. With ``ep == 1`` the layer keeps its local dispatch.
+An expert's gradient arrives through the reverse all-to-all from every rank that sent it rows.
+The split sizes are read on the host (all-to-all needs them). With ``ep == 1`` no hook is
+installed, so the layer is the local path bit for bit by construction.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..model import DeepseekForCausalLM
-from ..moe.experts import GroupedExperts, grouped_swiglu
+from ..moe.experts import GroupedExperts
 from ..moe.layer import DeepseekMoE
 
 
@@ -31,51 +34,49 @@ def moe_layers(model: nn.Module) -> list[DeepseekMoE]:
     return [m for m in model.modules() if isinstance(m, DeepseekMoE)]
 
 
-class ExpertParallelDispatch:
-    """A drop-in for ``dispatch_sorted`` across an expert-parallel process group."""
+class ExpertParallel:
+    """The all-to-all around one ``GroupedExperts`` stage (installed by ``apply_expert_parallel``)."""
 
     def __init__(self, group: dist.ProcessGroup, n_experts: int) -> None:
         self.group = group
         self.size = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
         if n_experts % self.size:
             raise ValueError(f"{n_experts} experts do not split over {self.size} ranks")
-        self.n_experts = n_experts
         self.local = n_experts // self.size
+        # What the output hook needs from the input hook of the same call.
+        self._pending: Optional[tuple[torch.Tensor, list[int], list[int]]] = None
 
-    def __call__(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
-                 experts: GroupedExperts, capacity: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def install(self, experts: GroupedExperts) -> None:
+        experts.register_forward_pre_hook(self._send)
+        experts.register_forward_hook(self._return)
+
+    def _send(self, module: GroupedExperts, args: tuple) -> tuple:
         from torch.distributed._functional_collectives import all_to_all_single_autograd as a2a
 
-        if capacity is not None:
-            raise ValueError("expert parallelism is dropless: capacity_factor must be None")
-        T, D = x_TD.shape
+        x_MD, counts_E, gate_M = args
         P, El = self.size, self.local
-        ids_M = topk_ids_TK.reshape(-1)  # token-major: assignment a = t * K + k
-        K = topk_ids_TK.shape[1]
-        order_M = torch.argsort(ids_M, stable=True)
-        token_M = order_M // K
-        counts_E = torch.bincount(ids_M, minlength=self.n_experts)
         # recv_PE[q, e]: rows rank q sends to this rank's local expert e
         recv_PE = torch.empty_like(counts_E)
         dist.all_to_all_single(recv_PE, counts_E, group=self.group)
         recv_PE = recv_PE.view(P, El)
-        send_split = counts_E.view(P, El).sum(1).tolist()  # the host synchronisation of this layer
+        send_split = counts_E.view(P, El).sum(1).tolist()
         recv_split = recv_PE.sum(1).tolist()
-
-        x_send = x_TD.index_select(0, token_M)
-        x_recv = a2a(x_send, recv_split, send_split, self.group)
+        x_recv = a2a(x_MD, recv_split, send_split, self.group)
+        gate_recv = a2a(gate_M, recv_split, send_split, self.group)
         # Received rows come by source rank, each block sorted by local expert: sort by expert.
-        local_R = torch.repeat_interleave(torch.arange(El, device=x_TD.device).repeat(P), recv_PE.reshape(-1))
+        local_R = torch.repeat_interleave(torch.arange(El, device=x_MD.device).repeat(P), recv_PE.reshape(-1))
         perm_R = torch.argsort(local_R, stable=True)
-        w1, w3, w2 = experts.local_weights()
-        y_sorted = grouped_swiglu(x_recv.index_select(0, perm_R), recv_PE.sum(0), w1, w3, w2)
+        self._pending = (perm_R, send_split, recv_split)
+        return x_recv.index_select(0, perm_R), recv_PE.sum(0), gate_recv.index_select(0, perm_R)
+
+    def _return(self, module: GroupedExperts, args: tuple, y_sorted: torch.Tensor) -> torch.Tensor:
+        from torch.distributed._functional_collectives import all_to_all_single_autograd as a2a
+
+        assert self._pending is not None
+        perm_R, send_split, recv_split = self._pending
+        self._pending = None
         y_recv = torch.empty_like(y_sorted).index_copy(0, perm_R, y_sorted)
-        y_back = a2a(y_recv, send_split, recv_split, self.group)
-        gate_M = topk_weights_TK.reshape(-1).index_select(0, order_M)
-        out_TD = torch.zeros(T, D, dtype=torch.float32, device=x_TD.device)
-        out_TD = out_TD.index_add(0, token_M, y_back.float() * gate_M.unsqueeze(1))
-        return out_TD, torch.zeros((), dtype=torch.long, device=x_TD.device)
+        return a2a(y_recv, send_split, recv_split, self.group)
 
 
 def apply_expert_parallel(model: DeepseekForCausalLM, mesh) -> None:
@@ -84,7 +85,8 @@ def apply_expert_parallel(model: DeepseekForCausalLM, mesh) -> None:
     Expert weights become DTensors on the 2-D ``(dp, ep)`` mesh, ``[Replicate(), Shard(0)]``:
     this rank keeps experts ``[r * E_l, (r + 1) * E_l)`` of its ep group. Every rank must hold the
     same full model before (same seed or same checkpoint). The device-level balance loss then
-    groups experts by the rank that holds them (D = ep size).
+    groups experts by the rank that holds them (D = ep size). Capacity works as on one process:
+    each rank applies the rule to its own tokens before anything is sent.
     """
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
@@ -103,9 +105,6 @@ def apply_expert_parallel(model: DeepseekForCausalLM, mesh) -> None:
             local = full.detach()[r * El:(r + 1) * El].clone()
             dt = DTensor.from_local(local, mesh, [Replicate(), Shard(0)], run_check=False)
             setattr(layer.experts, name, nn.Parameter(dt, requires_grad=full.requires_grad))
-        layer.expert_groups = torch.arange(E, device=layer.experts.w1.device) // El
-        layer.dispatcher = ExpertParallelDispatch(group, E) if P > 1 else None
-
-
-def is_expert_param(name: str) -> bool:
-    return ".mlp.experts." in name
+        if P > 1:
+            layer.n_device_groups = P
+            ExpertParallel(group, E).install(layer.experts)

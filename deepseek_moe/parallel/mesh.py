@@ -51,8 +51,6 @@ class ParallelPlan:
             if config.n_routed_experts % self.ep:
                 raise ValueError(f"{config.n_routed_experts} routed experts cannot be split evenly over "
                                  f"an expert-parallel size of {self.ep}")
-            if config.capacity_factor is not None:
-                raise ValueError("expert parallelism here is dropless: capacity_factor must be None")
         launched = env_world_size() if launched is None else launched
         if self.world != launched:
             raise ValueError(f"the mesh needs {self.world} processes but {launched} were launched "
