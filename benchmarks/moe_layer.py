@@ -19,14 +19,17 @@ costs no more than the dense FFN it replaces FLOP for FLOP).
 
 Memory allocation matters on CPU: glibc returns every freed block above 32 MB to the OS, so
 each step's big tensors (the MoE layer's weight gradients above all: 8x the dense FFN's
-parameters) are fresh pages again, and first-touch page faults are slow, very slow in some VMs.
-``--malloc-cache`` re-runs the script under glibc settings that keep freed memory in the process
-(``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...``; caching allocators such as jemalloc or
-tcmalloc behave similarly); the header says which settings a table was measured with.
+parameters) would be fresh pages again every step, and first-touch page faults are slow. Every
+``deepseek-moe`` command keeps freed memory in the process (``deepseek_moe.runtime.keep_freed_memory``);
+this script does the same, as the product does, unless ``--system-malloc`` (glibc's defaults, for
+comparison).
 
-    python benchmarks/moe_layer.py                       # both shapes, reference on 2b
+Both dtypes are measured by default: fp32, and bf16 where this CPU multiplies bf16 at least as
+fast as fp32 (``--dtypes`` picks). In bf16 both modules are cast to bf16.
+
+    python benchmarks/moe_layer.py                       # both shapes, both dtypes, reference on 2b
     python benchmarks/moe_layer.py --shapes 2b --skip-reference --repeats 3 --json out.json
-    python benchmarks/moe_layer.py --skip-reference --malloc-cache
+    python benchmarks/moe_layer.py --skip-reference --system-malloc --dtypes float32
 """
 
 from __future__ import annotations
@@ -36,7 +39,6 @@ import dataclasses
 import json
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,10 +49,9 @@ import torch
 from deepseek_moe.config import DeepseekMoEConfig
 from deepseek_moe.ffn import SwiGLU
 from deepseek_moe.moe import DeepseekMoE
+from deepseek_moe.runtime import cpu_matmul_speeds, keep_freed_memory
 
 GOAL = 0.90  # dense / MoE forward+backward time
-# glibc malloc settings that keep freed memory in the process (see the module docstring).
-MALLOC_CACHE_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 
 
 @dataclass
@@ -210,11 +211,13 @@ def bench_shape(s: Shape, args: argparse.Namespace, dtype: torch.dtype) -> dict:
     return res
 
 
-def allocator_settings() -> str:
+def allocator_settings(args: argparse.Namespace) -> str:
     keys = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD",
             "THP_MEM_ALLOC_ENABLE")
     set_ = [f"{k}={os.environ[k]}" for k in keys if k in os.environ]
-    return " ".join(set_) if set_ else "default malloc settings"
+    set_.insert(0, "glibc defaults (--system-malloc)" if args.system_malloc else
+                f"freed memory kept (as every command does){'' if args.malloc_kept else ': not glibc, no-op'}")
+    return ", ".join(set_)
 
 
 def device_name(device: str) -> str:
@@ -223,10 +226,10 @@ def device_name(device: str) -> str:
     return f"CPU, {torch.get_num_threads()} threads"
 
 
-def print_table(results: list[dict], args: argparse.Namespace) -> None:
-    print(f"\ntorch {torch.__version__}, {device_name(args.device)}, dtype {args.dtype}, "
+def print_table(results: list[dict], args: argparse.Namespace, dtype: str) -> None:
+    print(f"\ntorch {torch.__version__}, {device_name(args.device)}, dtype {dtype}, "
           f"median of {args.repeats} (reference: {args.reference_repeats}) after {args.warmup} "
-          f"warm-up; {allocator_settings()}")
+          f"warm-up; {allocator_settings(args)}")
     # Other processes on these cores slow the MoE layer's many per-expert ops down more than
     # the dense FFN's few big ones: a load above the thread count makes the ratios pessimistic.
     print(f"1-minute load average {args.load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
@@ -261,7 +264,7 @@ def print_table(results: list[dict], args: argparse.Namespace) -> None:
             print(f"{r['shape']['name']}: fast path vs reference loop: forward "
                   f"{t['reference/forward']['median'] / t['fast/forward']['median']:.1f}x, fwd+bwd "
                   f"{t['reference/fwd+bwd']['median'] / t['fast/fwd+bwd']['median']:.1f}x faster")
-    print(f"\ngoal: dense/MoE forward+backward >= {GOAL:.2f}")
+    print(f"\ngoal: dense/MoE forward+backward >= {GOAL:.2f} ({dtype})")
     for r in results:
         ratio = r["ratio_dense_over_moe"]["fwd+bwd"]
         print(f"  {r['shape']['name']}: {ratio:.3f} -> {'met' if r['goal_met'] else 'NOT met'}")
@@ -277,43 +280,53 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--skip-reference", action="store_true", help="do not time the reference loop")
     p.add_argument("--reference-shapes", default="2b",
                    help="shapes on which to time the reference loop (unless --skip-reference)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtypes", default="float32,bfloat16",
+                   help="comma-separated from float32, bfloat16, float16 (on the CPU bf16 is skipped "
+                   "where it is slower than fp32)")
     p.add_argument("--no-memory", dest="memory", action="store_false",
                    help="skip measuring the autograd-saved activation memory")
-    p.add_argument("--malloc-cache", action="store_true",
-                   help="re-run under glibc settings that keep freed memory in the process")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="glibc's default malloc settings instead of the product's (freed memory kept)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (GPU times are synchronised)")
     p.add_argument("--tokens", type=int, default=None, help="tokens per step instead of the shape's")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = p.parse_args(argv)
-    if args.malloc_cache and any(os.environ.get(k) != v for k, v in MALLOC_CACHE_ENV.items()):
-        # glibc reads these when the process starts, so they need a fresh interpreter.
-        argv_ = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--malloc-cache"]
-        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv_],
-                  {**os.environ, **MALLOC_CACHE_ENV})
-    dtype = getattr(torch, args.dtype)
+    args.malloc_kept = False if args.system_malloc else keep_freed_memory()
     names = [n.strip().lower() for n in args.shapes.split(",") if n.strip()]
     ref_names = {n.strip().lower() for n in args.reference_shapes.split(",")}
     unknown = [n for n in names if n not in SHAPES]
     if unknown:
         p.error(f"unknown shape(s) {unknown}; choose from {list(SHAPES)}")
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    bad = [d for d in dtypes if d not in ("float32", "bfloat16", "float16")]
+    if bad:
+        p.error(f"unknown dtype(s) {bad}")
+    if args.device == "cpu" and "bfloat16" in dtypes:
+        speeds = cpu_matmul_speeds()
+        print(f"this CPU: matmul fp32 {speeds['float32']:.0f} GFLOP/s, bf16 {speeds['bfloat16']:.0f} GFLOP/s")
+        if speeds["bfloat16"] < speeds["float32"] and dtypes != ["bfloat16"]:
+            print("bf16 is slower than fp32 here: measuring fp32 only (--dtypes bfloat16 forces it)")
+            dtypes = [d for d in dtypes if d != "bfloat16"]
     args.load_before = os.getloadavg()[0]
-    results = []
+    tables = {}
     skip_ref = args.skip_reference
-    for n in names:
-        args.skip_reference = skip_ref or n not in ref_names
-        t0 = time.perf_counter()
-        shape = SHAPES[n] if args.tokens is None else dataclasses.replace(SHAPES[n], tokens=args.tokens)
-        results.append(bench_shape(shape, args, dtype))
-        print(f"[{n} measured in {time.perf_counter() - t0:.0f} s]", flush=True)
+    for dtype in dtypes:
+        results = []
+        for n in names:
+            args.skip_reference = skip_ref or n not in ref_names
+            t0 = time.perf_counter()
+            shape = SHAPES[n] if args.tokens is None else dataclasses.replace(SHAPES[n], tokens=args.tokens)
+            results.append(bench_shape(shape, args, getattr(torch, dtype)))
+            print(f"[{n} {dtype} measured in {time.perf_counter() - t0:.0f} s]", flush=True)
+        tables[dtype] = results
     args.skip_reference = skip_ref
-    print_table(results, args)
+    for dtype, results in tables.items():
+        print_table(results, args, dtype)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"torch": torch.__version__, "device": device_name(args.device),
-                       "threads": torch.get_num_threads(),
-                       "dtype": args.dtype, "repeats": args.repeats, "goal": GOAL,
-                       "allocator": allocator_settings(), "results": results}, f, indent=2)
+                       "threads": torch.get_num_threads(), "repeats": args.repeats, "goal": GOAL,
+                       "allocator": allocator_settings(args), "results": tables}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -28,7 +29,7 @@ from .checkpoint import CheckpointError, load_pretrained
 from .model import DeepseekForCausalLM
 from .parallel.mesh import Layout, ParallelPlan, env_world_size
 from .presets import get_config
-from .runtime import DTYPES, compile_model, cpu_matmul_speeds, dtype_name, resolve_dtype
+from .runtime import AUTO_DTYPE_ENV, DTYPES, compile_model, cpu_matmul_speeds, dtype_name, resolve_dtype
 from .runtime import autocast as runtime_autocast
 from .data.corpus import DEFAULT_SOURCES, default_data_dir
 from .train_state import (
@@ -311,9 +312,53 @@ def _read_metrics(path: Path, upto_step: int) -> list[dict[str, Any]]:
     return [r for r in rows if r.get("step", 0) <= upto_step and not r.get("final")]
 
 
-def _speeds_text() -> str:
-    sp = cpu_matmul_speeds()
-    return f"matmul fp32 {sp['float32']:.0f} GFLOP/s, bf16 {sp['bfloat16']:.0f} GFLOP/s"
+_PROBED: dict[tuple, tuple[Optional[torch.dtype], str]] = {}  # one probe per model and batch shape
+
+
+def _choose_dtype(choice: str, device: torch.device, model: torch.nn.Module, model_cfg, train_set, sampler,
+                  cfg: TrainConfig, layout: "Layout") -> tuple[Optional[torch.dtype], str]:
+    """The autocast dtype of this run (None: plain fp32) and why.
+
+    ``auto`` on a CPU whose matmul runs bf16 clearly faster (``runtime.fastest_cpu_dtype``) times
+    this model's own training step (forward and backward of the first micro-batch, best of two,
+    the slowest rank's time) in fp32 and in bf16 autocast and takes the faster: small layers can
+    be slower in bf16 even where big GEMMs are several times faster. The probe changes no weight,
+    gradient, data position or random state.
+    """
+    from .data import batch
+
+    dtype = resolve_dtype(choice, device)
+    if choice != "auto" or device.type != "cpu" or dtype is None:
+        return dtype, ""
+    if os.environ.get(AUTO_DTYPE_ENV):
+        return dtype, f"${AUTO_DTYPE_ENV}"
+    local_b = cfg.batch_size // layout.world
+    key = (json.dumps(dataclasses.asdict(model_cfg), sort_keys=True, default=str), local_b, cfg.seq_len,
+           layout.world)
+    if key in _PROBED:
+        return _PROBED[key]
+    x = batch(train_set, sampler, layout.rank * local_b, local_b).to(device)
+    rng = torch.get_rng_state()
+
+    def seconds(dt: Optional[torch.dtype]) -> float:
+        best = math.inf
+        for _ in range(2):
+            t0 = time.perf_counter()
+            with runtime_autocast(dt, device):
+                out = model(x, labels=x)
+            out.loss.backward()
+            best = min(best, time.perf_counter() - t0)
+        model.zero_grad(set_to_none=True)
+        return layout.max(best)
+
+    t32, t16 = seconds(None), seconds(torch.bfloat16)
+    torch.set_rng_state(rng)
+    speeds = cpu_matmul_speeds()
+    chosen = torch.bfloat16 if t16 < t32 else None
+    why = (f"--dtype auto: this CPU's matmul runs bf16 at {speeds['bfloat16'] / speeds['float32']:.1f}x fp32; "
+           f"this model's step took {t32:.3f} s in fp32, {t16:.3f} s in bf16")
+    _PROBED[key] = (chosen, why)
+    return chosen, why
 
 
 def _resume(ckpt: Path, cfg: TrainConfig, model_cfg, model: torch.nn.Module,
@@ -467,16 +512,12 @@ def _train(cfg: TrainConfig, run_plan: _RunPlan, out: Path, ckpt_root: Path, dev
     # Arithmetic: a resumed run keeps the dtype it was started with (exact resume), unless forced.
     # (checkpoints from before the choice existed were trained in fp32 unless --bf16)
     saved_dtype = run_plan.state.get("dtype", "float32") if ckpt is not None else None
-    if saved_dtype is not None and cfg.dtype_choice == "auto":
-        compute_dtype = resolve_dtype(saved_dtype, device)
-    else:
-        compute_dtype = resolve_dtype(cfg.dtype_choice, device)
-        if saved_dtype is not None and dtype_name(compute_dtype) != saved_dtype:
-            say(f"note: the run was started in {saved_dtype}; it continues in {dtype_name(compute_dtype)}")
-    say(f"arithmetic: {dtype_name(compute_dtype)}"
-        + (" autocast" if compute_dtype is not None else "")
-        + (f" (--dtype auto on this CPU: {_speeds_text()})" if cfg.dtype_choice == "auto" and device.type == "cpu"
-           and saved_dtype is None else ""))
+    choice = saved_dtype if saved_dtype is not None and cfg.dtype_choice == "auto" else cfg.dtype_choice
+    if saved_dtype is not None and choice != saved_dtype:
+        say(f"note: the run was started in {saved_dtype}; it continues in {choice}")
+    compute_dtype, why = _choose_dtype(choice, device, model, model_cfg, train_set, sampler, cfg, layout)
+    say(f"arithmetic: {dtype_name(compute_dtype)}{' autocast' if compute_dtype is not None else ''}"
+        + (f" ({why})" if why else ""))
     autocast = runtime_autocast(compute_dtype, device)
     step_model = model
     if cfg.compile:

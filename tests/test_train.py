@@ -255,3 +255,19 @@ def test_every_tiny_preset_trains(tmp_path, corpus, family):
     r = train(cfg)
     assert r.step == 1 and r.val_loss is not None and r.val_loss < 7.0
     assert load_pretrained(r.checkpoint).config.name == f"{family}-tiny"
+
+
+def test_auto_dtype_probe_changes_nothing_but_the_choice(tmp_path, corpus, monkeypatch):
+    """``--dtype auto`` where bf16 matmuls are fast times this model's step in both dtypes and takes
+    the faster; the run then equals, bit for bit, a run told that dtype from the start."""
+    from deepseek_moe import runtime
+    from deepseek_moe.train import _PROBED
+
+    monkeypatch.delenv(runtime.AUTO_DTYPE_ENV, raising=False)
+    monkeypatch.setattr(runtime, "fastest_cpu_dtype", lambda: torch.bfloat16)
+    _PROBED.clear()
+    auto = train(config(tmp_path / "auto", corpus, steps=3, dtype="auto"))
+    chosen = json.loads((auto.checkpoint / "trainer_state.json").read_text())["dtype"]
+    assert chosen in ("float32", "bfloat16") and len(_PROBED) == 1
+    told = train(config(tmp_path / "told", corpus, steps=3, dtype=chosen))
+    assert [r["loss"] for r in step_rows(auto.out)] == [r["loss"] for r in step_rows(told.out)]

@@ -1,30 +1,36 @@
-"""Routed experts stored stacked, and the grouped SwiGLU computation over tokens sorted by expert.
+"""Routed experts stored stacked, and the experts stage of the dispatch pipeline (``moe.dispatch``).
 
 Shape legend: T tokens, E experts, D hidden size, I expert intermediate size, M token-expert
 assignments (sorted by expert: ``counts_E[e]`` consecutive assignments per expert).
 
 Weights are stacked parameters (``w1`` = gate_proj [E, I, D], ``w3`` = up_proj [E, I, D],
 ``w2`` = down_proj [E, D, I]); the checkpoint converter splits them into the released
-per-expert tensors. Three ways to compute the same thing:
+per-expert tensors. The stage maps rows sorted by expert and their gates to
+``gate * w2_e (silu(w1_e x) * w3_e x)``, the gate scaling the input of the down projection (the
+same product as scaling the output, on I rather than D elements). Its backends:
 
-- ``expert_forward(e, x)``: one expert, plain autograd. The readable reference uses it.
-- ``grouped_mm``: ``torch.nn.functional.grouped_mm`` with offsets; no host synchronisation at
-  all, the right choice on GPUs.
+- ``reference``: one expert at a time with plain autograd; readable.
+- ``grouped_mm``: ``torch.nn.functional.grouped_mm`` with the group offsets on the device; no
+  host synchronisation at all, and it compiles with ``fullgraph=True``: the GPU's choice.
 - ``loop``: a hand-written autograd function that runs one GEMM per expert into slices of
   preallocated buffers and writes the weight gradients straight into the stacked gradient.
   Indexing ``w[e]`` inside autograd would make every backward allocate a full [E, ...] gradient
-  per expert (../shared/MEASURED.md: 8x slower training on CPU); this avoids it. It reads the
-  per-expert counts once per call (one host synchronisation per layer, not per expert).
-  ``routed_forward`` is the same loop with the dispatcher's gather, gate and combine fused in
-  (as scattermoe does); the CPU fast path uses it.
+  per expert (8x slower training on CPU); this avoids it. It reads the per-expert counts once
+  per call (one host synchronisation per layer, not per expert). On the CPU
+  ``routed_forward`` runs it with the pipeline's gather, gate and combine fused in (as
+  scattermoe does), behind the same inputs and result as the three stages.
+
+The stage computes in the autocast dtype when autocast is on (bf16 on a CPU that is faster in
+it), else in the input's dtype; the pipeline's sum over a token's experts is fp32 either way.
 
 Why the loop looks the way it does (CPU, fp32; benchmarks/moe_layer.py measures it against a
 dense SwiGLU of the same activated FLOPs). One expert's GEMMs run about as fast as the dense
 FFN's, so what separates the two is memory traffic and the number of parallel regions:
 
 - Fresh memory is expensive: glibc hands freed blocks above 32 MB back to the OS, and touching
-  them again costs 3-6x a pass over memory the process already has (page faults). So the only
-  full-size [M, ...] buffers are the three activations backward needs (g, u and the gated h);
+  them again costs 3-6x a pass over memory the process already has (page faults); every command
+  therefore keeps freed memory (``deepseek_moe.runtime.keep_freed_memory``), and this path does
+  not rely on it: the only full-size [M, ...] buffers are the three activations backward needs (g, u and the gated h);
   gathered rows, expert outputs and backward temporaries live in per-chunk work buffers below
   that limit, which the allocator recycles. The gathered input is not saved but gathered again
   in backward; outputs overwrite dead inputs; the gate multiplies the [M, I] input of the down
@@ -123,6 +129,8 @@ class _LoopGroupedSwiGLU(torch.autograd.Function):
         if routed:
             # One [R, D] buffer holds a chunk's gathered gradient, then its gathered x, then its dx.
             rows_buf = x.new_empty(R, D)
+            if grad_out.dtype != x.dtype:  # the fp32 gradient of a lower-precision layer: cast once
+                grad_out = grad_out.to(x.dtype)
         else:
             grad_out = grad_out.contiguous()  # e.g. the stride-0 gradient of y.sum()
         dh_buf, da_buf = x.new_empty(R, I), x.new_empty(R, I)
@@ -130,10 +138,8 @@ class _LoopGroupedSwiGLU(torch.autograd.Function):
             rows = slice(c0, c1)
             if not routed:
                 grad_RD = grad_out[rows]
-            elif grad_out.dtype == x.dtype:
+            else:
                 grad_RD = torch.index_select(grad_out, 0, token_M[rows], out=rows_buf[: c1 - c0])
-            else:  # the fp32 gradient of a lower-precision layer
-                grad_RD = grad_out.index_select(0, token_M[rows]).to(x.dtype)
             g_RI, u_RI = g_MI[rows], u_MI[rows]
 
             # Down projection; h_MI holds exactly what w2 saw (gate included).
@@ -151,9 +157,9 @@ class _LoopGroupedSwiGLU(torch.autograd.Function):
             if weight_M is not None:
                 w_R1 = weight_M[rows].to(dh_RI.dtype).unsqueeze(1)
                 if gweight_M is not None:
-                    # Row-wise dot products as a batched [1, I] @ [I, 1] GEMM: no temporary.
-                    dots = torch.bmm(da_RI.unsqueeze(1), a_RI.unsqueeze(2))
-                    gweight_M[rows] = dots.view(c1 - c0)
+                    # Row-wise dot products, accumulated in fp32 (a multiply and a sum run 20x
+                    # faster here than the same as a batched [1, I] @ [I, 1] GEMM).
+                    gweight_M[rows] = torch.mul(da_RI, a_RI).sum(1, dtype=torch.float32)
                 da_RI.mul_(w_R1)
                 dh_RI.mul_(w_R1)
             du_RI = dh_RI.mul_(a_RI)
