@@ -49,7 +49,7 @@ import torch
 from deepseek_moe.config import DeepseekMoEConfig
 from deepseek_moe.ffn import SwiGLU
 from deepseek_moe.moe import DeepseekMoE
-from deepseek_moe.runtime import cpu_matmul_speeds, keep_freed_memory
+from deepseek_moe.runtime import ONEDNN_CACHE_CAPACITY, ONEDNN_CACHE_ENV, cpu_matmul_speeds, keep_freed_memory
 
 GOAL = 0.90  # dense / MoE forward+backward time
 
@@ -292,6 +292,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = p.parse_args(argv)
     args.malloc_kept = False if args.system_malloc else keep_freed_memory()
+    os.environ.setdefault(ONEDNN_CACHE_ENV, str(ONEDNN_CACHE_CAPACITY))  # as every command does
     names = [n.strip().lower() for n in args.shapes.split(",") if n.strip()]
     ref_names = {n.strip().lower() for n in args.reference_shapes.split(",")}
     unknown = [n for n in names if n not in SHAPES]

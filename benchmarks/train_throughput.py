@@ -23,7 +23,7 @@ import torch
 from deepseek_moe.model import DeepseekForCausalLM
 from deepseek_moe.params import count_parameters
 from deepseek_moe.presets import get_config
-from deepseek_moe.runtime import autocast, cpu_matmul_speeds, keep_freed_memory
+from deepseek_moe.runtime import autocast, configure_process, cpu_matmul_speeds
 from deepseek_moe.train import TrainConfig, build_optimizer
 
 GOAL = 0.90
@@ -60,7 +60,7 @@ def main() -> None:
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    keep_freed_memory()
+    configure_process()
 
     moe_cfg, moe, moe_opt = make(args.preset)
     width = (moe_cfg.n_shared_experts + moe_cfg.num_experts_per_tok) * moe_cfg.moe_intermediate_size

@@ -542,9 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .runtime import keep_freed_memory
+    from .runtime import configure_process
 
-    keep_freed_memory()  # every command: big freed blocks stay in the process (see runtime.py)
+    configure_process()  # every command: freed memory kept, compiled kernels cached (runtime.py)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["lm-eval"]:  # everything after it is lm-eval's (argparse cannot pass --options on)
         args = argparse.Namespace(func=cmd_lm_eval, args=argv[1:])

@@ -53,11 +53,15 @@ def pipeline(layer: DeepseekMoE, x: torch.Tensor, backend: str):
         perm = permute(r.topk_ids_TK, r.topk_weights_TK, layer.n_routed_experts, cap)
         y = combine(layer.experts(x_TD.index_select(0, perm.token_M), perm.counts_E, perm.gate_M), perm)
     else:
-        assert layer.experts.fuses_dispatch(x_TD) == (backend == "loop")
+        assert layer.experts.fuses_dispatch(x_TD, perm_rows(r)) == (backend == "loop")
         y, _ = dispatch(x_TD, r.topk_ids_TK, r.topk_weights_TK, layer.experts, cap)
     layer.experts.backend = "auto"
     y = y.view_as(x)
     return y + (layer.shared_experts(x) if layer.shared_experts is not None else 0)
+
+
+def perm_rows(r) -> int:
+    return r.topk_ids_TK.numel()
 
 
 def run_layer(layer: DeepseekMoE, x: torch.Tensor, dispatch_: str, backend: str = "auto"):
@@ -99,6 +103,50 @@ def test_every_backend_matches_reference(k, shared, backend, capacity):
         # of size ~30, whose fp32 rounding differs with the summation order.
         scale = max(1.0, g_ref[name].abs().max().item())
         torch.testing.assert_close(g_fast[name], g_ref[name], rtol=1e-5, atol=1e-5 * scale, msg=name)
+
+
+@pytest.mark.parametrize("block", [4, 32])
+@pytest.mark.parametrize("backend", ["loop", "loop-unfused"])
+def test_loop_with_row_blocks_matches_reference(monkeypatch, block, backend):
+    """The loop backend rounds GEMM row counts up to a block in bf16 (stable oneDNN shapes): the
+    same rounding forced on fp32 leaves outputs and every gradient equal to the reference."""
+    from deepseek_moe.moe import experts as experts_mod
+
+    monkeypatch.setattr(experts_mod, "ROW_BLOCK", {torch.float32: block})
+    torch.manual_seed(3)
+    layer = DeepseekMoE(moe_config(num_experts_per_tok=3, n_shared_experts=1, capacity_factor=0.7))
+    init_(layer, seed=5)
+    x = torch.randn(3, 13, 100)
+    y_ref, gx_ref, g_ref = run_layer(layer, x, "reference")
+    y_fast, gx_fast, g_fast = run_layer(layer, x, "fast", backend)
+    torch.testing.assert_close(y_fast, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx_fast, gx_ref, rtol=1e-5, atol=1e-5)
+    for name in g_ref:
+        scale = max(1.0, g_ref[name].abs().max().item())
+        torch.testing.assert_close(g_fast[name], g_ref[name], rtol=1e-5, atol=1e-5 * scale, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["loop", "loop-unfused", "grouped_mm"])
+def test_bf16_backends_match_reference(backend):
+    """In bf16 (row blocks of 32 in the loop backend) every backend stays within bf16 rounding of
+    the fp32 reference, outputs and gradients."""
+    torch.manual_seed(4)
+    # grouped_mm needs rows of a multiple of 16 bytes: widths of multiples of 8 in bf16
+    layer = DeepseekMoE(moe_config(num_experts_per_tok=3, n_shared_experts=1, hidden_size=96,
+                                   moe_intermediate_size=40))
+    init_(layer, seed=6)
+    x = torch.randn(3, 37, 96)
+    y_ref, gx_ref, g_ref = run_layer(layer, x, "reference")
+    layer16 = DeepseekMoE(layer.config).to(torch.bfloat16)
+    layer16.load_state_dict(layer.state_dict())
+    y16, gx16, g16 = run_layer(layer16, x.to(torch.bfloat16), "fast", backend)
+
+    def rel(a, b):
+        return ((a.float() - b).norm() / b.norm()).item()
+
+    assert rel(y16, y_ref) < 2e-2 and rel(gx16, gx_ref) < 2e-2
+    for name in g_ref:
+        assert rel(g16[name], g_ref[name]) < 3e-2, name
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -92,7 +92,7 @@ def dispatch(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: tor
     perm = permute(topk_ids_TK, topk_weights_TK, experts.n_experts, capacity)
     if x_TD.shape[0] == 0:
         return x_TD.new_zeros(x_TD.shape, dtype=torch.float32), perm.dropped
-    if experts.fuses_dispatch(x_TD):
+    if experts.fuses_dispatch(x_TD, perm.token_M.numel()):
         return experts.routed_forward(x_TD, perm.token_M, perm.gate_M, perm.counts_E), perm.dropped
     x_TD = x_TD.to(compute_dtype(x_TD))  # gather the narrower rows
     y_MD = experts(x_TD.index_select(0, perm.token_M), perm.counts_E, perm.gate_M)

@@ -53,6 +53,17 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 
+# Row counts of the per-expert GEMMs are rounded up to a multiple of this in bf16/fp16. Their CPU
+# GEMMs are oneDNN kernels compiled for each new shape (about 0.4 ms each, 10x a small GEMM), and
+# expert loads change every step; rounded, a few dozen shapes cover every load and stay cached.
+# fp32 GEMMs (MKL) compile nothing, so fp32 keeps exact counts (a block of 1).
+ROW_BLOCK = {torch.bfloat16: 32, torch.float16: 32}
+
+
+def _row_block(dtype: torch.dtype) -> int:
+    return ROW_BLOCK.get(dtype, 1)
+
+
 class _LoopGroupedSwiGLU(torch.autograd.Function):
     """Grouped SwiGLU over rows sorted by expert, one GEMM per expert and weight.
 
@@ -63,6 +74,12 @@ class _LoopGroupedSwiGLU(torch.autograd.Function):
     Experts are taken in chunks of consecutive experts (``_chunks``; R rows per chunk): the
     GEMMs run per expert, everything else (gathers, SwiGLU elementwise work, gate, combine) once
     per chunk, in [R, D] / [R, I] work buffers allocated once per call and reused by every chunk.
+
+    GEMMs whose rows are independent (every one but the weight gradients) may run over a row
+    count rounded up to the block (``_row_block``): the extra rows read the next expert's (or
+    spare) rows and write garbage into the next expert's output rows, which that expert, computed
+    later in the same order, overwrites. Buffers carry block - 1 spare rows for the last expert.
+    Weight gradients sum over rows, so they run as a block multiple plus the remainder.
     """
 
     @staticmethod
@@ -70,26 +87,32 @@ class _LoopGroupedSwiGLU(torch.autograd.Function):
         routed = token_M is not None
         I, D = w1_EID.shape[1], w1_EID.shape[2]
         M = sum(counts)
+        P = _row_block(x.dtype)
         chunks = _chunks(counts, D * x.element_size())
         R = max((c1 - c0 for c0, c1, _ in chunks), default=0)
-        g_MI = x.new_empty(M, I)  # saved
-        u_MI = x.new_empty(M, I)  # saved
-        h_MI = x.new_empty(M, I)  # gated silu(g) * u, what w2 sees; saved
+        g_MI = x.new_empty(M + P - 1, I)  # saved
+        u_MI = x.new_empty(M + P - 1, I)  # saved
+        h_MI = x.new_empty(M + P - 1, I)  # gated silu(g) * u, what w2 sees; saved
         if routed:
             out = torch.zeros(x.shape[0], D, dtype=torch.float32, device=x.device)
-            x_buf = x.new_empty(R, D)  # gathered rows of a chunk, then their outputs
+            x_buf = x.new_empty(R + P - 1, D)  # gathered rows of a chunk, then their outputs
+            x_rows = y_rows = R + P - 1  # rows of the chunk's input and output buffers
         else:
             out = x.new_empty(M, D)
+            x_rows = y_rows = M
         for c0, c1, spans in chunks:
             rows = slice(c0, c1)
+            # xs / ys: the chunk's input and output rows from its first row to the buffer's end
             if routed:
-                x_RD = torch.index_select(x, 0, token_M[rows], out=x_buf[: c1 - c0])
+                torch.index_select(x, 0, token_M[rows], out=x_buf[: c1 - c0])
+                xs, base = x_buf, 0
             else:
-                x_RD = x[rows]
+                xs, base = x, c0
             for e, s, n in spans:
-                r = slice(s - c0, s - c0 + n)  # expert e's rows within the chunk
-                torch.mm(x_RD[r], w1_EID[e].t(), out=g_MI[s : s + n])
-                torch.mm(x_RD[r], w3_EID[e].t(), out=u_MI[s : s + n])
+                r0 = s - c0 + base
+                m = _rounded(n, P, min(x_rows - r0, M + P - 1 - s))
+                torch.mm(xs[r0 : r0 + m], w1_EID[e].t(), out=g_MI[s : s + m])
+                torch.mm(xs[r0 : r0 + m], w3_EID[e].t(), out=u_MI[s : s + m])
             h_RI = torch.mul(F.silu(g_MI[rows]), u_MI[rows], out=h_MI[rows])
             if weight_M is not None:
                 # The gate scales the [R, I] input of the down projection rather than its wider
@@ -97,13 +120,15 @@ class _LoopGroupedSwiGLU(torch.autograd.Function):
                 h_RI.mul_(weight_M[rows].to(h_RI.dtype).unsqueeze(1))
             # Routed: the gathered rows are dead once g and u exist (backward gathers them
             # again), so the chunk's output overwrites them.
-            y_RD = x_RD if routed else out[rows]
+            ys = x_buf if routed else out
             for e, s, n in spans:
-                torch.mm(h_MI[s : s + n], w2_EDI[e].t(), out=y_RD[s - c0 : s - c0 + n])
+                r0 = s - c0 + base
+                m = _rounded(n, P, min(y_rows - r0, M + P - 1 - s))
+                torch.mm(h_MI[s : s + m], w2_EDI[e].t(), out=ys[r0 : r0 + m])
             if routed:
                 # CPU index_add_ runs sequentially over the index, chunks in a fixed order:
                 # a deterministic combine.
-                out.index_add_(0, token_M[rows], y_RD.float())
+                out.index_add_(0, token_M[rows], x_buf[: c1 - c0].float())
         ctx.save_for_backward(x, token_M, weight_M, w1_EID, w3_EID, w2_EDI, g_MI, u_MI, h_MI)
         ctx.counts = counts
         return out
@@ -116,6 +141,8 @@ class _LoopGroupedSwiGLU(torch.autograd.Function):
         routed = token_M is not None
         counts = ctx.counts
         I, D = w1.shape[1], w1.shape[2]
+        M = sum(counts)
+        P = _row_block(x.dtype)
         chunks = _chunks(counts, D * x.element_size())
         R = max((c1 - c0 for c0, c1, _ in chunks), default=0)
         idle = [e for e, n in enumerate(counts) if n == 0]
@@ -128,30 +155,35 @@ class _LoopGroupedSwiGLU(torch.autograd.Function):
             gx = torch.zeros_like(x) if routed else torch.empty_like(x)
         if routed:
             # One [R, D] buffer holds a chunk's gathered gradient, then its gathered x, then its dx.
-            rows_buf = x.new_empty(R, D)
+            rows_buf = x.new_empty(R + P - 1, D)
+            d_rows = R + P - 1
             if grad_out.dtype != x.dtype:  # the fp32 gradient of a lower-precision layer: cast once
                 grad_out = grad_out.to(x.dtype)
         else:
             grad_out = grad_out.contiguous()  # e.g. the stride-0 gradient of y.sum()
-        dh_buf, da_buf = x.new_empty(R, I), x.new_empty(R, I)
+            d_rows = M
+        dh_buf, da_buf = x.new_empty(R + P - 1, I), x.new_empty(R + P - 1, I)
         for c0, c1, spans in chunks:
             rows = slice(c0, c1)
-            if not routed:
-                grad_RD = grad_out[rows]
+            # grads / xs / gxs: [rows, D] from the chunk's first row (at ``base``) to the end
+            if routed:
+                torch.index_select(grad_out, 0, token_M[rows], out=rows_buf[: c1 - c0])
+                grads, base = rows_buf, 0
             else:
-                grad_RD = torch.index_select(grad_out, 0, token_M[rows], out=rows_buf[: c1 - c0])
+                grads, base = grad_out, c0
             g_RI, u_RI = g_MI[rows], u_MI[rows]
 
             # Down projection; h_MI holds exactly what w2 saw (gate included).
-            dh_RI = dh_buf[: c1 - c0]
             for e, s, n in spans:
-                r = slice(s - c0, s - c0 + n)
-                torch.mm(grad_RD[r], w2[e], out=dh_RI[r])
+                r0, r1 = s - c0 + base, s - c0
+                m = _rounded(n, P, min(d_rows - r0, R + P - 1 - r1))
+                torch.mm(grads[r0 : r0 + m], w2[e], out=dh_buf[r1 : r1 + m])
                 if gw2 is not None:
-                    torch.mm(grad_RD[r].t(), h_MI[s : s + n], out=gw2[e])
+                    _mm_rows_summed(grads[r0 : r0 + n].t(), h_MI[s : s + n], gw2[e], P)
 
             # SwiGLU and gate. With a = silu(g) and gated h = w * a * u:
             #   dL/dw = sum_i dh * a * u,   dL/du = dh * w * a,   dL/da = dh * w * u.
+            dh_RI = dh_buf[: c1 - c0]
             a_RI = F.silu(g_RI)
             da_RI = torch.mul(dh_RI, u_RI, out=da_buf[: c1 - c0])
             if weight_M is not None:
@@ -162,28 +194,51 @@ class _LoopGroupedSwiGLU(torch.autograd.Function):
                     gweight_M[rows] = torch.mul(da_RI, a_RI).sum(1, dtype=torch.float32)
                 da_RI.mul_(w_R1)
                 dh_RI.mul_(w_R1)
-            du_RI = dh_RI.mul_(a_RI)
+            dh_RI.mul_(a_RI)  # now du
             del a_RI
-            dg_RI = torch.ops.aten.silu_backward.grad_input(da_RI, g_RI, grad_input=da_RI)
+            torch.ops.aten.silu_backward.grad_input(da_RI, g_RI, grad_input=da_RI)  # now dg
+            dg_buf, du_buf = da_buf, dh_buf
 
             # Gate and up projections. Routed: the chunk's gradient rows are dead now, so x is
-            # gathered into their buffer, and each expert's dx overwrites its own rows of x once
-            # its weight gradients have read them.
+            # gathered into their buffer; every expert's weight gradients read it before any dx
+            # overwrites it.
             if routed:
-                x_RD = gx_RD = torch.index_select(x, 0, token_M[rows], out=rows_buf[: c1 - c0])
+                torch.index_select(x, 0, token_M[rows], out=rows_buf[: c1 - c0])
+                xs = gxs = rows_buf
             else:
-                x_RD, gx_RD = x[rows], (gx[rows] if gx is not None else None)
+                xs, gxs = x, gx
             for e, s, n in spans:
-                r = slice(s - c0, s - c0 + n)
+                r0, r1 = s - c0 + base, s - c0
                 if gw1 is not None:
-                    torch.mm(dg_RI[r].t(), x_RD[r], out=gw1[e])
+                    _mm_rows_summed(dg_buf[r1 : r1 + n].t(), xs[r0 : r0 + n], gw1[e], P)
                 if gw3 is not None:
-                    torch.mm(du_RI[r].t(), x_RD[r], out=gw3[e])
-                if gx is not None:
-                    torch.mm(dg_RI[r], w1[e], out=gx_RD[r]).addmm_(du_RI[r], w3[e])
+                    _mm_rows_summed(du_buf[r1 : r1 + n].t(), xs[r0 : r0 + n], gw3[e], P)
+            if gx is not None:
+                for e, s, n in spans:
+                    r0, r1 = s - c0 + base, s - c0
+                    m = _rounded(n, P, min(d_rows - r0, R + P - 1 - r1))
+                    torch.mm(dg_buf[r1 : r1 + m], w1[e], out=gxs[r0 : r0 + m]).addmm_(du_buf[r1 : r1 + m], w3[e])
             if routed and gx is not None:
-                gx.index_add_(0, token_M[rows], gx_RD)
+                gx.index_add_(0, token_M[rows], rows_buf[: c1 - c0])
         return gx, None, gweight_M, gw1, gw3, gw2, None
+
+
+def _rounded(n: int, block: int, available: int) -> int:
+    """``n`` rounded up to a multiple of ``block``, but no more than the ``available`` rows."""
+    return min(-(-n // block) * block, available)
+
+
+def _mm_rows_summed(a_KN: torch.Tensor, b_NL: torch.Tensor, out_KL: torch.Tensor, block: int) -> None:
+    """``out = a @ b`` over N rows as a block multiple plus the remainder (two cached shapes)."""
+    n = a_KN.shape[1]
+    q = n // block * block
+    if q:
+        torch.mm(a_KN[:, :q], b_NL[:q], out=out_KL)
+    if n > q:
+        if q:
+            out_KL.addmm_(a_KN[:, q:], b_NL[q:])
+        else:
+            torch.mm(a_KN, b_NL, out=out_KL)
 
 
 def _spans(counts: list[int]) -> list[tuple[int, int, int]]:
@@ -290,8 +345,12 @@ class GroupedExperts(nn.Module):
         """Expert ``e`` on ``x_ND`` with plain autograd (the readable reference)."""
         return F.linear(F.silu(F.linear(x_ND, self.w1[e])) * F.linear(x_ND, self.w3[e]), self.w2[e])
 
-    def resolve_backend(self, x: torch.Tensor) -> str:
-        """The backend this call uses; validates the name."""
+    def resolve_backend(self, x: torch.Tensor, n_rows: int) -> str:
+        """The backend a call with ``n_rows`` assignment rows uses; validates the name.
+
+        ``auto``: ``grouped_mm`` for bf16 on CUDA, else ``loop``. (``n_rows`` is for choices by
+        size; none needs it yet.)
+        """
         if self.backend == "auto":
             return "grouped_mm" if x.is_cuda and compute_dtype(x) == torch.bfloat16 else "loop"
         if self.backend not in BACKENDS:
@@ -311,14 +370,14 @@ class GroupedExperts(nn.Module):
         """Rows sorted by expert (``counts_E[e]`` rows for local expert ``e``), optional fp32
         gates -> ``gate * expert(row)`` [M, D] in the compute dtype."""
         dtype = compute_dtype(x_MD)
-        backend = self.resolve_backend(x_MD)
+        backend = self.resolve_backend(x_MD, x_MD.shape[0])
         with torch.autocast(x_MD.device.type, enabled=False):
             return BACKENDS[backend](x_MD.to(dtype), counts_E, gate_M, *self.local_weights(dtype))
 
-    def fuses_dispatch(self, x_TD: torch.Tensor) -> bool:
+    def fuses_dispatch(self, x_TD: torch.Tensor, n_rows: int) -> bool:
         """Whether ``routed_forward`` serves this call: the ``loop`` backend on the CPU, with
         nothing wrapping the experts stage (expert parallelism's hooks need the plain stage)."""
-        return (x_TD.device.type == "cpu" and self.resolve_backend(x_TD) == "loop"
+        return (x_TD.device.type == "cpu" and self.resolve_backend(x_TD, n_rows) == "loop"
                 and not self._forward_pre_hooks and not self._forward_hooks)
 
     def routed_forward(self, x_TD: torch.Tensor, token_M: torch.Tensor, gate_M: torch.Tensor,
