@@ -514,7 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--lr", type=float, default=None)
     sp.add_argument("--data-dir", default=None, help="data folder (default OUT/data)")
     sp.add_argument("--device", default="cpu", help="cpu or cuda (the whole experiment runs there)")
-    sp.add_argument("--bf16", action="store_true", help="bf16 autocast (GPUs; CPU is faster in fp32)")
+    sp.add_argument("--bf16", action="store_true",
+                    help="bf16 autocast for every run (default: fp32, the same arithmetic for every model)")
     sp.add_argument("--sources", nargs="*", default=None)
     sp.add_argument("--text", action="append", default=None, metavar="PATH")
     sp.add_argument("--no-progress", action="store_true")

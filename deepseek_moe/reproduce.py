@@ -110,7 +110,9 @@ class Settings:
     extra_overrides: dict[str, Any] = field(default_factory=dict)  # for tests: smaller models
     progress: bool = True
     device: str = "cpu"  # "cuda" trains and scores on the GPU
-    bf16: bool = False  # bf16 autocast (GPUs; fp32 is faster on CPU)
+    # bf16 autocast for every run; otherwise every run in fp32. Not train's per-model ``auto``: the
+    # models of one experiment must share their arithmetic to be compared.
+    bf16: bool = False
 
     @classmethod
     def quick(cls, **kw: Any) -> "Settings":
@@ -236,7 +238,7 @@ def _train_and_score(run: Path, family: str, seed: int, s: Settings) -> dict[str
         vocab_size=s.vocab_size, validation_fraction=s.validation_fraction,
         test_fraction=s.validation_fraction, seq_len=s.seq_len, batch_size=s.batch_size, tokens=tokens,
         lr=s.lr, seed=seed, ckpt_every=max(50, tokens // (s.seq_len * s.batch_size) // 4), keep=1,
-        eval_sequences=32, progress=s.progress, device=s.device, bf16_autocast=s.bf16)
+        eval_sequences=32, progress=s.progress, device=s.device, dtype="bfloat16" if s.bf16 else "float32")
     # The run folder is this command's own: resume its newest whole checkpoint, else start it over.
     res = train(cfg, resume=True, force=True)
     if res.interrupted:

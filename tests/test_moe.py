@@ -105,14 +105,17 @@ def test_every_backend_matches_reference(k, shared, backend, capacity):
         torch.testing.assert_close(g_fast[name], g_ref[name], rtol=1e-5, atol=1e-5 * scale, msg=name)
 
 
-@pytest.mark.parametrize("block", [4, 32])
+@pytest.mark.parametrize("min_block", [2, 4])
 @pytest.mark.parametrize("backend", ["loop", "loop-unfused"])
-def test_loop_with_row_blocks_matches_reference(monkeypatch, block, backend):
-    """The loop backend rounds GEMM row counts up to a block in bf16 (stable oneDNN shapes): the
+def test_loop_with_row_blocks_matches_reference(monkeypatch, min_block, backend):
+    """The loop backend rounds GEMM row counts up to blocks in bf16 (stable oneDNN shapes): the
     same rounding forced on fp32 leaves outputs and every gradient equal to the reference."""
     from deepseek_moe.moe import experts as experts_mod
 
-    monkeypatch.setattr(experts_mod, "ROW_BLOCK", {torch.float32: block})
+    monkeypatch.setattr(experts_mod, "ROUNDED_DTYPES", (torch.float32,))
+    monkeypatch.setattr(experts_mod, "MIN_ROW_BLOCK", min_block)
+    monkeypatch.setattr(experts_mod, "SUM_BLOCK", 4)  # weight gradients: 4-row blocks + remainder
+    assert experts_mod._rounded(37, torch.float32, 100) == (40 if min_block == 4 else 38)
     torch.manual_seed(3)
     layer = DeepseekMoE(moe_config(num_experts_per_tok=3, n_shared_experts=1, capacity_factor=0.7))
     init_(layer, seed=5)

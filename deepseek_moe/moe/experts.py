@@ -53,15 +53,20 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 
-# Row counts of the per-expert GEMMs are rounded up to a multiple of this in bf16/fp16. Their CPU
-# GEMMs are oneDNN kernels compiled for each new shape (about 0.4 ms each, 10x a small GEMM), and
-# expert loads change every step; rounded, a few dozen shapes cover every load and stay cached.
-# fp32 GEMMs (MKL) compile nothing, so fp32 keeps exact counts (a block of 1).
-ROW_BLOCK = {torch.bfloat16: 32, torch.float16: 32}
+# In bf16/fp16 the row counts of the per-expert GEMMs whose rows are independent are rounded up
+# to a block of about 1/16 of the count (at least 8; at most 6% more rows). Their CPU GEMMs are
+# oneDNN kernels compiled for each new shape (about 0.4 ms each, ten times a small GEMM), and
+# expert loads change every step; rounded, a few dozen shapes per octave cover every load and stay
+# cached. fp32 GEMMs (MKL) compile nothing, so fp32 keeps exact counts. The weight gradients sum
+# over the rows and keep exact counts (``_mm_rows_summed``).
+ROUNDED_DTYPES = (torch.bfloat16, torch.float16)
+MIN_ROW_BLOCK = 8
 
 
-def _row_block(dtype: torch.dtype) -> int:
-    return ROW_BLOCK.get(dtype, 1)
+def _row_block(dtype: torch.dtype, n: int) -> int:
+    if dtype not in ROUNDED_DTYPES or n <= MIN_ROW_BLOCK:
+        return 1
+    return max(MIN_ROW_BLOCK, 1 << max(0, n.bit_length() - 5))  # 2^floor(log2 n) / 16
 
 
 class _LoopGroupedSwiGLU(torch.autograd.Function):
@@ -76,10 +81,10 @@ class _LoopGroupedSwiGLU(torch.autograd.Function):
     per chunk, in [R, D] / [R, I] work buffers allocated once per call and reused by every chunk.
 
     GEMMs whose rows are independent (every one but the weight gradients) may run over a row
-    count rounded up to the block (``_row_block``): the extra rows read the next expert's (or
+    count rounded up to a block (``_row_block``): the extra rows read the next expert's (or
     spare) rows and write garbage into the next expert's output rows, which that expert, computed
-    later in the same order, overwrites. Buffers carry block - 1 spare rows for the last expert.
-    Weight gradients sum over rows, so they run as a block multiple plus the remainder.
+    later in the same order, overwrites. Buffers carry spare rows (``_spare_rows``) for the last
+    expert. Weight gradients sum over rows, so they use exact counts.
     """
 
     @staticmethod
@@ -87,7 +92,7 @@ class _LoopGroupedSwiGLU(torch.autograd.Function):
         routed = token_M is not None
         I, D = w1_EID.shape[1], w1_EID.shape[2]
         M = sum(counts)
-        P = _row_block(x.dtype)
+        P = _spare_rows(x.dtype, counts)
         chunks = _chunks(counts, D * x.element_size())
         R = max((c1 - c0 for c0, c1, _ in chunks), default=0)
         g_MI = x.new_empty(M + P - 1, I)  # saved
@@ -110,7 +115,7 @@ class _LoopGroupedSwiGLU(torch.autograd.Function):
                 xs, base = x, c0
             for e, s, n in spans:
                 r0 = s - c0 + base
-                m = _rounded(n, P, min(x_rows - r0, M + P - 1 - s))
+                m = _rounded(n, x.dtype, min(x_rows - r0, M + P - 1 - s))
                 torch.mm(xs[r0 : r0 + m], w1_EID[e].t(), out=g_MI[s : s + m])
                 torch.mm(xs[r0 : r0 + m], w3_EID[e].t(), out=u_MI[s : s + m])
             h_RI = torch.mul(F.silu(g_MI[rows]), u_MI[rows], out=h_MI[rows])
@@ -123,7 +128,7 @@ class _LoopGroupedSwiGLU(torch.autograd.Function):
             ys = x_buf if routed else out
             for e, s, n in spans:
                 r0 = s - c0 + base
-                m = _rounded(n, P, min(y_rows - r0, M + P - 1 - s))
+                m = _rounded(n, x.dtype, min(y_rows - r0, M + P - 1 - s))
                 torch.mm(h_MI[s : s + m], w2_EDI[e].t(), out=ys[r0 : r0 + m])
             if routed:
                 # CPU index_add_ runs sequentially over the index, chunks in a fixed order:
@@ -142,7 +147,7 @@ class _LoopGroupedSwiGLU(torch.autograd.Function):
         counts = ctx.counts
         I, D = w1.shape[1], w1.shape[2]
         M = sum(counts)
-        P = _row_block(x.dtype)
+        P = _spare_rows(x.dtype, counts)
         chunks = _chunks(counts, D * x.element_size())
         R = max((c1 - c0 for c0, c1, _ in chunks), default=0)
         idle = [e for e, n in enumerate(counts) if n == 0]
@@ -176,10 +181,10 @@ class _LoopGroupedSwiGLU(torch.autograd.Function):
             # Down projection; h_MI holds exactly what w2 saw (gate included).
             for e, s, n in spans:
                 r0, r1 = s - c0 + base, s - c0
-                m = _rounded(n, P, min(d_rows - r0, R + P - 1 - r1))
+                m = _rounded(n, x.dtype, min(d_rows - r0, R + P - 1 - r1))
                 torch.mm(grads[r0 : r0 + m], w2[e], out=dh_buf[r1 : r1 + m])
                 if gw2 is not None:
-                    _mm_rows_summed(grads[r0 : r0 + n].t(), h_MI[s : s + n], gw2[e], P)
+                    _mm_rows_summed(grads[r0 : r0 + n].t(), h_MI[s : s + n], gw2[e])
 
             # SwiGLU and gate. With a = silu(g) and gated h = w * a * u:
             #   dL/dw = sum_i dh * a * u,   dL/du = dh * w * a,   dL/da = dh * w * u.
@@ -210,35 +215,48 @@ class _LoopGroupedSwiGLU(torch.autograd.Function):
             for e, s, n in spans:
                 r0, r1 = s - c0 + base, s - c0
                 if gw1 is not None:
-                    _mm_rows_summed(dg_buf[r1 : r1 + n].t(), xs[r0 : r0 + n], gw1[e], P)
+                    _mm_rows_summed(dg_buf[r1 : r1 + n].t(), xs[r0 : r0 + n], gw1[e])
                 if gw3 is not None:
-                    _mm_rows_summed(du_buf[r1 : r1 + n].t(), xs[r0 : r0 + n], gw3[e], P)
+                    _mm_rows_summed(du_buf[r1 : r1 + n].t(), xs[r0 : r0 + n], gw3[e])
             if gx is not None:
                 for e, s, n in spans:
                     r0, r1 = s - c0 + base, s - c0
-                    m = _rounded(n, P, min(d_rows - r0, R + P - 1 - r1))
+                    m = _rounded(n, x.dtype, min(d_rows - r0, R + P - 1 - r1))
                     torch.mm(dg_buf[r1 : r1 + m], w1[e], out=gxs[r0 : r0 + m]).addmm_(du_buf[r1 : r1 + m], w3[e])
             if routed and gx is not None:
                 gx.index_add_(0, token_M[rows], rows_buf[: c1 - c0])
         return gx, None, gweight_M, gw1, gw3, gw2, None
 
 
-def _rounded(n: int, block: int, available: int) -> int:
-    """``n`` rounded up to a multiple of ``block``, but no more than the ``available`` rows."""
+def _rounded(n: int, dtype: torch.dtype, available: int) -> int:
+    """``n`` rounded up to its row block (``_row_block``), but no more than ``available`` rows."""
+    block = _row_block(dtype, n)
     return min(-(-n // block) * block, available)
 
 
-def _mm_rows_summed(a_KN: torch.Tensor, b_NL: torch.Tensor, out_KL: torch.Tensor, block: int) -> None:
-    """``out = a @ b`` over N rows as a block multiple plus the remainder (two cached shapes)."""
+# Weight gradients sum over an expert's rows, so their row count cannot be rounded. Where the
+# gradient is small (below this many elements: the tiny presets' 11K, not the 2B's 1.1M or the
+# 16B's 2.9M) they run as a multiple of SUM_BLOCK rows plus the remainder, two GEMMs of a few
+# cached shapes; the second re-reads and re-writes the gradient, which costs more than compiling
+# a kernel where the gradient is big.
+SUM_SPLIT_BELOW = 1 << 18
+SUM_BLOCK = 32
+
+
+def _mm_rows_summed(a_KN: torch.Tensor, b_NL: torch.Tensor, out_KL: torch.Tensor) -> None:
+    """``out = a @ b``, summing over N rows (see ``SUM_SPLIT_BELOW``)."""
     n = a_KN.shape[1]
-    q = n // block * block
-    if q:
-        torch.mm(a_KN[:, :q], b_NL[:q], out=out_KL)
-    if n > q:
-        if q:
-            out_KL.addmm_(a_KN[:, q:], b_NL[q:])
-        else:
-            torch.mm(a_KN, b_NL, out=out_KL)
+    q = n // SUM_BLOCK * SUM_BLOCK
+    if a_KN.dtype not in ROUNDED_DTYPES or out_KL.numel() >= SUM_SPLIT_BELOW or q in (0, n):
+        torch.mm(a_KN, b_NL, out=out_KL)
+        return
+    torch.mm(a_KN[:, :q], b_NL[:q], out=out_KL)
+    out_KL.addmm_(a_KN[:, q:], b_NL[q:])
+
+
+def _spare_rows(dtype: torch.dtype, counts: list[int]) -> int:
+    """Rows the buffers need past their end: the most any expert's count is rounded up by, + 1."""
+    return max((_row_block(dtype, n) for n in counts), default=1)
 
 
 def _spans(counts: list[int]) -> list[tuple[int, int, int]]:
