@@ -29,7 +29,8 @@ from .checkpoint import CheckpointError, load_pretrained
 from .model import DeepseekForCausalLM
 from .parallel.mesh import Layout, ParallelPlan, env_world_size
 from .presets import get_config
-from .runtime import AUTO_DTYPE_ENV, DTYPES, compile_model, cpu_matmul_speeds, dtype_name, resolve_dtype
+from .runtime import (AUTO_DTYPE_ENV, DTYPES, compile_model, configure_process, cpu_matmul_speeds, dtype_name,
+                      resolve_dtype)
 from .runtime import autocast as runtime_autocast
 from .data.corpus import DEFAULT_SOURCES, default_data_dir
 from .train_state import (
@@ -399,6 +400,7 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False) -> TrainR
     ``deepseek_moe.parallel``); rank 0 writes the metrics, plots and checkpoint files.
     """
     cfg.validate()
+    configure_process()  # as every command does (a no-op when the CLI did it already)
     out = Path(cfg.out)
     ckpt_root = out / "checkpoints"
     device = torch.device(cfg.device)

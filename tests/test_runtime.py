@@ -20,8 +20,9 @@ TINY = dict(vocab_size=256, num_hidden_layers=2, hidden_size=64, num_attention_h
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc")
 def test_keep_freed_memory_stops_glibc_returning_big_blocks():
-    """After the setting, a freed 64 MB block is reused without being mapped again: the second
-    allocation gets the same address, and touching it costs no new page faults."""
+    """After the setting, a freed 64 MB block is reused without being mapped again: touching a
+    second 64 MB allocation costs no new page faults (glibc's default would unmap the first at
+    free() and fault all 16384 pages of the second in)."""
     import resource
 
     assert runtime.keep_freed_memory() is True
@@ -42,7 +43,6 @@ def test_keep_freed_memory_stops_glibc_returning_big_blocks():
     touch(q)
     new_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     libc.free(q)
-    assert q == p
     assert new_faults < 100  # a fresh mapping would fault 16384 pages of 4 KB back in
 
 
