@@ -427,8 +427,9 @@ def _add_train_args(sp: argparse.ArgumentParser, preset: str, out: str, minutes:
     g.add_argument("--eval-sequences", type=int, default=64)
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="arithmetic: bf16 autocast or plain fp32; auto measures this CPU once and takes "
-                   "the faster (bf16 on GPUs); a resumed run keeps its own unless forced")
+                   help="arithmetic: bf16 autocast or plain fp32; auto: where this CPU multiplies bf16 "
+                   "fast, times this model's step in both and takes the faster (bf16 on GPUs); a "
+                   "resumed run keeps its own unless forced")
     g.add_argument("--bf16", action="store_true", help="the same as --dtype bfloat16")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the model (fullgraph, grouped_mm experts; bf16)")
