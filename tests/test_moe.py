@@ -53,15 +53,11 @@ def pipeline(layer: DeepseekMoE, x: torch.Tensor, backend: str):
         perm = permute(r.topk_ids_TK, r.topk_weights_TK, layer.n_routed_experts, cap)
         y = combine(layer.experts(x_TD.index_select(0, perm.token_M), perm.counts_E, perm.gate_M), perm)
     else:
-        assert layer.experts.fuses_dispatch(x_TD, perm_rows(r)) == (backend == "loop")
+        assert layer.experts.fuses_dispatch(x_TD) == (backend == "loop")
         y, _ = dispatch(x_TD, r.topk_ids_TK, r.topk_weights_TK, layer.experts, cap)
     layer.experts.backend = "auto"
     y = y.view_as(x)
     return y + (layer.shared_experts(x) if layer.shared_experts is not None else 0)
-
-
-def perm_rows(r) -> int:
-    return r.topk_ids_TK.numel()
 
 
 def run_layer(layer: DeepseekMoE, x: torch.Tensor, dispatch_: str, backend: str = "auto"):

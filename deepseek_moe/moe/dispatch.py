@@ -56,12 +56,14 @@ def expert_counts(topk_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
 
 
 def permute(topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor, n_experts: int,
-            capacity: Optional[int] = None) -> Permutation:
-    """Sort assignments by expert in k-major order and apply the capacity rule (module docstring)."""
+            capacity: Optional[int] = None, counts_E: Optional[torch.Tensor] = None) -> Permutation:
+    """Sort assignments by expert in k-major order and apply the capacity rule (module docstring).
+    ``counts_E``: ``expert_counts`` of these ids, when the caller has it already."""
     T = topk_ids_TK.shape[0]
     ids_M = topk_ids_TK.t().reshape(-1)
     sorted_ids_M, order_M = torch.sort(ids_M, stable=True)
-    counts_E = expert_counts(ids_M, n_experts)
+    if counts_E is None:
+        counts_E = expert_counts(ids_M, n_experts)
     gate_M = topk_weights_TK.t().reshape(-1).index_select(0, order_M)
     dropped = torch.zeros((), dtype=torch.long, device=ids_M.device)
     if capacity is not None:
@@ -87,12 +89,13 @@ def combine(y_MD: torch.Tensor, perm: Permutation) -> torch.Tensor:
 
 
 def dispatch(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
-             experts: GroupedExperts, capacity: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+             experts: GroupedExperts, capacity: Optional[int] = None,
+             counts_E: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """permute -> experts -> combine: ``(routed output fp32 [T, D], dropped assignments)``."""
-    perm = permute(topk_ids_TK, topk_weights_TK, experts.n_experts, capacity)
+    perm = permute(topk_ids_TK, topk_weights_TK, experts.n_experts, capacity, counts_E)
     if x_TD.shape[0] == 0:
         return x_TD.new_zeros(x_TD.shape, dtype=torch.float32), perm.dropped
-    if experts.fuses_dispatch(x_TD, perm.token_M.numel()):
+    if experts.fuses_dispatch(x_TD):
         return experts.routed_forward(x_TD, perm.token_M, perm.gate_M, perm.counts_E), perm.dropped
     x_TD = x_TD.to(compute_dtype(x_TD))  # gather the narrower rows
     y_MD = experts(x_TD.index_select(0, perm.token_M), perm.counts_E, perm.gate_M)
@@ -105,6 +108,7 @@ def dispatch_reference(
     topk_weights_TK: torch.Tensor,
     experts: GroupedExperts,
     capacity: Optional[int] = None,
+    counts_E: Optional[torch.Tensor] = None,  # unused: the signature of ``dispatch``
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The readable per-expert loop, no permutation (slow; the pipeline is tested against it)."""
     T, D = x_TD.shape

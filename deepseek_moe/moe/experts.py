@@ -363,12 +363,9 @@ class GroupedExperts(nn.Module):
         """Expert ``e`` on ``x_ND`` with plain autograd (the readable reference)."""
         return F.linear(F.silu(F.linear(x_ND, self.w1[e])) * F.linear(x_ND, self.w3[e]), self.w2[e])
 
-    def resolve_backend(self, x: torch.Tensor, n_rows: int) -> str:
-        """The backend a call with ``n_rows`` assignment rows uses; validates the name.
-
-        ``auto``: ``grouped_mm`` for bf16 on CUDA, else ``loop``. (``n_rows`` is for choices by
-        size; none needs it yet.)
-        """
+    def resolve_backend(self, x: torch.Tensor) -> str:
+        """The backend this call uses (``auto``: ``grouped_mm`` for bf16 on CUDA, else ``loop``);
+        validates the name."""
         if self.backend == "auto":
             return "grouped_mm" if x.is_cuda and compute_dtype(x) == torch.bfloat16 else "loop"
         if self.backend not in BACKENDS:
@@ -388,14 +385,14 @@ class GroupedExperts(nn.Module):
         """Rows sorted by expert (``counts_E[e]`` rows for local expert ``e``), optional fp32
         gates -> ``gate * expert(row)`` [M, D] in the compute dtype."""
         dtype = compute_dtype(x_MD)
-        backend = self.resolve_backend(x_MD, x_MD.shape[0])
+        backend = self.resolve_backend(x_MD)
         with torch.autocast(x_MD.device.type, enabled=False):
             return BACKENDS[backend](x_MD.to(dtype), counts_E, gate_M, *self.local_weights(dtype))
 
-    def fuses_dispatch(self, x_TD: torch.Tensor, n_rows: int) -> bool:
+    def fuses_dispatch(self, x_TD: torch.Tensor) -> bool:
         """Whether ``routed_forward`` serves this call: the ``loop`` backend on the CPU, with
         nothing wrapping the experts stage (expert parallelism's hooks need the plain stage)."""
-        return (x_TD.device.type == "cpu" and self.resolve_backend(x_TD, n_rows) == "loop"
+        return (x_TD.device.type == "cpu" and self.resolve_backend(x_TD) == "loop"
                 and not self._forward_pre_hooks and not self._forward_hooks)
 
     def routed_forward(self, x_TD: torch.Tensor, token_M: torch.Tensor, gate_M: torch.Tensor,

@@ -90,13 +90,14 @@ class DeepseekMoE(nn.Module):
         else:
             r = self.gate(x_TD, ids_T, top_k=opts.top_k, disable_top=opts.disable_top)
         capacity = self.capacity(B * S)
+        tokens_per_expert = expert_counts(r.topk_ids_TK, self.n_routed_experts)
         route = dispatch_reference if self.dispatch == "reference" else dispatch
-        routed_TD, dropped = route(x_TD, r.topk_ids_TK, r.topk_weights_TK, self.experts, capacity)
+        routed_TD, dropped = route(x_TD, r.topk_ids_TK, r.topk_weights_TK, self.experts, capacity,
+                                   tokens_per_expert)
         y_TD = routed_TD.to(x_BSD.dtype)
         if self.shared_experts is not None and not opts.disable_shared:
             y_TD = y_TD + self.shared_experts(x_TD)
 
-        tokens_per_expert = expert_counts(r.topk_ids_TK, self.n_routed_experts)
         if r.scores_TE is None:
             zero = torch.zeros((), dtype=torch.float32, device=x_BSD.device)
             exp_loss, dev_loss, entropy = zero, zero, zero
