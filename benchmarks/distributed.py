@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-TOKENS_PER_STEP = 4096 * 4500  # SPEC section 4: 4K x 4.5K for 16B and 145B
+TOKENS_PER_STEP = 4096 * 4500  # the paper's 16B and 145B batch (sections 5 and 7): 4.5K sequences of 4K
 LAYOUTS = [(1, 1, False), (2, 2, False), (2, 2, True), (4, 4, False), (4, 2, True)]
 
 

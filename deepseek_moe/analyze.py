@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
@@ -23,14 +22,11 @@ from tqdm.auto import tqdm
 
 from .evaluate import EvalStats, evaluate_tokens, windows
 from .model import DeepseekForCausalLM
-from .moe.layer import DeepseekMoE, RoutingOptions
+from .moe.layer import DeepseekMoE, RoutingOptions, moe_layers
+from .tables import format_table
 
 DISABLE_RATIOS = (0.0, 1 / 16, 2 / 16, 3 / 16, 4 / 16)  # the x axis of the paper's Fig. 4
 ANALYSES = ("disable_top", "top_k", "shared", "load")
-
-
-def moe_layers(model: DeepseekForCausalLM) -> list[DeepseekMoE]:
-    return [m for m in model.modules() if isinstance(m, DeepseekMoE)]
 
 
 def check_moe(model: DeepseekForCausalLM) -> list[DeepseekMoE]:
@@ -101,25 +97,23 @@ class Analysis:
                                                "load", "skipped", "plots")}
 
     def format(self) -> str:
-        from .data.corpus import _table
-
         out = [f"{self.model}: {self.n_shared} shared + top-{self.top_k} of {self.n_routed} routed "
                f"experts; {self.eval_tokens:,} held-out tokens; plain loss {self.baseline:.4f}"]
         if self.disable_top:
             rows = [("disabled ratio", "experts masked", "loss", "vs plain")]
             rows += [(f"{r['ratio']:.4f}", str(r["disabled"]), f"{r['loss']:.4f}",
                       f"{r['loss'] - self.baseline:+.4f}") for r in self.disable_top]
-            out.append("disable top routed experts (Fig. 4)\n" + _table(rows))
+            out.append("disable top routed experts (Fig. 4)\n" + format_table(rows))
         if self.top_k_sweep:
             rows = [("routed k", "loss", "vs plain")]
             rows += [(f"{r['k']}{' (trained)' if r['k'] == self.top_k else ''}", f"{r['loss']:.4f}",
                       f"{r['loss'] - self.baseline:+.4f}") for r in self.top_k_sweep]
-            out.append("activated routed experts (Fig. 5)\n" + _table(rows))
+            out.append("activated routed experts (Fig. 5)\n" + format_table(rows))
         if self.shared:
             s = self.shared
             rows = [("setting", "loss"), (f"shared on, k={self.top_k}", f"{s['with_shared']:.4f}"),
                     (f"shared off, k={s['k_without']}", f"{s['without_shared']:.4f}")]
-            out.append("disable the shared expert(s) (section 4.5)\n" + _table(rows))
+            out.append("disable the shared expert(s) (section 4.5)\n" + format_table(rows))
         if self.load:
             ld = self.load
             rows = [("MoE layer", "load CV", "max/mean", "idle experts", "entropy (nats)",
@@ -129,10 +123,10 @@ class Analysis:
                              str(ld["idle_experts"][i]), f"{ld['entropy'][i]:.3f}",
                              f"{ld['entropy'][i] / math.log(self.n_routed):.3f}",
                              f"{ld['domain_js'][i]:.4f}"))
-            out.append("expert load and routing entropy per layer (all domains)\n" + _table(rows))
+            out.append("expert load and routing entropy per layer (all domains)\n" + format_table(rows))
             rows = [("domain", "tokens", "loss")] + [
                 (d, f"{ld['domain_tokens'][d]:,}", f"{ld['domain_loss'][d]:.4f}") for d in ld["domains"]]
-            out.append(_table(rows))
+            out.append(format_table(rows))
         for name, why in self.skipped.items():
             out.append(f"{name}: skipped ({why})")
         return "\n\n".join(out)
@@ -260,105 +254,3 @@ def _load_summary(per_domain: dict[str, EvalStats], layer_ids: list[int]) -> dic
         "entropy": ent.tolist(),
         "domain_js": [js_divergence_bits(counts[:, i], fed) for i in range(counts.shape[1])],
     }
-
-
-# --- plots ---------------------------------------------------------------------------------------------
-def plot_analysis(res: Analysis, out_dir: Path) -> list[Path]:
-    """One PNG per analysis that ran; returns their paths."""
-    from .plots import _pyplot
-
-    plt = _pyplot()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths: list[Path] = []
-    title = f"{res.model} ({res.n_shared} shared + {res.top_k}/{res.n_routed} routed)"
-
-    def save(fig, name: str) -> None:
-        p = out_dir / name
-        fig.tight_layout()
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        paths.append(p)
-
-    def finish_line(fig, ax, xlabel: str, what: str, name: str) -> None:
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("held-out loss (nats)")
-        ax.set_title(f"{what}\n{title}", fontsize=10)
-        ax.grid(alpha=0.3)
-        save(fig, name)
-
-    if res.disable_top:
-        fig, ax = plt.subplots(figsize=(6.5, 4.2))
-        x = [r["ratio"] for r in res.disable_top]
-        y = [r["loss"] for r in res.disable_top]
-        ax.plot(x, y, "o-", color="tab:red")
-        for r in res.disable_top:
-            ax.annotate(f"{r['disabled']}", (r["ratio"], r["loss"]), textcoords="offset points",
-                        xytext=(0, 7), ha="center", fontsize=8, color="gray")
-        ax.margins(y=0.15)
-        ax.set_xticks(x, [f"{round(v * 16)}/16" if v else "0" for v in x])
-        finish_line(fig, ax, "ratio of disabled top routed experts (gray: experts masked)",
-                    "disable top routed experts (Fig. 4)", "disable_top_experts.png")
-    if res.top_k_sweep:
-        fig, ax = plt.subplots(figsize=(6.5, 4.2))
-        x = [r["k"] for r in res.top_k_sweep]
-        y = [r["loss"] for r in res.top_k_sweep]
-        ax.plot(x, y, "o-", color="tab:blue")
-        if res.top_k in x:
-            ax.plot([res.top_k], [y[x.index(res.top_k)]], "*", ms=15, color="tab:orange",
-                    label=f"trained k = {res.top_k}")
-            ax.legend()
-        ax.set_xticks(x)
-        finish_line(fig, ax, "activated routed experts per token at evaluation",
-                    "varying activated routed experts (Fig. 5)", "activated_experts.png")
-    if res.shared:
-        s = res.shared
-        fig, ax = plt.subplots(figsize=(5.5, 4.2))
-        labels = [f"shared on\nk = {res.top_k}", f"shared off\nk = {s['k_without']}"]
-        vals = [s["with_shared"], s["without_shared"]]
-        bars = ax.bar(labels, vals, color=["tab:green", "tab:gray"])
-        for b, v in zip(bars, vals):
-            ax.annotate(f"{v:.3f}", (b.get_x() + b.get_width() / 2, v), textcoords="offset points",
-                        xytext=(0, 3), ha="center")
-        ax.set_ylabel("held-out loss (nats)")
-        ax.set_ylim(0, max(vals) * 1.15)
-        ax.set_title(f"disabling the shared expert\n{title}", fontsize=10)
-        save(fig, "shared_expert.png")
-    if res.load:
-        ld = res.load
-        share = np.asarray(ld["domain_share"])  # [D, L, E]
-        D, L, E = share.shape
-        from matplotlib.colors import TwoSlopeNorm
-
-        fig, axes = plt.subplots(L, 1, figsize=(max(8, E * 0.16 + 3), 1.0 + L * (0.35 * D + 0.9)),
-                                 squeeze=False)
-        rel = share * E  # 1 = the uniform share
-        norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=max(2.0, float(rel.max())))
-        for i in range(L):
-            ax = axes[i, 0]
-            im = ax.imshow(rel[:, i, :], aspect="auto", cmap="RdBu_r", norm=norm, interpolation="nearest")
-            ax.set_yticks(range(D), ld["domains"], fontsize=8)
-            ax.set_title(f"layer {ld['layers'][i]}: share of each domain's tokens per expert x E "
-                         f"(JS {ld['domain_js'][i]:.3f} bits)", fontsize=9)
-            fig.colorbar(im, ax=ax, pad=0.01, label="x uniform")
-        axes[-1, 0].set_xlabel("routed expert")
-        save(fig, "expert_load_by_domain.png")
-
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
-        layers = [str(x) for x in ld["layers"]]
-        a1.bar(layers, ld["load_cv"], color="tab:purple")
-        a1.set_xlabel("MoE layer")
-        a1.set_ylabel("coefficient of variation of expert load")
-        a1.set_title("load balance (0 = perfectly balanced)", fontsize=10)
-        rel_ent = [e / math.log(res.n_routed) for e in ld["entropy"]]
-        bars = a2.bar(layers, rel_ent, color="tab:cyan")
-        for b, v in zip(bars, rel_ent):
-            a2.annotate(f"{v:.3f}", (b.get_x() + b.get_width() / 2, v), textcoords="offset points",
-                        xytext=(0, 3), ha="center", fontsize=8)
-        a2.set_ylim(0, 1.1)
-        a2.set_xlabel("MoE layer")
-        a2.set_ylabel("routing entropy / ln E")
-        a2.set_title("routing entropy (1 = uniform scores)", fontsize=10)
-        fig.suptitle(title, fontsize=10)
-        save(fig, "routing_stats.png")
-    res.plots = [str(p) for p in paths]
-    return paths

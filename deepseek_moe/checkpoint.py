@@ -1,4 +1,4 @@
-"""The released HuggingFace checkpoint layout (SPEC section 5): one key map, load and save.
+"""The layout of the released deepseek-moe-16b checkpoint (HuggingFace): one key map, load and save.
 
 Our module names already mirror the released names, so the only difference between the two
 layouts is the routed experts: we store each layer's experts stacked, the release stores one
@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .atomic import fsync_path, normal_mode
 from .config import DeepseekMoEConfig
 from .model import DeepseekForCausalLM
 
@@ -185,34 +186,6 @@ def parse_size(size: Union[int, str]) -> int:
     return n
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)  # works for files and (on POSIX) directories
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def current_umask() -> int:
-    """The process's umask: read from /proc where there is one, so it is never changed, even
-    for a moment (``os.umask`` can only be read by setting it)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def normal_mode(directory: bool = False) -> int:
-    """The mode a plain ``open`` (0o666) or ``mkdir`` (0o777) gives under the umask. ``tempfile``
-    makes its files 0o600 and directories 0o700: atomic writes set this before renaming them in."""
-    return (0o777 if directory else 0o666) & ~current_umask()
-
-
 def remove_stale(parent: Path, pattern: "re.Pattern[str]") -> None:
     """Remove the entries of ``parent`` whose whole name matches ``pattern``: what an
     interrupted atomic write left behind (only names of our own temporary form)."""
@@ -234,7 +207,7 @@ def _write_json(path: Path, obj: object) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
-    _fsync(path)
+    fsync_path(path)
 
 
 def save_pretrained(
@@ -288,9 +261,9 @@ def save_pretrained(
             except OSError as e:
                 raise CheckpointError(f"cannot copy {src} into the checkpoint: {e}") from e
             os.chmod(tmp / name, normal_mode())
-            _fsync(tmp / name)
+            fsync_path(tmp / name)
         if extra:
-            _fsync(tmp)
+            fsync_path(tmp)
         _swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -328,7 +301,7 @@ def _write_checkpoint(
         # One shard's tensors materialised at a time (only casts / device moves copy anything).
         save_file({n: prepare(t) for n, t in shard}, out / fname, metadata={"format": "pt"})
         os.chmod(out / fname, normal_mode())  # safetensors writes 0o600 (a temporary file)
-        _fsync(out / fname)
+        fsync_path(out / fname)
         weight_map.update({n: fname for n, _ in shard})
     if len(files) > 1:
         _write_json(out / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
@@ -337,7 +310,7 @@ def _write_checkpoint(
     cfg = model.config.to_hf_dict()
     cfg["torch_dtype"] = str(stored).removeprefix("torch.")
     _write_json(out / CONFIG_NAME, cfg)
-    _fsync(out)
+    fsync_path(out)
 
 
 def _swap_in(tmp: Path, path: Path) -> None:
@@ -355,7 +328,7 @@ def _swap_in(tmp: Path, path: Path) -> None:
             os.rename(old, path)
         raise
     try:
-        _fsync(path.parent)  # make the renames durable before the old copy goes
+        fsync_path(path.parent)  # make the renames durable before the old copy goes
     finally:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)

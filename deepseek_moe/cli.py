@@ -19,7 +19,6 @@ import sys
 from typing import Optional, Sequence
 
 from . import __version__
-from .data.corpus import DEFAULT_SOURCES
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
@@ -49,43 +48,10 @@ def cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_overrides(items: Sequence[str]) -> dict:
-    """``key=value`` pairs -> config overrides; values parsed as JSON when they parse."""
-    import json
-
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--set expects key=value, got {item!r}")
-        key, raw = item.split("=", 1)
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
-    return out
-
-
 def _train_config(args: argparse.Namespace):
-    from .train import TrainConfig
+    from .train_config import TrainConfig, from_args
 
-    budget = {}
-    if args.steps is not None:
-        budget["steps"] = args.steps
-    elif args.tokens is not None:
-        budget["tokens"] = args.tokens
-    else:
-        budget["minutes"] = args.minutes
-    return TrainConfig(
-        preset=args.preset, out=args.out, model_overrides=_parse_overrides(args.set),
-        data_dir=args.data_dir, sources=tuple(args.sources), paths=tuple(args.text),
-        tokenizer=args.tokenizer, vocab_size=args.vocab_size, seq_len=args.seq_len,
-        validation_fraction=args.validation_fraction, test_fraction=args.validation_fraction,
-        batch_size=args.batch_size, grad_accum=args.grad_accum, stop_after=args.stop_after,
-        lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed, ckpt_every=args.ckpt_every,
-        keep=args.keep, eval_every=args.eval_every, eval_sequences=args.eval_sequences,
-        device=args.device, dtype=args.dtype, bf16_autocast=args.bf16, compile=args.compile,
-        progress=not args.no_progress, expert_parallel=args.expert_parallel, fsdp=args.fsdp, **budget,
-    )
+    return from_args(args, TrainConfig)
 
 
 def _summary(result) -> str:
@@ -148,8 +114,8 @@ def cmd_main(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Continue a prompt with a checkpoint, streaming the text as it is produced."""
-    from .evaluate import load_checkpoint
     from .generate import check_prompt_text, check_sampling, encode_prompts, generate_text
+    from .runs import load_checkpoint
 
     sampling = dict(greedy=args.temperature == 0, temperature=args.temperature or 1.0,
                     top_k=args.top_k, top_p=args.top_p, seed=args.seed)
@@ -212,9 +178,8 @@ def _add_data_args(sp: argparse.ArgumentParser) -> None:
 
 
 def _load_for_eval(args: argparse.Namespace, need_data: bool = True, check=None):
-    from .evaluate import eval_cache, load_checkpoint, run_train_config
-
-    from .evaluate import TOKENIZER_NAME, check_text_files, text_cache
+    from .evaluate import check_text_files, eval_cache, text_cache
+    from .runs import TOKENIZER_NAME, load_checkpoint, run_train_config
 
     only_text = bool(args.text) and args.sources is None
     if only_text and need_data:
@@ -222,7 +187,8 @@ def _load_for_eval(args: argparse.Namespace, need_data: bool = True, check=None)
     model, tok, ckpt, run = load_checkpoint(args.checkpoint, device=args.device, tokenizer=args.tokenizer)
     if check is not None:
         check(model)  # before any data work
-    seq_len = args.seq_len or int(run_train_config(run).get("seq_len", 256))
+    settings = run_train_config(run)
+    seq_len = args.seq_len or (settings.seq_len if settings is not None else 256)
     seq_len = min(seq_len, model.config.max_position_embeddings)
     cache = None
     if need_data and only_text:  # exactly the given text, in a temporary cache of its own
@@ -245,7 +211,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .data.tokenizer import eos_id
-    from .evaluate import TEXT_SPLIT, evaluate_splits, write_json_atomic
+    from .atomic import write_json_atomic
+    from .evaluate import TEXT_SPLIT, evaluate_splits
     from .multiple_choice import builtin_task, evaluate_multiple_choice, load_task_file
 
     tasks = []
@@ -282,7 +249,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if tasks:
         if tok is None:
             raise ValueError(f"{ckpt} has no tokenizer.json: multiple choice needs --tokenizer")
-        from .data.corpus import _table
+        from .tables import format_table
 
         rows = [("task", "n", "acc", "acc_norm")]
         result["multiple_choice"] = {}
@@ -300,7 +267,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             for g, v in r.groups.items():
                 rows.append((f"  {g}", str(v["n"]), f"{v['acc']:.4f}", f"{v['acc_norm']:.4f}"))
         print()
-        print(_table(rows))
+        print(format_table(rows))
     path = out_dir / ("eval.json" if label is None else f"eval-{label}.json")
     write_json_atomic(path, result)
     print(f"\nwrote {path}")
@@ -311,8 +278,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     """The paper's expert-specialisation analyses on an MoE checkpoint: disable the top routed
     experts (Fig. 4), vary the activated routed experts (Fig. 5), drop the shared expert(s), and
     expert load / routing entropy by domain. A table each, a PNG each, analysis.json."""
-    from .analyze import analyze, check_moe, plot_analysis
-    from .evaluate import TEXT_SPLIT, write_json_atomic
+    from .analyze import analyze, check_moe
+    from .atomic import write_json_atomic
+    from .evaluate import TEXT_SPLIT
+    from .plots import plot_analysis
 
     model, _, ckpt, run, cache, seq_len = _load_for_eval(args, need_data=True, check=check_moe)
     split = TEXT_SPLIT if args.text and args.sources is None else args.split  # all of the given text
@@ -342,7 +311,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     kw = {k: v for k, v in (("seeds", args.seeds), ("tokens", args.tokens), ("lr", args.lr),
                             ("data_dir", args.data_dir)) if v is not None}
-    kw.update(scale=args.scale, progress=not args.no_progress, device=args.device, bf16=args.bf16)
+    kw.update(scale=args.scale, progress=not args.no_progress, device=args.device, bf16_autocast=args.bf16)
     if args.sources is not None:
         kw["sources"] = tuple(args.sources)
     if args.text:
@@ -359,8 +328,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     another folder."""
     from pathlib import Path
 
-    from .evaluate import resolve_checkpoint
     from .parallel.checkpoint import export_released
+    from .runs import resolve_checkpoint
 
     ckpt, _ = resolve_checkpoint(args.checkpoint)
     out = export_released(ckpt, Path(args.out), force=args.force)
@@ -381,64 +350,18 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
     return lm_eval_main(rest)
 
 
-def _add_train_args(sp: argparse.ArgumentParser, preset: str, out: str, minutes: float) -> None:
-    g = sp.add_argument_group("model")
-    g.add_argument("--preset", default=preset, help="a preset name (see `presets`)")
-    g.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a model config field, e.g. --set num_hidden_layers=2")
-    g = sp.add_argument_group("budget (one of)")
-    g.add_argument("--steps", type=int, default=None, help="optimizer steps")
-    g.add_argument("--tokens", type=int, default=None, help="training tokens")
-    g.add_argument("--minutes", type=float, default=minutes, help="wall-clock minutes")
-    g = sp.add_argument_group("data")
-    g.add_argument("--data-dir", default=None,
-                   help="pinned sources, tokenizers and token caches "
-                   "(default $XDG_CACHE_HOME/deepseek-moe/data, else ~/.cache/deepseek-moe/data)")
-    g.add_argument("--sources", nargs="*", default=list(DEFAULT_SOURCES),
-                   help="built-in sources: the pinned default %(default)s; also site-packages "
-                   "and debian (fortunes, dictionary, wordnet), which read what this machine has")
-    g.add_argument("--text", action="append", default=[], metavar="PATH",
-                   help="your own text: a file, a folder, or JSONL with a 'text' field (repeatable)")
-    g.add_argument("--tokenizer", default=None, help="use this tokenizer.json instead of training one")
-    g.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary to train")
-    g.add_argument("--validation-fraction", type=float, default=0.005,
-                   help="share of documents held out for validation (and as many for test)")
-    g = sp.add_argument_group("optimisation (defaults: the paper's recipe)")
-    g.add_argument("--seq-len", type=int, default=256)
-    g.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch, over all processes")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--lr", type=float, default=1.08e-3, help="peak learning rate")
-    g.add_argument("--warmup-steps", type=int, default=None, help="default min(2000, 10%% of steps)")
-    g.add_argument("--seed", type=int, default=0)
-    g = sp.add_argument_group("run")
-    g.add_argument("--out", default=out,
-                   help="output directory" + (" (default: runs/main, or the next free runs/main-N)"
-                                              if out is None else ""))
+def _add_train_args(sp: argparse.ArgumentParser, **defaults) -> None:
+    """``train``'s options: one per ``TrainConfig`` field (``train_config.add_arguments``), and
+    what to do with an output folder that holds a run."""
+    from .train_config import add_arguments
+
+    add_arguments(sp, **defaults)
+    g = sp.add_argument_group("the output folder")
     g.add_argument("--resume", action="store_true",
                    help="continue from the newest whole checkpoint in --out (skipping damaged ones)")
     g.add_argument("--force", action="store_true",
                    help="start over in a used --out: delete the previous run's checkpoints, metrics "
                    "and plots (with --resume: only when there is no checkpoint to resume)")
-    g.add_argument("--stop-after", type=int, default=None,
-                   help="stop this invocation at this step (the schedule still spans the budget)")
-    g.add_argument("--ckpt-every", type=int, default=200, help="steps between checkpoints")
-    g.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
-    g.add_argument("--eval-every", type=int, default=0, help="steps between validation (0: end only)")
-    g.add_argument("--eval-sequences", type=int, default=64)
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="arithmetic: bf16 autocast or plain fp32; auto: where this CPU multiplies bf16 "
-                   "fast, times this model's step in both and takes the faster (bf16 on GPUs); a "
-                   "resumed run keeps its own unless forced")
-    g.add_argument("--bf16", action="store_true", help="the same as --dtype bfloat16")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the model (fullgraph, grouped_mm experts; bf16)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    g = sp.add_argument_group("layout (launch with torchrun --nproc_per_node N -m deepseek_moe train ...)")
-    g.add_argument("--expert-parallel", type=int, default=1, metavar="E",
-                   help="processes per expert-parallel group: each holds 1/E of the routed experts")
-    g.add_argument("--fsdp", action="store_true",
-                   help="shard the dense parameters over all processes with FSDP2")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -461,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("train", help="train a preset with the paper's recipe",
                         description=cmd_train.__doc__)
-    _add_train_args(sp, "deepseekmoe-tiny", "runs/train", minutes=None)
+    _add_train_args(sp)
     sp.set_defaults(func=cmd_train)
 
     sp = sub.add_parser("generate", help="continue a prompt with a checkpoint (streams text)",
@@ -538,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("main", help="the main job: train the tiny DeepSeekMoE for a few minutes",
                         description="Train deepseekmoe-tiny on the default corpus for a few "
                         "minutes, report validation loss and write loss and expert-load plots.")
-    _add_train_args(sp, "deepseekmoe-tiny", None, minutes=3.0)
+    _add_train_args(sp, shown_defaults={"out": "runs/main, or the next free runs/main-N"}, out=None, minutes=3.0)
     sp.set_defaults(func=cmd_main)
     return p
 

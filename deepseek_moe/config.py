@@ -1,6 +1,6 @@
 """Typed model configuration.
 
-Field names follow the released deepseek-moe-16b ``config.json`` (SPEC section 5), so a config
+Field names follow the ``config.json`` of the released deepseek-moe-16b checkpoint, so a config
 round-trips through the HuggingFace layout unchanged. The extra fields below the marked line are
 what the paper's baselines need (router kind, capacity factor, device-level loss); they are written
 to ``config.json`` too and ignored by other readers.

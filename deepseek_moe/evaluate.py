@@ -1,13 +1,13 @@
 """Held-out evaluation of a checkpoint: loss, perplexity and bits per byte, overall and per domain.
 
-    from deepseek_moe.evaluate import load_checkpoint, eval_cache, evaluate_splits
+    from deepseek_moe.evaluate import eval_cache, evaluate_splits
+    from deepseek_moe.runs import load_checkpoint
     model, tokenizer, ckpt, run = load_checkpoint("runs/main")
     cache = eval_cache(ckpt, run)
     report = evaluate_splits(model, cache)
 
-A checkpoint is found from a run directory (its latest checkpoint), a ``checkpoints/`` folder,
-or a checkpoint directory itself. The held-out data is the run's corpus (the settings in its
-``train_config.json``) tokenized with the checkpoint's own ``tokenizer.json``.
+The checkpoint is found and loaded by ``deepseek_moe.runs``. The held-out data is the run's corpus
+(the settings in its ``train_config.json``) tokenized with the checkpoint's own ``tokenizer.json``.
 
 Bits per byte use the UTF-8 byte count of each domain's held-out documents:
 ``bpb = loss / ln 2 * tokens / bytes`` (tokens include the end-of-text token after each
@@ -16,89 +16,20 @@ document), the tokenizer-independent measure for comparing models with different
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import CONFIG_NAME, CheckpointError, load_pretrained
+from .checkpoint import CheckpointError
 from .model import DeepseekForCausalLM
-
-PathLike = Union[str, "os.PathLike[str]"]
-TOKENIZER_NAME = "tokenizer.json"
-TRAIN_CONFIG_NAME = "train_config.json"
-
-
-# --- finding and loading a checkpoint ---------------------------------------------------------------
-def resolve_checkpoint(path: PathLike) -> tuple[Path, Optional[Path]]:
-    """``(checkpoint directory, run directory or None)`` for a run, checkpoints folder or checkpoint."""
-    from .train_state import latest_checkpoint
-
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"{p} does not exist")
-    if not p.is_dir():
-        raise CheckpointError(f"{p} is a file, not a checkpoint directory")
-    if (p / CONFIG_NAME).is_file():
-        run = p.parent.parent
-        return p, run if (run / TRAIN_CONFIG_NAME).is_file() else None
-    for root, run in ((p / "checkpoints", p), (p, p.parent)):
-        if root.is_dir():
-            ckpt = latest_checkpoint(root)
-            if ckpt is not None:
-                return ckpt, run if (run / TRAIN_CONFIG_NAME).is_file() else None
-    if (p / TRAIN_CONFIG_NAME).is_file():
-        raise CheckpointError(f"{p} is a run directory with no complete checkpoint under "
-                              f"{p / 'checkpoints'} yet")
-    raise CheckpointError(
-        f"{p} is not a checkpoint: no {CONFIG_NAME} (a checkpoint directory holds {CONFIG_NAME} "
-        f"and model*.safetensors; a run directory holds {TRAIN_CONFIG_NAME} and checkpoints/)")
-
-
-def run_train_config(run_dir: Optional[Path]) -> dict[str, Any]:
-    """The run's ``train_config.json`` as a dict ({} when there is no run directory)."""
-    if run_dir is None:
-        return {}
-    try:
-        return json.loads((run_dir / TRAIN_CONFIG_NAME).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{run_dir / TRAIN_CONFIG_NAME}: unreadable ({e})") from None
-
-
-def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
-                    tokenizer: Optional[PathLike] = None, dtype: Optional[torch.dtype] = None):
-    """``(model in eval mode, tokenizer or None, checkpoint dir, run dir or None)``.
-
-    The tokenizer is ``tokenizer`` when given, else the checkpoint's ``tokenizer.json``, else the
-    one the run was trained with; None when none is found (a released checkpoint without one).
-    """
-    from .data import load_tokenizer
-
-    ckpt, run = resolve_checkpoint(path)
-    model = load_pretrained(ckpt, device=device, dtype=dtype)
-    model.eval()
-    tok_path: Optional[Path] = Path(tokenizer) if tokenizer is not None else None
-    if tok_path is None and (ckpt / TOKENIZER_NAME).is_file():
-        tok_path = ckpt / TOKENIZER_NAME
-    trained_with = run_train_config(run).get("tokenizer")
-    if tok_path is None and trained_with:
-        tok_path = Path(trained_with)
-    tok = load_tokenizer(tok_path) if tok_path is not None else None
-    if tok is not None and tok.get_vocab_size() > model.config.vocab_size:
-        raise CheckpointError(f"the tokenizer {tok_path} has {tok.get_vocab_size()} tokens but the "
-                              f"model's vocab_size is {model.config.vocab_size}: wrong tokenizer?")
-    return model, tok, ckpt, run
-
-
-# Runs from before the pinned corpus recorded no sources; this was the default then.
-LEGACY_SOURCES = ("stdlib", "site-packages", "shakespeare", "debian")
+from .runs import TOKENIZER_NAME, PathLike, run_train_config
+from .tables import format_table
 
 
 def eval_cache(ckpt: Path, run_dir: Optional[Path], tokenizer_path: Optional[PathLike] = None, *,
@@ -114,24 +45,23 @@ def eval_cache(ckpt: Path, run_dir: Optional[Path], tokenizer_path: Optional[Pat
     from .data import check_corpus, default_data_dir, prepare_data
     from .train_state import read_trainer_state
 
-    cfg = run_train_config(run_dir)
+    settings = run_train_config(run_dir)  # None: a checkpoint outside any run
     tok_path = Path(tokenizer_path) if tokenizer_path else ckpt / TOKENIZER_NAME
     if not tok_path.is_file():
-        if cfg.get("tokenizer"):
-            tok_path = Path(cfg["tokenizer"])
+        if settings is not None and settings.tokenizer:
+            tok_path = Path(settings.tokenizer)
         else:
             raise CheckpointError(f"{ckpt} has no {TOKENIZER_NAME}: pass the tokenizer the model "
                                   "was trained with (--tokenizer)")
     own = sources is None and paths is None
-    data_dir = data_dir or cfg.get("data_dir") or default_data_dir()
+    data_dir = data_dir or (settings.data_path if settings is not None else default_data_dir())
     kwargs: dict[str, Any] = {}
-    for key in ("validation_fraction", "test_fraction"):
-        if key in cfg:
-            kwargs[key] = cfg[key]
+    if settings is not None:
+        kwargs = {"validation_fraction": settings.validation_fraction, "test_fraction": settings.test_fraction}
     if sources is None:
-        sources = cfg.get("sources", LEGACY_SOURCES) if run_dir is not None else ()
+        sources = settings.sources if settings is not None else ()
     if paths is None:
-        paths = cfg.get("paths", [])
+        paths = settings.paths if settings is not None else ()
     _, cache = prepare_data(data_dir, sources=tuple(sources), paths=tuple(paths),
                             tokenizer_path=tok_path, progress=progress, **kwargs)
     if own and (ckpt / "trainer_state.json").is_file():
@@ -291,15 +221,13 @@ class EvalReport:
                 "splits": {s: {d: sc.to_dict() for d, sc in v.items()} for s, v in self.splits.items()}}
 
     def format(self) -> str:
-        from .data.corpus import _table
-
         out = []
         for split, scores in self.splits.items():
             rows = [(split, "loss", "ppl", "bits/byte", "tokens", "scored")]
             for d, sc in scores.items():
                 rows.append((d, f"{sc.loss:.4f}", f"{sc.perplexity:.2f}", f"{sc.bits_per_byte:.4f}",
                              f"{sc.tokens:,}", f"{sc.evaluated:,}"))
-            out.append(_table(rows))
+            out.append(format_table(rows))
         return "\n\n".join(out)
 
 
@@ -339,10 +267,3 @@ def evaluate_splits(model: DeepseekForCausalLM, cache, splits: Sequence[str] = (
     finally:
         bar.close()
     return report
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    from .train_state import write_text_atomic
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(obj, indent=1, allow_nan=True) + "\n")

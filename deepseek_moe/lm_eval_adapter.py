@@ -28,9 +28,9 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     ) from None
 from tqdm.auto import tqdm
 
-from .evaluate import load_checkpoint
 from .generate import generate
 from .multiple_choice import score_continuations
+from .runs import load_checkpoint
 
 
 def _int_or(value: Any, default: int) -> int:

@@ -1,4 +1,5 @@
-"""The DeepSeekMoE causal language model (decoder-only Transformer, SPEC section 1).
+"""The DeepSeekMoE causal language model: a decoder-only Transformer whose FFNs are the MoE layers
+of DeepSeekMoE (Dai et al. 2024, eq. 9-11).
 
 Pre-norm RMSNorm, rotary positions, multi-head attention through scaled_dot_product_attention,
 SwiGLU FFNs; layer i uses an MoE FFN when ``config.is_moe_layer(i)``. Module names mirror the
@@ -89,7 +90,8 @@ class KVCache:
     Preallocated per layer: ``k[i]``, ``v[i]`` [B, Hkv, max_len, hd]; slots ``[0, length)`` are
     filled. ``valid_BT`` marks the filled slots that hold real tokens (False for padding) and
     ``seen_B`` counts each row's real tokens, which is the position its next real token gets.
-    ``DeepseekForCausalLM.forward(..., cache=c)`` appends its tokens and attends over the cache.
+    ``DeepseekForCausalLM.forward(..., cache=c)`` appends its tokens (``append``) and attends over
+    the cache.
     """
 
     def __init__(
@@ -135,6 +137,16 @@ class KVCache:
         self.length = 0
         self.valid_BT.zero_()
         self.seen_B.zero_()
+
+    def append(self, S: int, valid_BS: Optional[torch.Tensor] = None) -> int:
+        """Take ``S`` new tokens into slots ``[length, length + S)``: ``valid_BS`` (B, S) marks the
+        real ones (None: all real), which count towards ``seen_B``. Returns the first new slot,
+        where the layers then write the tokens' keys and values."""
+        start = self.length
+        self.valid_BT[:, start : start + S] = True if valid_BS is None else valid_BS
+        self.seen_B += S if valid_BS is None else valid_BS.sum(1)
+        self.length = start + S
+        return start
 
 
 def apply_rope(x_BHSd: torch.Tensor, cos_Sd: torch.Tensor, sin_Sd: torch.Tensor) -> torch.Tensor:
@@ -299,7 +311,15 @@ class DeepseekForCausalLM(nn.Module):
             raise ValueError(
                 f"sequence length {S} exceeds max_position_embeddings {cfg.max_position_embeddings}"
             )
-        positions, mask = self._positions_and_mask(input_ids, cache, positions, attention_mask)
+        valid_BS = self._valid_tokens(input_ids, attention_mask)
+        positions = self._positions(input_ids, cache, positions, valid_BS)
+        mask = None
+        if cache is not None:
+            cache.append(S, valid_BS)
+            if start > 0 or valid_BS is not None:
+                mask = attention_mask_BST(cache.valid_BT[:, : start + S], start)
+        elif valid_BS is not None:
+            mask = attention_mask_BST(valid_BS, 0)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
         if cos.dim() == 3:  # per-row positions: broadcast over heads
@@ -310,8 +330,6 @@ class DeepseekForCausalLM(nn.Module):
             x, aux = layer(x, cos, sin, input_ids, kv, start, mask)
             if aux is not None:
                 auxes.append(aux)
-        if cache is not None:
-            cache.length = start + S
         logits = self.lm_head(self.model.norm(x))
         out = CausalLMOutput(logits=logits)
         if auxes:
@@ -339,26 +357,32 @@ class DeepseekForCausalLM(nn.Module):
             out.loss = out.lm_loss + out.aux_loss
         return out
 
-    def _positions_and_mask(
+    @staticmethod
+    def _valid_tokens(
+        input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]
+    ) -> Optional[torch.Tensor]:
+        """``attention_mask`` as a boolean (B, S) of the real tokens; None: every token is real."""
+        B, S = input_ids.shape
+        if attention_mask is None:
+            return None
+        if attention_mask.shape != (B, S):
+            raise ValueError(
+                f"attention_mask must have the shape of input_ids {(B, S)}, "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        return attention_mask.to(device=input_ids.device, dtype=torch.bool)
+
+    def _positions(
         self,
         input_ids: torch.Tensor,
         cache: Optional[KVCache],
         positions: Optional[torch.Tensor],
-        attention_mask: Optional[torch.Tensor],
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Rotary positions ((S,) or (B, S)) and the SDPA mask (None: plain causal) of ``forward``;
-        records the new tokens (real or padding) in ``cache``."""
+        valid_BS: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        """Rotary positions ((S,) or (B, S)) of ``forward``'s new tokens (``valid_BS``: the real
+        ones, None: all), continuing from the real tokens already in ``cache``."""
         B, S = input_ids.shape
         device, max_pos = input_ids.device, self.config.max_position_embeddings
-        start = 0 if cache is None else cache.length
-        valid_BS = None  # None: every token is real
-        if attention_mask is not None:
-            if attention_mask.shape != (B, S):
-                raise ValueError(
-                    f"attention_mask must have the shape of input_ids {(B, S)}, "
-                    f"got {tuple(attention_mask.shape)}"
-                )
-            valid_BS = attention_mask.to(device=device, dtype=torch.bool)
         if positions is None:
             if cache is None and valid_BS is None:
                 positions = torch.arange(S, device=device)
@@ -372,15 +396,7 @@ class DeepseekForCausalLM(nn.Module):
             raise ValueError(f"positions must be (S,) or (B, S), got shape {tuple(positions.shape)}")
         elif positions.numel() and int(positions.max()) >= max_pos:
             raise ValueError(f"positions exceed max_position_embeddings {max_pos}")
-        mask = None
-        if cache is not None:
-            cache.valid_BT[:, start : start + S] = True if valid_BS is None else valid_BS
-            cache.seen_B += S if valid_BS is None else valid_BS.sum(1)
-            if start > 0 or valid_BS is not None:
-                mask = attention_mask_BST(cache.valid_BT[:, : start + S], start)
-        elif valid_BS is not None:
-            mask = attention_mask_BST(valid_BS, 0)
-        return positions.to(device), mask
+        return positions.to(device)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

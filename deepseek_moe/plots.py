@@ -1,14 +1,23 @@
-"""PNG plots of a training run: the loss curve and the expert load (matplotlib, no display)."""
+"""Every PNG the package draws (matplotlib, no display): a training run's loss curve and expert
+load, the expert-specialisation analyses of ``analyze`` and the comparisons of ``reproduce``.
+
+The results come in as data; this module imports neither ``analyze`` nor ``reproduce``.
+"""
 
 from __future__ import annotations
 
+import math
+import statistics
 from pathlib import Path
 from typing import Any, Optional, Sequence
+
+import numpy as np
 
 from .config import DeepseekMoEConfig
 
 
-def _pyplot():
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -17,7 +26,8 @@ def _pyplot():
     return plt
 
 
-def _ema(values: Sequence[float], alpha: float = 0.1) -> list[float]:
+def ema(values: Sequence[float], alpha: float = 0.1) -> list[float]:
+    """Exponential moving average: each value weighs ``alpha``, the running mean ``1 - alpha``."""
     out, acc = [], None
     for v in values:
         acc = v if acc is None else (1 - alpha) * acc + alpha * v
@@ -30,13 +40,13 @@ def plot_loss_curve(metrics: list[dict[str, Any]], path: Path, title: str = "") 
     steps = [r for r in metrics if "lm_loss" in r]
     if not steps:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     x = [r["tokens"] / 1e6 for r in steps]
     y = [r["lm_loss"] for r in steps]
     ax.plot(x, y, color="tab:blue", alpha=0.25, lw=0.8, label="train (per step)")
     alpha = min(1.0, max(0.02, 10 / len(y)))  # ~10% of the run: smooth, without a long lag
-    ax.plot(x, _ema(y, alpha), color="tab:blue", lw=1.8, label=f"train (EMA {alpha:.2g})")
+    ax.plot(x, ema(y, alpha), color="tab:blue", lw=1.8, label=f"train (EMA {alpha:.2g})")
     val = [r for r in metrics if r.get("val_loss") is not None]
     if val:
         ax.plot([r["tokens"] / 1e6 for r in val], [r["val_loss"] for r in val], "o-",
@@ -65,9 +75,7 @@ def plot_expert_load(
     rows = [r for r in metrics if r.get("tokens_per_expert")]
     if not rows:
         return None
-    import numpy as np
-
-    plt = _pyplot()
+    plt = pyplot()
     last = rows[int(len(rows) * (1 - tail)):] or rows[-1:]
     load = np.sum([r["tokens_per_expert"] for r in last], axis=0).astype(float)  # [L, E]
     rel = load / load.mean(axis=1, keepdims=True)
@@ -84,7 +92,7 @@ def plot_expert_load(
     x = [r["tokens"] / 1e6 for r in rows]
     cv = np.array([r["load_cv"] for r in rows])
     for j, layer in enumerate(config.moe_layers):
-        ax2.plot(x, _ema(cv[:, j].tolist()), label=f"layer {layer}")
+        ax2.plot(x, ema(cv[:, j].tolist()), label=f"layer {layer}")
     ax2.set_xlabel("tokens (millions)")
     ax2.set_ylabel("coefficient of variation of expert load")
     ax2.set_title("load balance over training (EMA)")
@@ -95,3 +103,179 @@ def plot_expert_load(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# --- analyze and reproduce ----------------------------------------------------------------------------
+def plot_analysis(res: Any, out_dir: Path) -> list[Path]:
+    """One PNG per analysis that ran; returns their paths. ``res``: an ``analyze.Analysis``."""
+    plt = pyplot()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    title = f"{res.model} ({res.n_shared} shared + {res.top_k}/{res.n_routed} routed)"
+
+    def save(fig, name: str) -> None:
+        p = out_dir / name
+        fig.tight_layout()
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+
+    def finish_line(fig, ax, xlabel: str, what: str, name: str) -> None:
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("held-out loss (nats)")
+        ax.set_title(f"{what}\n{title}", fontsize=10)
+        ax.grid(alpha=0.3)
+        save(fig, name)
+
+    if res.disable_top:
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        x = [r["ratio"] for r in res.disable_top]
+        y = [r["loss"] for r in res.disable_top]
+        ax.plot(x, y, "o-", color="tab:red")
+        for r in res.disable_top:
+            ax.annotate(f"{r['disabled']}", (r["ratio"], r["loss"]), textcoords="offset points",
+                        xytext=(0, 7), ha="center", fontsize=8, color="gray")
+        ax.margins(y=0.15)
+        ax.set_xticks(x, [f"{round(v * 16)}/16" if v else "0" for v in x])
+        finish_line(fig, ax, "ratio of disabled top routed experts (gray: experts masked)",
+                    "disable top routed experts (Fig. 4)", "disable_top_experts.png")
+    if res.top_k_sweep:
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        x = [r["k"] for r in res.top_k_sweep]
+        y = [r["loss"] for r in res.top_k_sweep]
+        ax.plot(x, y, "o-", color="tab:blue")
+        if res.top_k in x:
+            ax.plot([res.top_k], [y[x.index(res.top_k)]], "*", ms=15, color="tab:orange",
+                    label=f"trained k = {res.top_k}")
+            ax.legend()
+        ax.set_xticks(x)
+        finish_line(fig, ax, "activated routed experts per token at evaluation",
+                    "varying activated routed experts (Fig. 5)", "activated_experts.png")
+    if res.shared:
+        s = res.shared
+        fig, ax = plt.subplots(figsize=(5.5, 4.2))
+        labels = [f"shared on\nk = {res.top_k}", f"shared off\nk = {s['k_without']}"]
+        vals = [s["with_shared"], s["without_shared"]]
+        bars = ax.bar(labels, vals, color=["tab:green", "tab:gray"])
+        for b, v in zip(bars, vals):
+            ax.annotate(f"{v:.3f}", (b.get_x() + b.get_width() / 2, v), textcoords="offset points",
+                        xytext=(0, 3), ha="center")
+        ax.set_ylabel("held-out loss (nats)")
+        ax.set_ylim(0, max(vals) * 1.15)
+        ax.set_title(f"disabling the shared expert\n{title}", fontsize=10)
+        save(fig, "shared_expert.png")
+    if res.load:
+        ld = res.load
+        share = np.asarray(ld["domain_share"])  # [D, L, E]
+        D, L, E = share.shape
+        from matplotlib.colors import TwoSlopeNorm
+
+        fig, axes = plt.subplots(L, 1, figsize=(max(8, E * 0.16 + 3), 1.0 + L * (0.35 * D + 0.9)),
+                                 squeeze=False)
+        rel = share * E  # 1 = the uniform share
+        norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=max(2.0, float(rel.max())))
+        for i in range(L):
+            ax = axes[i, 0]
+            im = ax.imshow(rel[:, i, :], aspect="auto", cmap="RdBu_r", norm=norm, interpolation="nearest")
+            ax.set_yticks(range(D), ld["domains"], fontsize=8)
+            ax.set_title(f"layer {ld['layers'][i]}: share of each domain's tokens per expert x E "
+                         f"(JS {ld['domain_js'][i]:.3f} bits)", fontsize=9)
+            fig.colorbar(im, ax=ax, pad=0.01, label="x uniform")
+        axes[-1, 0].set_xlabel("routed expert")
+        save(fig, "expert_load_by_domain.png")
+
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+        layers = [str(x) for x in ld["layers"]]
+        a1.bar(layers, ld["load_cv"], color="tab:purple")
+        a1.set_xlabel("MoE layer")
+        a1.set_ylabel("coefficient of variation of expert load")
+        a1.set_title("load balance (0 = perfectly balanced)", fontsize=10)
+        rel_ent = [e / math.log(res.n_routed) for e in ld["entropy"]]
+        bars = a2.bar(layers, rel_ent, color="tab:cyan")
+        for b, v in zip(bars, rel_ent):
+            a2.annotate(f"{v:.3f}", (b.get_x() + b.get_width() / 2, v), textcoords="offset points",
+                        xytext=(0, 3), ha="center", fontsize=8)
+        a2.set_ylim(0, 1.1)
+        a2.set_xlabel("MoE layer")
+        a2.set_ylabel("routing entropy / ln E")
+        a2.set_title("routing entropy (1 = uniform scores)", fontsize=10)
+        fig.suptitle(title, fontsize=10)
+        save(fig, "routing_stats.png")
+    res.plots = [str(p) for p in paths]
+    return paths
+
+
+def plot_experiment(exp: Any, results: dict[str, list[dict[str, Any]]],
+                    analyses: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
+    """The PNGs of a ``reproduce`` report in ``out`` (``exp``: a ``reproduce.Experiment``): the training-loss curves (mean over seeds),
+    the test loss of each model (mean, standard deviation, one dot per seed) and, with
+    ``analyses``, the loss increase when the top routed experts are disabled (Fig. 4)."""
+    plt = pyplot()
+    paths = []
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    top = []  # the curves a quarter of the way in: the y range shows the end, where models differ
+    for label, _ in exp.models:
+        curves = [r["curve"] for r in results[label] if r["curve"]]
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)
+        x = [t / 1e6 for t, _ in curves[0][:n]]
+        y = ema([statistics.fmean(c[i][1] for c in curves) for i in range(n)],
+                 min(1.0, max(0.02, 10 / max(n, 1))))
+        ax.plot(x, y, label=label)
+        top.append(y[n // 4])
+    ax.set_xlabel("training tokens (millions)")
+    ax.set_ylabel("training LM loss, mean over seeds (EMA)")
+    ax.set_title(exp.title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    lo = min(statistics.fmean([r["test_loss"] for r in rs]) for rs in results.values()) - 0.3
+    if top:
+        ax.set_ylim(lo, max(max(top), lo + 0.5))
+    fig.tight_layout()
+    p = out / f"{exp.name}-loss_curves.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(exp.models)), 4.5))
+    labels = [label for label, _ in exp.models]
+    losses = [[r["test_loss"] for r in results[label]] for label in labels]
+    means = [statistics.fmean(xs) for xs in losses]
+    sds = [statistics.stdev(xs) if len(xs) > 1 else math.nan for xs in losses]  # one seed: no spread
+    err = [0 if math.isnan(sd) else sd for sd in sds]
+    ax.bar(range(len(labels)), means, yerr=err, capsize=6, color="tab:blue", alpha=0.8)
+    for i, label in enumerate(labels):
+        for r in results[label]:
+            ax.plot(i, r["test_loss"], "k.", ms=5)
+    ax.set_xticks(range(len(labels)), labels, rotation=15, fontsize=8)
+    lo, hi = min(means), max(means)
+    pad = max(0.02, (hi - lo) * 0.6, max(err) * 2)
+    ax.set_ylim(lo - pad, hi + pad)
+    ax.set_ylabel("test loss (nats), mean +- std; dots: seeds")
+    ax.set_title(exp.title, fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    p = out / f"{exp.name}-test_loss.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+
+    if analyses:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for label, runs in analyses.items():
+            ratios = [r["ratio"] for r in runs[0]["disable_top"]]
+            base = statistics.fmean(a["disable_top"][0]["loss"] for a in runs)
+            y = [statistics.fmean(a["disable_top"][i]["loss"] for a in runs) - base for i in range(len(ratios))]
+            ax.plot(ratios, y, "o-", label=label)
+        ax.set_xlabel("ratio of disabled top routed experts")
+        ax.set_ylabel("loss increase over r = 0 (nats)")
+        ax.set_title("Fig. 4: disabling top routed experts", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        p = out / f"{exp.name}-disable_top_experts.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+    return paths

@@ -19,6 +19,7 @@ the difference is within that margin.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .data.corpus import DEFAULT_SOURCES
+from .train_config import TrainConfig
 
 # ---- the experiments ---------------------------------------------------------------------------------
 
@@ -94,25 +95,21 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
 
 # ---- sizes ---------------------------------------------------------------------------------------------
 @dataclass
-class Settings:
+class Settings(TrainConfig):
+    """An experiment's settings: the training settings its runs share (``TrainConfig``'s fields,
+    with the experiment's defaults below; each run sets its own preset, folder, seed and budget),
+    and the experiment's own."""
+
     seeds: int = 3
-    tokens: int = 4_194_304  # per run: 1,024 steps of 16 x 256
-    seq_len: int = 256
-    batch_size: int = 16
-    lr: float = 1.08e-3
-    vocab_size: int = 4096
     scale: int = 1  # multiplies hidden size and every FFN/expert width; tokens x scale^2
     eval_tokens: Optional[int] = 131072  # held-out tokens per domain for the final loss
-    data_dir: Optional[str] = None  # default: OUT/data
-    sources: tuple[str, ...] = DEFAULT_SOURCES
-    paths: tuple[str, ...] = ()
-    validation_fraction: float = 0.005
     extra_overrides: dict[str, Any] = field(default_factory=dict)  # for tests: smaller models
-    progress: bool = True
-    device: str = "cpu"  # "cuda" trains and scores on the GPU
-    # bf16 autocast for every run; otherwise every run in fp32. Not train's per-model ``auto``: the
-    # models of one experiment must share their arithmetic to be compared.
-    bf16: bool = False
+    # TrainConfig's fields whose defaults differ for an experiment
+    tokens: Optional[int] = 4_194_304  # per run: 1,024 steps of 16 x 256
+    vocab_size: Optional[int] = 4096
+    # Every run in fp32, or bf16 autocast for every run with ``bf16_autocast``. Not train's
+    # per-model ``auto``: the models of one experiment must share their arithmetic to be compared.
+    dtype: str = "float32"
 
     @classmethod
     def quick(cls, **kw: Any) -> "Settings":
@@ -121,9 +118,21 @@ class Settings:
         base.update(kw)
         return cls(**base)
 
+    def run_config(self, run: Path, family: str, seed: int) -> TrainConfig:
+        """The ``TrainConfig`` of one run: these settings, with the run's own preset, folder, seed,
+        budget and bookkeeping."""
+        tokens = self.tokens * self.scale * self.scale
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)}
+        shared.update(
+            preset=f"{family}-tiny", out=str(run), model_overrides=preset_overrides(family, self),
+            data_dir=self.data_dir or str(run.parent.parent / "data"), tokens=tokens, steps=None,
+            minutes=None, seed=seed, ckpt_every=max(50, tokens // (self.seq_len * self.batch_size) // 4),
+            keep=1, eval_sequences=32, dtype=self.dtype_choice, bf16_autocast=False)
+        return TrainConfig(**shared)
+
 
 def model_overrides(s: Settings) -> dict[str, Any]:
-    """Overrides of the ``-tiny`` presets for these settings (the ratios of SPEC section 3 hold)."""
+    """Overrides of the ``-tiny`` presets for these settings (the ratios of the architectures compared in section 4 hold)."""
     from .presets import get_config
 
     o: dict[str, Any] = {"vocab_size": s.vocab_size}
@@ -227,18 +236,12 @@ def train_one(out: Path, family: str, seed: int, s: Settings) -> Optional[dict[s
 
 
 def _train_and_score(run: Path, family: str, seed: int, s: Settings) -> dict[str, Any]:
-    from .evaluate import eval_cache, evaluate_splits, load_checkpoint
-    from .train import TrainConfig, train
+    from .evaluate import eval_cache, evaluate_splits
+    from .runs import load_checkpoint
+    from .train import train
 
-    out = run.parent.parent
-    tokens = s.tokens * s.scale * s.scale
-    cfg = TrainConfig(
-        preset=f"{family}-tiny", out=str(run), model_overrides=preset_overrides(family, s),
-        data_dir=s.data_dir or str(out / "data"), sources=tuple(s.sources), paths=tuple(s.paths),
-        vocab_size=s.vocab_size, validation_fraction=s.validation_fraction,
-        test_fraction=s.validation_fraction, seq_len=s.seq_len, batch_size=s.batch_size, tokens=tokens,
-        lr=s.lr, seed=seed, ckpt_every=max(50, tokens // (s.seq_len * s.batch_size) // 4), keep=1,
-        eval_sequences=32, progress=s.progress, device=s.device, dtype="bfloat16" if s.bf16 else "float32")
+    cfg = s.run_config(run, family, seed)
+    tokens = cfg.tokens
     # The run folder is this command's own: resume its newest whole checkpoint, else start it over.
     res = train(cfg, resume=True, force=True)
     if res.interrupted:
@@ -255,7 +258,7 @@ def _train_and_score(run: Path, family: str, seed: int, s: Settings) -> dict[str
               "test": {d: sc.loss for d, sc in report.splits["test"].items()},
               "tokens": res.tokens, "steps": res.step,
               "curve": [(r["tokens"], r["lm_loss"]) for r in rows if "lm_loss" in r]}
-    from .evaluate import write_json_atomic
+    from .atomic import write_json_atomic
 
     write_json_atomic(run / "result.json", result)
     return result
@@ -327,7 +330,7 @@ def reproduce(name: str, out: Path, s: Settings, poll_s: float = 30.0) -> Path:
     analyses = _analyses(exp, out, s) if exp.analysis else {}
     text = report(exp, results, analyses, s, out)
     path = out / f"report-{name}.md"
-    from .train_state import write_text_atomic
+    from .atomic import write_text_atomic
 
     write_text_atomic(path, text)  # another command sharing OUT may write it too
     print(text)
@@ -336,7 +339,9 @@ def reproduce(name: str, out: Path, s: Settings, poll_s: float = 30.0) -> Path:
 
 def _analyses(exp: Experiment, out: Path, s: Settings) -> dict[str, list[dict[str, Any]]]:
     from .analyze import analyze
-    from .evaluate import eval_cache, load_checkpoint, write_json_atomic
+    from .atomic import write_json_atomic
+    from .evaluate import eval_cache
+    from .runs import load_checkpoint
 
     res: dict[str, list[dict[str, Any]]] = {}
     for label, family in exp.models:
@@ -357,6 +362,7 @@ def report(exp: Experiment, results: dict[str, list[dict[str, Any]]], analyses: 
            s: Settings, out: Path) -> str:
     """The markdown report (and its PNGs in ``out``)."""
     from .params import count_parameters, human
+    from .plots import plot_experiment
     from .presets import get_config
 
     lines = [f"# {exp.title}", "",
@@ -383,7 +389,7 @@ def report(exp: Experiment, results: dict[str, list[dict[str, Any]]], analyses: 
             lines.append(f"| {c.text} | **{v}** | {why} |")
     if analyses:
         lines += _analysis_section(analyses)
-    plots = _plots(exp, results, analyses, out)
+    plots = plot_experiment(exp, results, analyses, out)
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     return "\n".join(lines) + "\n"
 
@@ -416,76 +422,3 @@ def _analysis_section(analyses: dict[str, list[dict[str, Any]]]) -> list[str]:
             lines.append(f"  - shared expert off, k + 1 routed: {statistics.fmean(x['with_shared'] for x in shared):.4f} "
                          f"-> {statistics.fmean(x['without_shared'] for x in shared):.4f} (paper: 1.808 -> 2.414)")
     return lines
-
-
-def _plots(exp: Experiment, results: dict[str, list[dict[str, Any]]], analyses: dict[str, list[dict[str, Any]]],
-           out: Path) -> list[Path]:
-    from .plots import _ema, _pyplot
-
-    plt = _pyplot()
-    paths = []
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    top = []  # the curves a quarter of the way in: the y range shows the end, where models differ
-    for label, _ in exp.models:
-        curves = [r["curve"] for r in results[label] if r["curve"]]
-        if not curves:
-            continue
-        n = min(len(c) for c in curves)
-        x = [t / 1e6 for t, _ in curves[0][:n]]
-        y = _ema([statistics.fmean(c[i][1] for c in curves) for i in range(n)],
-                 min(1.0, max(0.02, 10 / max(n, 1))))
-        ax.plot(x, y, label=label)
-        top.append(y[n // 4])
-    ax.set_xlabel("training tokens (millions)")
-    ax.set_ylabel("training LM loss, mean over seeds (EMA)")
-    ax.set_title(exp.title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    lo = min(statistics.fmean([r["test_loss"] for r in rs]) for rs in results.values()) - 0.3
-    if top:
-        ax.set_ylim(lo, max(max(top), lo + 0.5))
-    fig.tight_layout()
-    p = out / f"{exp.name}-loss_curves.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
-
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(exp.models)), 4.5))
-    labels = [label for label, _ in exp.models]
-    ms = [mean_std([r["test_loss"] for r in results[label]]) for label in labels]
-    err = [0 if math.isnan(sd) else sd for _, sd in ms]
-    ax.bar(range(len(labels)), [m for m, _ in ms], yerr=err, capsize=6, color="tab:blue", alpha=0.8)
-    for i, label in enumerate(labels):
-        for r in results[label]:
-            ax.plot(i, r["test_loss"], "k.", ms=5)
-    ax.set_xticks(range(len(labels)), labels, rotation=15, fontsize=8)
-    lo, hi = min(m for m, _ in ms), max(m for m, _ in ms)
-    pad = max(0.02, (hi - lo) * 0.6, max(err) * 2)
-    ax.set_ylim(lo - pad, hi + pad)
-    ax.set_ylabel("test loss (nats), mean +- std; dots: seeds")
-    ax.set_title(exp.title, fontsize=9)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    p = out / f"{exp.name}-test_loss.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
-
-    if analyses:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for label, runs in analyses.items():
-            ratios = [r["ratio"] for r in runs[0]["disable_top"]]
-            base = statistics.fmean(a["disable_top"][0]["loss"] for a in runs)
-            y = [statistics.fmean(a["disable_top"][i]["loss"] for a in runs) - base for i in range(len(ratios))]
-            ax.plot(ratios, y, "o-", label=label)
-        ax.set_xlabel("ratio of disabled top routed experts")
-        ax.set_ylabel("loss increase over r = 0 (nats)")
-        ax.set_title("Fig. 4: disabling top routed experts", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        p = out / f"{exp.name}-disable_top_experts.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        paths.append(p)
-    return paths

@@ -1,17 +1,25 @@
-"""The training loop with the paper's recipe (SPEC section 4), checkpoints and exact resume.
+"""The training loop with the paper's recipe (section 4.1 and Appendix A), checkpoints and exact
+resume.
 
 Recipe: AdamW (beta 0.9 / 0.95, weight decay 0.1 on matrices), linear warmup, then the learning
 rate times 0.316 at 80% and again at 90% of the steps; gradient clipping at 1.0; init std 0.006;
-the balance losses weighted by the config's alphas are part of the model's loss.
+the balance losses (eq. 12 and 15) weighted by the config's alphas are part of the model's loss.
 
 Exact resume: the data order is a pure function of (seed, sequences consumed); the checkpoint
 holds the weights, AdamW's moments, the step, the data position and the RNG state, so a resumed
 run reproduces the uninterrupted one bit for bit on CPU.
+
+The run in four named steps: ``_build_run`` (data, model, layout, optimizer, resume, arithmetic),
+``_train_step`` (one optimizer step's forward and backward), ``_Budget`` (a wall-clock budget as a
+step count, calibrated from the run's own steps) and ``_loop``. What differs under
+torch.distributed sits behind ``Layout``'s methods, which are plain calls for one process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
@@ -24,102 +32,27 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, load_pretrained
+from .config import DeepseekMoEConfig
+from .data import PackedSequences, SequenceSampler, batch, check_corpus, corpus_record, prepare_data
 from .model import DeepseekForCausalLM
 from .parallel.mesh import Layout, ParallelPlan, env_world_size
 from .presets import get_config
-from .runtime import (AUTO_DTYPE_ENV, DTYPES, compile_model, configure_process, cpu_matmul_speeds, dtype_name,
-                      resolve_dtype)
+from .runtime import AUTO_DTYPE_ENV, compile_model, configure_process, cpu_matmul_speeds, dtype_name, resolve_dtype
 from .runtime import autocast as runtime_autocast
-from .data.corpus import DEFAULT_SOURCES, default_data_dir
-from .train_state import (
-    complete_checkpoints,
-    load_training_state,
-    pick_checkpoint,
-    read_trainer_state,
-    save_training_checkpoint,
-    write_text_atomic,
-)
+from .train_config import TRAIN_CONFIG_NAME, TrainConfig
+from .train_state import complete_checkpoints, load_training_state, pick_checkpoint, read_trainer_state
+from .atomic import write_text_atomic
+
+__all__ = ["TrainConfig", "TrainResult", "train", "build_optimizer", "param_groups", "lr_at",
+           "default_warmup", "load_stats", "evaluate_loss", "plan_run", "RUN_FILES"]
 
 DECAY_MULTIPLIER = 0.316
 DECAY_AT = (0.8, 0.9)
 REPLAN_AT = 10  # a wall-clock budget is re-planned after this many timed steps (and half way)
 REPLAN_WINDOW = 50  # ... from the mean time of at most this many of the latest steps
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run needs; saved as ``train_config.json`` in the output directory."""
-
-    preset: str = "deepseekmoe-tiny"
-    out: str = "runs/tiny"
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-    # data
-    data_dir: Optional[str] = None  # default: $XDG_CACHE_HOME/deepseek-moe/data
-    sources: tuple[str, ...] = DEFAULT_SOURCES
-    paths: tuple[str, ...] = ()
-    tokenizer: Optional[str] = None  # an existing tokenizer.json; else one is trained
-    vocab_size: Optional[int] = None  # BPE size to train (default: the model's vocab_size)
-    validation_fraction: float = 0.005  # of documents, chosen by content hash
-    test_fraction: float = 0.005
-    # batch and budget (exactly one of steps / tokens / minutes; steps wins)
-    seq_len: int = 256
-    batch_size: int = 16
-    grad_accum: int = 1
-    steps: Optional[int] = None
-    tokens: Optional[int] = None
-    minutes: Optional[float] = None
-    stop_after: Optional[int] = None  # stop this invocation at this step (schedule unchanged)
-    # the recipe
-    lr: float = 1.08e-3
-    warmup_steps: Optional[int] = None  # default min(2000, 10% of steps)
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    seed: int = 0
-    # bookkeeping
-    ckpt_every: int = 200
-    keep: int = 3
-    eval_every: int = 0  # 0: only at the end
-    eval_sequences: int = 64
-    device: str = "cpu"
-    dtype: str = "auto"  # autocast: auto (the faster on this CPU, bf16 on GPUs), float32, bfloat16
-    bf16_autocast: bool = False  # the same as dtype="bfloat16" (the --bf16 of earlier versions)
-    compile: bool = False  # torch.compile the model (fullgraph; the grouped_mm experts backend)
-    progress: bool = True
-    # layout (torchrun): batch_size is the global batch, split evenly over the processes
-    expert_parallel: int = 1  # processes per expert-parallel group
-    fsdp: bool = False  # FSDP2 for the dense parameters
-
-    def validate(self) -> None:
-        for name in ("seq_len", "batch_size", "grad_accum", "ckpt_every", "eval_sequences"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.steps is None and self.tokens is None and self.minutes is None:
-            raise ValueError("give a budget: steps, tokens or minutes")
-        for name in ("steps", "tokens", "minutes", "warmup_steps", "stop_after"):
-            v = getattr(self, name)
-            if v is not None and v < 0:
-                raise ValueError(f"{name} must be >= 0, got {v}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.expert_parallel < 1:
-            raise ValueError(f"expert_parallel must be >= 1, got {self.expert_parallel}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-
-    @property
-    def dtype_choice(self) -> str:
-        return "bfloat16" if self.bf16_autocast else self.dtype
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.seq_len * self.batch_size * self.grad_accum
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=1)
 
 
 # --- the recipe -----------------------------------------------------------------------------------
@@ -313,11 +246,168 @@ def _read_metrics(path: Path, upto_step: int) -> list[dict[str, Any]]:
     return [r for r in rows if r.get("step", 0) <= upto_step and not r.get("final")]
 
 
+
+# --- building the run -----------------------------------------------------------------------------
+@dataclass
+class _Run:
+    """A run in progress: what ``_build_run`` made once, and the state the loop advances."""
+
+    cfg: TrainConfig
+    model_cfg: DeepseekMoEConfig
+    layout: Layout
+    out: Path
+    device: torch.device
+    tokenizer: Any
+    corpus: dict[str, Any]
+    train_set: PackedSequences
+    val_set: PackedSequences
+    sampler: SequenceSampler
+    model: DeepseekForCausalLM
+    step_model: torch.nn.Module  # the model, or its compiled form
+    optimizer: torch.optim.Optimizer
+    compute_dtype: Optional[torch.dtype]  # autocast's dtype; None: plain fp32
+    # advanced by the loop
+    step: int
+    position: int  # sequences consumed (all ranks)
+    total_steps: Optional[int]
+    warmup: Optional[int]
+    metrics: list[dict[str, Any]]
+    val_loss: Optional[float] = None  # the final validation loss, once evaluated
+    checkpoint: Optional[Path] = None  # the newest checkpoint this invocation wrote
+
+    @property
+    def main(self) -> bool:
+        return self.layout.is_main
+
+    def say(self, *args: Any, **kw: Any) -> None:
+        if self.main:
+            print(*args, **kw)
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def micro_batch(self, position: int) -> torch.Tensor:
+        """This rank's share of the global micro-batch at data ``position``."""
+        local_b = self.cfg.batch_size // self.layout.world
+        x = batch(self.train_set, self.sampler, position + self.layout.rank * local_b, local_b)
+        return x.to(self.device)
+
+    def evaluate(self) -> float:
+        # Every rank runs the same sequences: expert parallelism and FSDP need them all.
+        loss = evaluate_loss(self.model, self.val_set, self.cfg.eval_sequences, self.cfg.batch_size,
+                             self.device)
+        self.layout.after_evaluation(self.model)
+        return loss
+
+    def save_checkpoint(self) -> Path:
+        state = {"position": self.position, "total_steps": self.total_steps, "warmup_steps": self.warmup,
+                 "seed": self.cfg.seed, "preset": self.cfg.preset, "val_loss": self.val_loss,
+                 "corpus": self.corpus, "dtype": dtype_name(self.compute_dtype)}
+        self.checkpoint = self.layout.save_checkpoint(
+            self.out / "checkpoints", self.step, self.model, self.optimizer, state, keep=self.cfg.keep,
+            extra_files={"tokenizer.json": self.tokenizer.to_str()})
+        return self.checkpoint
+
+
+def _prepare_data(cfg: TrainConfig, model_cfg: DeepseekMoEConfig, layout: Layout, run_plan: _RunPlan):
+    """(tokenizer, token cache, corpus record): rank 0 builds the cache, the others then open it.
+    A resumed run keeps its token ids: the checkpoint's own tokenizer, whatever the data folder
+    holds now, and the corpus it recorded."""
+    ckpt = run_plan.ckpt
+    tok_path = Path(cfg.tokenizer) if cfg.tokenizer else None
+    if ckpt is not None and (ckpt / "tokenizer.json").is_file():
+        tok_path = ckpt / "tokenizer.json"
+
+    def prepare(progress: bool):
+        return prepare_data(
+            cfg.data_path, vocab_size=cfg.vocab_size or model_cfg.vocab_size, sources=cfg.sources,
+            paths=cfg.paths, tokenizer_path=tok_path, progress=progress,
+            validation_fraction=cfg.validation_fraction, test_fraction=cfg.test_fraction,
+        )
+
+    if layout.is_main:
+        tokenizer, cache = prepare(cfg.progress)
+        layout.barrier()
+    else:
+        layout.barrier()
+        with contextlib.redirect_stdout(io.StringIO()):
+            tokenizer, cache = prepare(False)
+    corpus = corpus_record(cache)
+    if ckpt is not None:
+        if run_plan.state.get("corpus"):
+            check_corpus(run_plan.state["corpus"], cache, f"--resume from {ckpt}")
+        elif layout.is_main:
+            print(f"note: {ckpt} records no corpus fingerprint (an older run); it cannot be checked")
+    vocab = tokenizer.get_vocab_size()
+    if vocab > model_cfg.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {vocab} tokens but the model's vocab_size is "
+            f"{model_cfg.vocab_size}: train a smaller tokenizer or raise vocab_size"
+        )
+    return tokenizer, cache, corpus
+
+
+def _build_run(cfg: TrainConfig, run_plan: _RunPlan, out: Path, model_cfg: DeepseekMoEConfig,
+               layout: Layout) -> _Run:
+    """Data, model, layout, optimizer, the resumed state and the arithmetic: everything the loop
+    needs, every check done."""
+    device = layout.device
+    say = print if layout.is_main else (lambda *a, **k: None)
+    if layout.is_main:
+        for p in run_plan.delete:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        _check_writable(out)
+    tokenizer, cache, corpus = _prepare_data(cfg, model_cfg, layout, run_plan)
+    train_set = PackedSequences(cache.tokens("train"), cfg.seq_len)
+    val_set = PackedSequences(cache.tokens("validation"), cfg.seq_len)
+    if len(train_set) < cfg.batch_size:
+        raise ValueError(f"the training split holds {len(train_set)} sequences of {cfg.seq_len} "
+                         f"tokens, fewer than one batch of {cfg.batch_size}")
+    sampler = SequenceSampler(len(train_set), cfg.seed)
+
+    torch.manual_seed(cfg.seed)
+    model = DeepseekForCausalLM(model_cfg).to(device)
+    layout.parallelize(model, say)
+    optimizer = build_optimizer(model, cfg)  # FSDP2: before any forward (sharded parameters)
+    step, position, total_steps, metrics, warmup = 0, 0, None, [], cfg.warmup_steps
+    ckpt = run_plan.ckpt
+    if ckpt is not None:
+        state = _resume(ckpt, cfg, model_cfg, model, optimizer, layout, device)
+        step, position, total_steps = state["step"], state["position"], state["total_steps"]
+        if state.get("warmup_steps") is not None:  # a resumed run keeps the schedule it started with
+            warmup = state["warmup_steps"]
+        torch.set_rng_state(torch.tensor(state["torch_rng_state"], dtype=torch.uint8))
+        metrics = _read_metrics(out / "metrics.jsonl", step)
+        say(f"resumed from {ckpt} at step {step} ({position * cfg.seq_len:,} tokens)")
+    elif cfg.steps is not None:
+        total_steps = cfg.steps
+    elif cfg.tokens is not None:
+        total_steps = math.ceil(cfg.tokens / cfg.tokens_per_step)
+
+    run = _Run(cfg, model_cfg, layout, out, device, tokenizer, corpus, train_set, val_set, sampler,
+               model, model, optimizer, None, step, position, total_steps, warmup, metrics)
+    # Arithmetic: a resumed run keeps the dtype it was started with (exact resume), unless forced.
+    # (checkpoints from before the choice existed were trained in fp32 unless --bf16)
+    saved_dtype = run_plan.state.get("dtype", "float32") if ckpt is not None else None
+    choice = saved_dtype if saved_dtype is not None and cfg.dtype_choice == "auto" else cfg.dtype_choice
+    if saved_dtype is not None and choice != saved_dtype:
+        say(f"note: the run was started in {saved_dtype}; it continues in {choice}")
+    run.compute_dtype, why = _choose_dtype(choice, run)
+    say(f"arithmetic: {dtype_name(run.compute_dtype)}{' autocast' if run.compute_dtype is not None else ''}"
+        + (f" ({why})" if why else ""))
+    if cfg.compile:
+        if run.compute_dtype != torch.bfloat16:
+            raise ValueError("--compile runs the experts on grouped_mm, which torch.compile takes in bf16 "
+                             f"only, but this run computes in {dtype_name(run.compute_dtype)}: add --dtype bfloat16")
+        run.step_model = compile_model(model)
+    return run
+
+
 _PROBED: dict[tuple, tuple[Optional[torch.dtype], str]] = {}  # one probe per model and batch shape
 
 
-def _choose_dtype(choice: str, device: torch.device, model: torch.nn.Module, model_cfg, train_set, sampler,
-                  cfg: TrainConfig, layout: "Layout") -> tuple[Optional[torch.dtype], str]:
+def _choose_dtype(choice: str, run: _Run) -> tuple[Optional[torch.dtype], str]:
     """The autocast dtype of this run (None: plain fp32) and why.
 
     ``auto`` on a CPU whose matmul runs bf16 clearly faster (``runtime.fastest_cpu_dtype``) times
@@ -326,30 +416,28 @@ def _choose_dtype(choice: str, device: torch.device, model: torch.nn.Module, mod
     be slower in bf16 even where big GEMMs are several times faster. The probe changes no weight,
     gradient, data position or random state.
     """
-    from .data import batch
-
-    dtype = resolve_dtype(choice, device)
-    if choice != "auto" or device.type != "cpu" or dtype is None:
+    dtype = resolve_dtype(choice, run.device)
+    if choice != "auto" or run.device.type != "cpu" or dtype is None:
         return dtype, ""
     if os.environ.get(AUTO_DTYPE_ENV):
         return dtype, f"${AUTO_DTYPE_ENV}"
-    local_b = cfg.batch_size // layout.world
-    key = (json.dumps(dataclasses.asdict(model_cfg), sort_keys=True, default=str), local_b, cfg.seq_len,
-           layout.world)
+    layout, cfg = run.layout, run.cfg
+    key = (json.dumps(dataclasses.asdict(run.model_cfg), sort_keys=True, default=str),
+           cfg.batch_size // layout.world, cfg.seq_len, layout.world)
     if key in _PROBED:
         return _PROBED[key]
-    x = batch(train_set, sampler, layout.rank * local_b, local_b).to(device)
+    x = batch(run.train_set, run.sampler, layout.rank * key[1], key[1]).to(run.device)
     rng = torch.get_rng_state()
 
     def seconds(dt: Optional[torch.dtype]) -> float:
         best = math.inf
         for _ in range(2):
             t0 = time.perf_counter()
-            with runtime_autocast(dt, device):
-                out = model(x, labels=x)
+            with runtime_autocast(dt, run.device):
+                out = run.model(x, labels=x)
             out.loss.backward()
             best = min(best, time.perf_counter() - t0)
-        model.zero_grad(set_to_none=True)
+        run.model.zero_grad(set_to_none=True)
         return layout.max(best)
 
     t32, t16 = seconds(None), seconds(torch.bfloat16)
@@ -362,13 +450,11 @@ def _choose_dtype(choice: str, device: torch.device, model: torch.nn.Module, mod
     return chosen, why
 
 
-def _resume(ckpt: Path, cfg: TrainConfig, model_cfg, model: torch.nn.Module,
-            optimizer: torch.optim.Optimizer, layout: "Layout", device: torch.device) -> dict[str, Any]:
+def _resume(ckpt: Path, cfg: TrainConfig, model_cfg: DeepseekMoEConfig, model: torch.nn.Module,
+            optimizer: torch.optim.Optimizer, layout: Layout, device: torch.device) -> dict[str, Any]:
     """Load ``ckpt`` into the model and optimizer, whatever layout either was saved or is now in;
     returns the trainer state."""
-    from .config import DeepseekMoEConfig
     from .parallel.checkpoint import is_distributed_checkpoint, load_distributed_state, load_full_state
-    from .train_state import read_trainer_state
 
     state = read_trainer_state(ckpt)
     saved_cfg = DeepseekMoEConfig.load(ckpt / "config.json")
@@ -390,6 +476,222 @@ def _resume(ckpt: Path, cfg: TrainConfig, model_cfg, model: torch.nn.Module,
     return state
 
 
+# --- one training step --------------------------------------------------------------------------
+@dataclass
+class _StepStats:
+    """One optimizer step's losses (means over the global batch) and expert-load sums."""
+
+    loss: float = 0.0
+    lm_loss: float = 0.0
+    tokens_per_expert: Optional[torch.Tensor] = None  # [L, E] summed over micro-batches and ranks
+    dropped: Optional[torch.Tensor] = None
+    expert_balance: Optional[torch.Tensor] = None
+    device_balance: Optional[torch.Tensor] = None
+
+    def add(self, o: Any, share: float) -> None:
+        self.loss += o.loss.item() * share
+        self.lm_loss += o.lm_loss.item() * share
+        for name, val in (("tokens_per_expert", o.tokens_per_expert), ("dropped", o.dropped_tokens),
+                          ("expert_balance", o.expert_balance_loss.detach() * share),
+                          ("device_balance", o.device_balance_loss.detach() * share)):
+            have = getattr(self, name)
+            setattr(self, name, val if have is None else have + val)
+
+    @property
+    def has_moe(self) -> bool:
+        return self.tokens_per_expert is not None and self.tokens_per_expert.numel() > 0
+
+
+def _train_step(run: _Run, position: int) -> tuple[_StepStats, int]:
+    """Forward and backward of one optimizer step (``grad_accum`` micro-batches from data
+    ``position``), gradients synchronised over the layout; returns the step's statistics and the
+    data position after it. A non-finite loss stops the run with the position where it appeared."""
+    cfg, layout = run.cfg, run.layout
+    stats = _StepStats()
+    share = 1.0 / cfg.grad_accum
+    for _ in range(cfg.grad_accum):
+        x = run.micro_batch(position)
+        position += cfg.batch_size
+        with runtime_autocast(run.compute_dtype, run.device):
+            o = run.step_model(x, labels=x)
+        (o.loss / cfg.grad_accum).backward()
+        stats.add(o, share)
+    layout.sync_gradients(run.model)
+    stats.loss, stats.lm_loss = layout.mean([stats.loss, stats.lm_loss])
+    if stats.has_moe:  # ranks agree on the global batch's statistics
+        stats.tokens_per_expert = layout.sum_(stats.tokens_per_expert)
+        stats.dropped = layout.sum_(stats.dropped)
+        stats.expert_balance = layout.sum_(stats.expert_balance.float()) / layout.world
+        stats.device_balance = layout.sum_(stats.device_balance.float()) / layout.world
+    if not math.isfinite(stats.loss):
+        raise FloatingPointError(f"the loss is {stats.loss} at data position {position}")
+    return stats, position
+
+
+def _metrics_row(run: _Run, stats: _StepStats, lr: float, grad_norm: torch.Tensor, seconds: float) -> dict[str, Any]:
+    cfg = run.cfg
+    row: dict[str, Any] = {
+        "step": run.step, "tokens": run.step * cfg.tokens_per_step, "loss": stats.loss,
+        "lm_loss": stats.lm_loss, "lr": lr, "grad_norm": grad_norm.item(),
+        "tokens_per_s": cfg.tokens_per_step / seconds, "epoch": run.position / len(run.train_set),
+    }
+    if stats.has_moe:
+        row["expert_balance_loss"] = stats.expert_balance.tolist()
+        row["device_balance_loss"] = stats.device_balance.tolist()
+        row["dropped_tokens"] = stats.dropped.tolist()
+        row["tokens_per_expert"] = stats.tokens_per_expert.tolist()
+        row.update(load_stats(stats.tokens_per_expert))
+    return row
+
+
+# --- a wall-clock budget as a step count -----------------------------------------------------------
+class _Budget:
+    """A run given minutes instead of steps. A first (dropped) step gives a provisional step count;
+    the timed training steps re-plan it at ``REPLAN_AT`` steps (warmup included) and again half way
+    (the decay steps come after). It is also a hard limit: 1.5x the budget stops the run, should
+    the machine slow down after calibration (``--resume`` finishes the schedule)."""
+
+    def __init__(self, run: _Run) -> None:
+        cfg = run.cfg
+        self.minutes = cfg.minutes
+        self.seconds: Optional[float] = None  # the budget to plan, when the step count is not known
+        self.hard_limit = cfg.minutes is not None and not cfg.steps and not cfg.tokens
+        self.deadline: Optional[float] = None
+        self.warmup_fixed = run.warmup is not None
+        self.replans = 0
+        self.step_times: list[float] = []
+        self.t_loop = 0.0
+        self.train_seconds = 0.0  # in the loop: no data preparation, final evaluation or save
+
+    def start(self) -> None:
+        """The loop starts: the clock of the re-plans and of the hard limit."""
+        self.t_loop = time.perf_counter()
+        if self.hard_limit:
+            self.deadline = self.t_loop + 1.5 * self.minutes * 60
+
+    def calibrate(self, run: _Run) -> None:
+        """A provisional ``run.total_steps`` from one untimed step (no update, no data consumed)."""
+        if run.total_steps is not None:
+            return
+        self.seconds = self.minutes * 60
+        t0 = time.perf_counter()
+        _train_step(run, 0)
+        run.optimizer.zero_grad(set_to_none=True)
+        first = run.layout.max(time.perf_counter() - t0)  # every rank must plan the same steps
+        run.total_steps = max(1, int(self.seconds / first))
+        run.say(f"budget {self.minutes} min: {run.total_steps} steps provisionally ({first:.2f} s for a "
+                f"first step of {run.cfg.tokens_per_step:,} tokens); re-planned from the timed steps")
+
+    def overrun(self, run: _Run) -> bool:
+        if self.deadline is None or not run.layout.any(time.perf_counter() > self.deadline):
+            return False
+        run.say(f"\nstopping at step {run.step}: 1.5x the {self.minutes} min budget has passed "
+                "(the machine slowed down); --resume finishes the schedule")
+        return True
+
+    def replan_due(self, step: int, total_steps: int) -> bool:
+        if self.seconds is None or self.replans >= 2:
+            return False
+        return step >= (min(REPLAN_AT, max(1, total_steps - 1)) if self.replans == 0 else total_steps // 2)
+
+    def replan(self, run: _Run) -> None:
+        """Set the step count that fills the budget from the mean of the latest timed steps (the
+        first two, slower while buffers are allocated, left out)."""
+        timed = (self.step_times[2:] or self.step_times)[-REPLAN_WINDOW:]
+        per_step = run.layout.max(sum(timed) / len(timed))
+        left = self.seconds - (time.perf_counter() - self.t_loop)
+        run.total_steps = max(run.step, run.step + int(left / per_step))
+        if not self.warmup_fixed and self.replans == 0:
+            run.warmup = default_warmup(run.total_steps)
+        self.replans += 1
+        run.say(f"\nbudget {self.minutes} min: {run.total_steps} steps at {per_step:.3f} s/step "
+                f"(mean of the last {len(timed)} timed steps)")
+
+
+# --- the loop --------------------------------------------------------------------------------------
+def _end_step(run: _Run) -> int:
+    stop = run.cfg.stop_after
+    return run.total_steps if stop is None else min(run.total_steps, stop)
+
+
+def _loop(run: _Run, budget: _Budget) -> bool:
+    """Optimizer steps until the end step, a checkpoint every ``ckpt_every``, then the final
+    validation and checkpoint; returns whether the run was interrupted (Ctrl-C or the deadline)."""
+    cfg, layout = run.cfg, run.layout
+    metrics_path = run.out / "metrics.jsonl"
+    if run.main:
+        write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in run.metrics))
+    end_step = _end_step(run)
+    bar = tqdm(total=end_step, initial=run.step, disable=not (cfg.progress and run.main), unit="step",
+               dynamic_ncols=True)
+    run.model.train()
+    interrupted = False
+    budget.start()
+    with _StopFlag() as flag, (open(metrics_path, "a") if run.main else contextlib.nullcontext()) as log:
+        while run.step < end_step:
+            t0 = time.perf_counter()
+            lr = lr_at(run.step, cfg.lr, run.warmup, run.total_steps)
+            for g in run.optimizer.param_groups:
+                g["lr"] = lr
+            stats, run.position = _train_step(run, run.position)
+            grad_norm = layout.clip_grad_norm_(run.model, run.params, cfg.grad_clip)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            run.step += 1
+            dt = time.perf_counter() - t0
+            budget.step_times.append(dt)
+            row = _metrics_row(run, stats, lr, grad_norm, dt)
+            if cfg.eval_every and run.step % cfg.eval_every == 0 and run.step < end_step:
+                row["val_loss"] = run.evaluate()
+            if run.main:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+            run.metrics.append(row)
+            _show(bar, row)
+            if layout.any(flag.stop) or budget.overrun(run):
+                interrupted = True
+                break
+            if budget.replan_due(run.step, run.total_steps):
+                budget.replan(run)
+                end_step = bar.total = _end_step(run)
+                bar.refresh()
+                if run.step >= end_step:
+                    break
+            if run.step % cfg.ckpt_every == 0 and run.step < end_step:
+                run.save_checkpoint()
+        bar.close()
+        budget.train_seconds = time.perf_counter() - budget.t_loop
+        run.val_loss = run.evaluate()
+        final = {"step": run.step, "tokens": run.step * cfg.tokens_per_step, "val_loss": run.val_loss,
+                 "final": True}
+        if run.main:
+            log.write(json.dumps(final) + "\n")
+        run.metrics.append(final)
+        run.save_checkpoint()
+    return interrupted
+
+
+def _show(bar: Any, row: dict[str, Any]) -> None:
+    post = {"loss": f"{row['lm_loss']:.3f}", "lr": f"{row['lr']:.2e}", "tok/s": f"{row['tokens_per_s']:,.0f}"}
+    if "load_cv" in row:
+        post["cv"] = f"{sum(row['load_cv']) / len(row['load_cv']):.2f}"
+    bar.set_postfix(post)
+    bar.update(1)
+
+
+def _plots(run: _Run) -> list[Path]:
+    try:
+        from .plots import plot_expert_load, plot_loss_curve
+
+        title = f"{run.cfg.preset}: {run.model_cfg.num_hidden_layers} layers, hidden {run.model_cfg.hidden_size}"
+        plots = [plot_loss_curve(run.metrics, run.out / "loss_curve.png", title),
+                 plot_expert_load(run.metrics, run.model_cfg, run.out / "expert_load.png")]
+        return [p for p in plots if p is not None]
+    except ImportError as e:  # matplotlib is a runtime dependency; say so if it is missing
+        run.say(f"plots skipped: {e}")
+        return []
+
+
 def train(cfg: TrainConfig, resume: bool = False, force: bool = False) -> TrainResult:
     """Train ``cfg.preset`` on the prepared corpus; returns where everything was written.
 
@@ -402,11 +704,9 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False) -> TrainR
     cfg.validate()
     configure_process()  # as every command does (a no-op when the CLI did it already)
     out = Path(cfg.out)
-    ckpt_root = out / "checkpoints"
-    device = torch.device(cfg.device)
     t_start = time.perf_counter()
 
-    # ---- model config and layout: every check before any work ----
+    # model config and layout: every check before any work
     model_cfg = get_config(cfg.preset, **cfg.model_overrides)
     if model_cfg.max_position_embeddings < cfg.seq_len:
         model_cfg = model_cfg.replace(max_position_embeddings=cfg.seq_len)
@@ -415,321 +715,27 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False) -> TrainR
     if cfg.batch_size % plan.world:
         raise ValueError(f"batch_size {cfg.batch_size} (the global batch) does not split evenly over "
                          f"{plan.world} processes")
-    layout = Layout(plan, device)
+    layout = Layout(plan, torch.device(cfg.device))
     try:
         say = print if layout.is_main else (lambda *a, **k: None)
         run_plan = plan_run(out, resume, force, say)  # every rank decides alike, before any deletion
         layout.barrier()
-        return _train(cfg, run_plan, out, ckpt_root, device, t_start, model_cfg, layout)
+        run = _build_run(cfg, run_plan, out, model_cfg, layout)
+        budget = _Budget(run)
+        budget.calibrate(run)
+        if run.warmup is None:
+            run.warmup = default_warmup(run.total_steps)
+        planned, held = run.total_steps * cfg.tokens_per_step, len(run.train_set) * cfg.seq_len
+        if planned > held:
+            say(f"warning: {planned:,} tokens planned but the training split holds "
+                f"{held:,}: data will repeat ({planned / held:.2f} epochs)")
+        if run.main:
+            write_text_atomic(out / TRAIN_CONFIG_NAME, cfg.to_json())
+            model_cfg.save(out / "model_config.json")
+        interrupted = _loop(run, budget)
+        plots = _plots(run) if run.main else []
+        return TrainResult(out, run.step, run.total_steps, run.step * cfg.tokens_per_step, run.val_loss,
+                           run.checkpoint, interrupted, time.perf_counter() - t_start, plots,
+                           budget.train_seconds, budget.seconds)
     finally:
         layout.close()
-
-
-def _train(cfg: TrainConfig, run_plan: _RunPlan, out: Path, ckpt_root: Path, device: torch.device,
-           t_start: float, model_cfg, layout: "Layout") -> TrainResult:
-    from .data import PackedSequences, SequenceSampler, batch, check_corpus, corpus_record, prepare_data
-
-    main = layout.is_main
-    say = print if main else (lambda *a, **k: None)
-    ckpt = run_plan.ckpt
-    if main:
-        for p in run_plan.delete:
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-        _check_writable(out)
-    # ---- data: rank 0 builds the cache, the others then open it ----
-    data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
-    # A resumed run keeps its token ids: the checkpoint's own tokenizer, whatever data_dir holds now.
-    tok_path = Path(cfg.tokenizer) if cfg.tokenizer else None
-    if ckpt is not None and (ckpt / "tokenizer.json").is_file():
-        tok_path = ckpt / "tokenizer.json"
-
-    def prepare(progress: bool):
-        return prepare_data(
-            data_dir, vocab_size=cfg.vocab_size or model_cfg.vocab_size, sources=cfg.sources,
-            paths=cfg.paths, tokenizer_path=tok_path, progress=progress,
-            validation_fraction=cfg.validation_fraction, test_fraction=cfg.test_fraction,
-        )
-
-    if main:
-        tokenizer, cache = prepare(cfg.progress)
-        layout.barrier()
-    else:
-        import contextlib
-        import io
-
-        layout.barrier()
-        with contextlib.redirect_stdout(io.StringIO()):
-            tokenizer, cache = prepare(False)
-    corpus = corpus_record(cache)
-    if ckpt is not None:
-        if run_plan.state.get("corpus"):
-            check_corpus(run_plan.state["corpus"], cache, f"--resume from {ckpt}")
-        else:
-            say(f"note: {ckpt} records no corpus fingerprint (an older run); it cannot be checked")
-    vocab = tokenizer.get_vocab_size()
-    if vocab > model_cfg.vocab_size:
-        raise ValueError(
-            f"the tokenizer has {vocab} tokens but the model's vocab_size is "
-            f"{model_cfg.vocab_size}: train a smaller tokenizer or raise vocab_size"
-        )
-    train_set = PackedSequences(cache.tokens("train"), cfg.seq_len)
-    val_set = PackedSequences(cache.tokens("validation"), cfg.seq_len)
-    if len(train_set) < cfg.batch_size:
-        raise ValueError(f"the training split holds {len(train_set)} sequences of {cfg.seq_len} "
-                         f"tokens, fewer than one batch of {cfg.batch_size}")
-    sampler = SequenceSampler(len(train_set), cfg.seed)
-
-    # ---- model, layout, optimizer, resume ----
-    torch.manual_seed(cfg.seed)
-    model = DeepseekForCausalLM(model_cfg).to(device)
-    if layout.active:
-        from .parallel.data_parallel import apply_fsdp
-        from .parallel.expert_parallel import apply_expert_parallel
-
-        if cfg.expert_parallel > 1 and model_cfg.n_device_groups != cfg.expert_parallel:
-            say(f"device-level balance loss: experts grouped by their {cfg.expert_parallel} "
-                f"expert-parallel ranks (the config says n_device_groups={model_cfg.n_device_groups})")
-        apply_expert_parallel(model, layout.mesh)
-        if cfg.fsdp:
-            apply_fsdp(model, layout.world_mesh)
-        say(f"layout: {layout.world} processes, mesh dp={layout.plan.dp} x ep={layout.plan.ep}"
-            f"{', FSDP2 for dense parameters' if cfg.fsdp else ''}")
-    optimizer = build_optimizer(model, cfg)  # FSDP2: before any forward (sharded parameters)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    start_step, position, total_steps, metrics = 0, 0, None, []
-    warmup_saved = None  # a resumed run keeps the schedule it started with
-    if ckpt is not None:
-        state = _resume(ckpt, cfg, model_cfg, model, optimizer, layout, device)
-        start_step, position, total_steps = state["step"], state["position"], state["total_steps"]
-        warmup_saved = state.get("warmup_steps")
-        torch.set_rng_state(torch.tensor(state["torch_rng_state"], dtype=torch.uint8))
-        metrics = _read_metrics(out / "metrics.jsonl", start_step)
-        say(f"resumed from {ckpt} at step {start_step} ({position * cfg.seq_len:,} tokens)")
-    elif cfg.steps is not None:
-        total_steps = cfg.steps
-    elif cfg.tokens is not None:
-        total_steps = math.ceil(cfg.tokens / cfg.tokens_per_step)
-    warmup = warmup_saved if warmup_saved is not None else cfg.warmup_steps
-
-    # Arithmetic: a resumed run keeps the dtype it was started with (exact resume), unless forced.
-    # (checkpoints from before the choice existed were trained in fp32 unless --bf16)
-    saved_dtype = run_plan.state.get("dtype", "float32") if ckpt is not None else None
-    choice = saved_dtype if saved_dtype is not None and cfg.dtype_choice == "auto" else cfg.dtype_choice
-    if saved_dtype is not None and choice != saved_dtype:
-        say(f"note: the run was started in {saved_dtype}; it continues in {choice}")
-    compute_dtype, why = _choose_dtype(choice, device, model, model_cfg, train_set, sampler, cfg, layout)
-    say(f"arithmetic: {dtype_name(compute_dtype)}{' autocast' if compute_dtype is not None else ''}"
-        + (f" ({why})" if why else ""))
-    autocast = runtime_autocast(compute_dtype, device)
-    step_model = model
-    if cfg.compile:
-        if compute_dtype != torch.bfloat16:
-            raise ValueError("--compile runs the experts on grouped_mm, which torch.compile takes in bf16 "
-                             f"only, but this run computes in {dtype_name(compute_dtype)}: add --dtype bfloat16")
-        step_model = compile_model(model)
-
-    def train_step(position: int) -> tuple[dict[str, Any], int]:
-        """One optimizer step's forward/backward over ``grad_accum`` micro-batches."""
-        sums: dict[str, Any] = {"loss": 0.0, "lm_loss": 0.0, "tpe": None, "dropped": None,
-                                "exp": None, "dev": None}
-        local_b = cfg.batch_size // layout.world  # this rank's share of the global batch
-        for _ in range(cfg.grad_accum):
-            x = batch(train_set, sampler, position + layout.rank * local_b, local_b).to(device)
-            position += cfg.batch_size
-            with autocast:
-                o = step_model(x, labels=x)
-            # One process stops at once; ranks decide together after the reduction below.
-            if not layout.active and not torch.isfinite(o.loss):
-                raise FloatingPointError(f"the loss is {o.loss.item()} at data position {position}")
-            (o.loss / cfg.grad_accum).backward()
-            sums["loss"] += o.loss.item() / cfg.grad_accum
-            sums["lm_loss"] += o.lm_loss.item() / cfg.grad_accum
-            for key, val in (("tpe", o.tokens_per_expert), ("dropped", o.dropped_tokens),
-                             ("exp", o.expert_balance_loss.detach() / cfg.grad_accum),
-                             ("dev", o.device_balance_loss.detach() / cfg.grad_accum)):
-                sums[key] = val if sums[key] is None else sums[key] + val
-        if layout.active:
-            from .parallel.data_parallel import sync_gradients
-
-            sync_gradients(model, layout.mesh, cfg.fsdp)
-            sums["loss"], sums["lm_loss"] = layout.mean([sums["loss"], sums["lm_loss"]])
-            if sums["tpe"] is not None and sums["tpe"].numel():
-                sums["tpe"], sums["dropped"] = layout.sum_(sums["tpe"]), layout.sum_(sums["dropped"])
-                sums["exp"] = layout.sum_(sums["exp"].float()) / layout.world
-                sums["dev"] = layout.sum_(sums["dev"].float()) / layout.world
-            if not math.isfinite(sums["loss"]):
-                raise FloatingPointError(f"the loss is {sums['loss']} at data position {position}")
-        return sums, position
-
-    # ---- a wall-clock budget becomes a step count, planned from the run's own steps: a first
-    # (dropped) step gives a provisional plan, then the timed training steps re-plan it at
-    # REPLAN_AT steps (warmup included) and again half way (the decay steps come after) ----
-    budget_s = None
-    if total_steps is None:
-        budget_s = cfg.minutes * 60
-        t0 = time.perf_counter()
-        train_step(0)
-        optimizer.zero_grad(set_to_none=True)
-        first = layout.max(time.perf_counter() - t0)  # every rank must plan the same steps
-        total_steps = max(1, int(budget_s / first))
-        say(f"budget {cfg.minutes} min: {total_steps} steps provisionally ({first:.2f} s for a "
-            f"first step of {cfg.tokens_per_step:,} tokens); re-planned from the timed steps")
-    warmup_fixed = warmup is not None
-    warmup = default_warmup(total_steps) if warmup is None else warmup
-    train_tokens = len(train_set) * cfg.seq_len
-    planned = total_steps * cfg.tokens_per_step
-    if planned > train_tokens:
-        say(f"warning: {planned:,} tokens planned but the training split holds "
-              f"{train_tokens:,}: data will repeat ({planned / train_tokens:.2f} epochs)")
-    if main:
-        write_text_atomic(out / "train_config.json", cfg.to_json())
-        model_cfg.save(out / "model_config.json")
-
-    # ---- the loop ----
-    from tqdm.auto import tqdm
-
-    metrics_path = out / "metrics.jsonl"
-    if main:
-        write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in metrics))
-    end_step = total_steps if cfg.stop_after is None else min(total_steps, cfg.stop_after)
-    bar = tqdm(total=end_step, initial=start_step, disable=not (cfg.progress and main), unit="step",
-               dynamic_ncols=True)
-    model.train()
-    step = start_step
-    last_ckpt: Optional[Path] = None
-    val_loss: Optional[float] = None
-    interrupted = False
-
-    def checkpoint() -> Path:
-        state = {"position": position, "total_steps": total_steps, "warmup_steps": warmup,
-                 "seed": cfg.seed, "preset": cfg.preset, "val_loss": val_loss, "corpus": corpus,
-                 "dtype": dtype_name(compute_dtype)}
-        extra = {"tokenizer.json": tokenizer.to_str()}
-        if layout.active:
-            from .parallel.checkpoint import save_distributed_checkpoint
-
-            return save_distributed_checkpoint(ckpt_root, step, model, optimizer, model_cfg, state,
-                                               keep=cfg.keep, extra_files=extra)
-        return save_training_checkpoint(ckpt_root, step, model, optimizer, state, keep=cfg.keep,
-                                        extra_files=extra)
-
-    def evaluate() -> float:
-        # Every rank runs the same sequences: expert parallelism and FSDP need them all.
-        loss = evaluate_loss(model, val_set, cfg.eval_sequences, cfg.batch_size, device)
-        if layout.active and cfg.fsdp:
-            from .parallel.data_parallel import reshard
-
-            reshard(model)
-        return loss
-
-    # A wall-clock budget is also a hard limit, should the machine slow down after calibration.
-    deadline = None if cfg.minutes is None or cfg.steps or cfg.tokens else (
-        time.perf_counter() + 1.5 * cfg.minutes * 60)
-    import contextlib
-
-    t_loop = time.perf_counter()
-    step_times: list[float] = []
-    replans = 0
-
-    def replan_due() -> bool:
-        if budget_s is None or replans >= 2:
-            return False
-        return step >= (min(REPLAN_AT, max(1, total_steps - 1)) if replans == 0 else total_steps // 2)
-
-    def replan() -> None:
-        """Set the step count that fills the wall-clock budget from the mean of the latest timed
-        steps (the first two, slower while buffers are allocated, left out)."""
-        nonlocal total_steps, end_step, warmup, replans
-        timed = (step_times[2:] or step_times)[-REPLAN_WINDOW:]
-        per_step = layout.max(sum(timed) / len(timed))
-        left = budget_s - (time.perf_counter() - t_loop)
-        total_steps = max(step, step + int(left / per_step))
-        if not warmup_fixed and replans == 0:
-            warmup = default_warmup(total_steps)
-        replans += 1
-        end_step = total_steps if cfg.stop_after is None else min(total_steps, cfg.stop_after)
-        bar.total = end_step
-        bar.refresh()
-        say(f"\nbudget {cfg.minutes} min: {total_steps} steps at {per_step:.3f} s/step "
-            f"(mean of the last {len(timed)} timed steps)")
-
-    with _StopFlag() as flag, (open(metrics_path, "a") if main else contextlib.nullcontext()) as log:
-        while step < end_step:
-            t0 = time.perf_counter()
-            lr = lr_at(step, cfg.lr, warmup, total_steps)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            sums, position = train_step(position)
-            if layout.active:
-                from .parallel.data_parallel import clip_grad_norm_
-
-                grad_norm = clip_grad_norm_(params, cfg.grad_clip)
-            else:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            dt = time.perf_counter() - t0
-            step_times.append(dt)
-            row: dict[str, Any] = {
-                "step": step, "tokens": step * cfg.tokens_per_step, "loss": sums["loss"],
-                "lm_loss": sums["lm_loss"], "lr": lr, "grad_norm": grad_norm.item(),
-                "tokens_per_s": cfg.tokens_per_step / dt, "epoch": position / len(train_set),
-            }
-            if sums["tpe"] is not None and sums["tpe"].numel():
-                row["expert_balance_loss"] = sums["exp"].tolist()
-                row["device_balance_loss"] = sums["dev"].tolist()
-                row["dropped_tokens"] = sums["dropped"].tolist()
-                row["tokens_per_expert"] = sums["tpe"].tolist()
-                row.update(load_stats(sums["tpe"]))
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < end_step:
-                row["val_loss"] = evaluate()
-            if main:
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-            metrics.append(row)
-            post = {"loss": f"{row['lm_loss']:.3f}", "lr": f"{lr:.2e}",
-                    "tok/s": f"{row['tokens_per_s']:,.0f}"}
-            if "load_cv" in row:
-                post["cv"] = f"{sum(row['load_cv']) / len(row['load_cv']):.2f}"
-            bar.set_postfix(post)
-            bar.update(1)
-            if layout.any(flag.stop):
-                interrupted = True
-                break
-            if deadline is not None and layout.any(time.perf_counter() > deadline):
-                say(f"\nstopping at step {step}: 1.5x the {cfg.minutes} min budget has passed "
-                      "(the machine slowed down); --resume finishes the schedule")
-                interrupted = True
-                break
-            if replan_due():
-                replan()
-                if step >= end_step:
-                    break
-            if step % cfg.ckpt_every == 0 and step < end_step:
-                last_ckpt = checkpoint()
-        bar.close()
-        train_seconds = time.perf_counter() - t_loop
-        val_loss = evaluate()
-        final = {"step": step, "tokens": step * cfg.tokens_per_step, "val_loss": val_loss,
-                 "final": True}
-        if main:
-            log.write(json.dumps(final) + "\n")
-        metrics.append(final)
-        last_ckpt = checkpoint()
-
-    plots: list[Path] = []
-    if not main:
-        return TrainResult(out, step, total_steps, step * cfg.tokens_per_step, val_loss, last_ckpt,
-                           interrupted, time.perf_counter() - t_start, plots, train_seconds, budget_s)
-    try:
-        from .plots import plot_expert_load, plot_loss_curve
-
-        title = f"{cfg.preset}: {model_cfg.num_hidden_layers} layers, hidden {model_cfg.hidden_size}"
-        plots = [plot_loss_curve(metrics, out / "loss_curve.png", title),
-                 plot_expert_load(metrics, model_cfg, out / "expert_load.png")]
-        plots = [p for p in plots if p is not None]
-    except ImportError as e:  # matplotlib is a runtime dependency; say so if it is missing
-        say(f"plots skipped: {e}")
-    return TrainResult(out, step, total_steps, step * cfg.tokens_per_step, val_loss, last_ckpt,
-                       interrupted, time.perf_counter() - t_start, plots, train_seconds, budget_s)

@@ -26,7 +26,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import CheckpointError, normal_mode, remove_stale, save_pretrained
+from .atomic import fsync_path, normal_mode, write_text_atomic
+from .checkpoint import CheckpointError, remove_stale, save_pretrained
 from .model import DeepseekForCausalLM
 
 STATE_NAME = "trainer_state.json"
@@ -40,30 +41,6 @@ _TMP_STEP = re.compile(r"\.tmp-step-\d{8}(?:-.*)?")
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and ``os.replace``; the file gets the
-    mode a plain write would give (not ``mkstemp``'s 0o600)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, normal_mode())
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def remove_orphan_tmp_dirs(ckpt_root: Path) -> None:
@@ -119,21 +96,34 @@ def save_training_checkpoint(
         save_pretrained(model, tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-            _fsync_path(tmp / name)
+            fsync_path(tmp / name)
         tensors, meta = optimizer_to_tensors(optimizer)
         save_file(tensors, str(tmp / OPTIM_NAME))
         os.chmod(tmp / OPTIM_NAME, normal_mode())  # safetensors writes 0o600
-        _fsync_path(tmp / OPTIM_NAME)
+        fsync_path(tmp / OPTIM_NAME)
         full_state = dict(state, step=step, optimizer=meta,
                           torch_rng_state=torch.get_rng_state().tolist())
         (tmp / STATE_NAME).write_text(json.dumps(full_state, indent=1))
-        _fsync_path(tmp / STATE_NAME)
-        if final.exists():  # a checkpoint of the same step (e.g. resumed, then saved again)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_path(ckpt_root)
+        fsync_path(tmp / STATE_NAME)
+        publish_checkpoint(tmp, ckpt_root, step, keep)
     finally:
         shutil.rmtree(tmp_parent, ignore_errors=True)
+    return final
+
+
+def publish_checkpoint(tmp_dir: Path, ckpt_root: Path, step: int, keep: int) -> Path:
+    """Put the complete, fsynced checkpoint ``tmp_dir`` in place as ``ckpt_root/step-XXXXXXXX``,
+    point ``latest`` at it and keep the last ``keep`` complete checkpoints (all if ``keep <= 0``).
+
+    In this order, so that a crash at any moment leaves a complete checkpoint that ``latest`` or
+    ``latest_checkpoint`` finds: the rename (replacing a checkpoint of the same step) and the
+    fsync of ``ckpt_root`` that makes it durable, then ``latest`` (written atomically), then the
+    pruning of older checkpoints."""
+    final = ckpt_root / step_dir_name(step)
+    if final.exists():  # a checkpoint of the same step (e.g. resumed, then saved again)
+        shutil.rmtree(final)
+    os.rename(tmp_dir, final)
+    fsync_path(ckpt_root)
     write_text_atomic(ckpt_root / LATEST_NAME, final.name + "\n")
     for old in complete_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)

@@ -45,7 +45,7 @@ def test_unknown_preset_lists_the_known_ones():
 
 
 def test_released_16b_config_matches_preset():
-    """The SPEC section 5 config.json fields give exactly the 16B preset."""
+    """The config.json fields of the released deepseek-moe-16b checkpoint give exactly the 16B preset."""
     released = dict(
         model_type="deepseek", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
         moe_intermediate_size=1408, num_hidden_layers=28, num_attention_heads=16,

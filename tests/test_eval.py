@@ -9,14 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from deepseek_moe.analyze import analyze, disabled_count, plot_analysis, routing_options
+from deepseek_moe.analyze import analyze, disabled_count, routing_options
 from deepseek_moe.cli import main
-from deepseek_moe.evaluate import evaluate_splits, evaluate_tokens, load_checkpoint, resolve_checkpoint
+from deepseek_moe.evaluate import evaluate_splits, evaluate_tokens
 from deepseek_moe.model import DeepseekForCausalLM
 from deepseek_moe.moe.router import HashRouter, TopKRouter
 from deepseek_moe.multiple_choice import (MCExample, builtin_task, evaluate_multiple_choice,
                                           load_task_file, score_continuations)
+from deepseek_moe.plots import plot_analysis
 from deepseek_moe.presets import get_config
+from deepseek_moe.runs import load_checkpoint, resolve_checkpoint
 
 SMALL = {"vocab_size": 512, "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
          "moe_intermediate_size": 24, "n_routed_experts": 15, "num_experts_per_tok": 3}

@@ -11,8 +11,8 @@ import torch
 
 from deepseek_moe.checkpoint import CheckpointError, load_pretrained
 from deepseek_moe.cli import main
-from deepseek_moe.evaluate import resolve_checkpoint
 from deepseek_moe.parallel.checkpoint import export_released
+from deepseek_moe.runs import resolve_checkpoint
 
 
 def snapshot(root: Path) -> dict[str, bytes]:

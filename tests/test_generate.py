@@ -242,3 +242,29 @@ def test_generate_text_streams_and_validates(tokenizer):
         generate_text(m, tokenizer, "", 4)
     with pytest.raises(ValueError, match="vocab_size"):
         generate_text(small(), tokenizer, "the quick", 4)
+
+
+def test_generate_command_does_not_import_evaluation(tokenizer, tmp_path):
+    """`deepseek-moe generate` loads a checkpoint and reaches the model's logits without importing
+    ``deepseek_moe.evaluate`` (held-out evaluation and its data pipeline). A fresh interpreter,
+    since this one has imported everything by now."""
+    import subprocess
+    import sys
+
+    from deepseek_moe.checkpoint import save_pretrained
+    from deepseek_moe.data.tokenizer import save_tokenizer
+
+    tok_file = tmp_path / "tokenizer.json"
+    save_tokenizer(tokenizer, tok_file)
+    ckpt = tmp_path / "ckpt"
+    save_pretrained(small(vocab_size=tokenizer.get_vocab_size()), ckpt,
+                    extra_files={"tokenizer.json": tok_file})
+    code = ("import sys\n"
+            "from deepseek_moe.cli import main\n"
+            f"rc = main(['generate', {str(ckpt)!r}, '--prompt', 'the quick', '--max-new-tokens', '3',"
+            " '--temperature', '0'])\n"
+            "print('rc', rc, 'evaluate imported', 'deepseek_moe.evaluate' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("the quick")
+    assert r.stdout.rstrip().endswith("rc 0 evaluate imported False"), r.stdout

@@ -13,10 +13,10 @@ import pytest
 pytest.importorskip("lm_eval", reason="lm-eval is an optional extra (requirements-eval.txt)")
 
 from deepseek_moe.data.tokenizer import eos_id  # noqa: E402
-from deepseek_moe.evaluate import load_checkpoint  # noqa: E402
 from deepseek_moe.generate import generate  # noqa: E402
 from deepseek_moe.multiple_choice import (evaluate_multiple_choice, load_task_file,  # noqa: E402
                                           score_continuations)
+from deepseek_moe.runs import load_checkpoint  # noqa: E402
 
 ROWS = [
     {"context": "def main(", "choices": ["):", " the", "]]"], "label": 0},

@@ -1,4 +1,5 @@
-"""Parameter counts against the paper (SPEC sections 3-4) and the ratios of the tiny presets."""
+"""Parameter counts against the paper (the models of section 4, Table 1 and Appendix A; sections 5
+and 7) and the ratios of the tiny presets."""
 
 from __future__ import annotations
 

@@ -199,7 +199,7 @@ def test_run_files_and_dirs_have_umask_modes(tmp_path):
 
 
 def test_write_text_atomic_follows_the_umask(tmp_path):
-    from deepseek_moe.train_state import write_text_atomic
+    from deepseek_moe.atomic import write_text_atomic
 
     old = os.umask(0o027)
     try:

@@ -271,3 +271,22 @@ def test_auto_dtype_probe_changes_nothing_but_the_choice(tmp_path, corpus, monke
     assert chosen in ("float32", "bfloat16") and len(_PROBED) == 1
     told = train(config(tmp_path / "told", corpus, steps=3, dtype=chosen))
     assert [r["loss"] for r in step_rows(auto.out)] == [r["loss"] for r in step_rows(told.out)]
+
+
+def test_a_non_finite_loss_stops_the_run_with_where_it_happened(tmp_path, corpus, monkeypatch):
+    """From the third micro-batch on the loss is NaN: the run stops with a one-line error naming
+    the data position, and the checkpoints written before stay whole."""
+    real = DeepseekForCausalLM.forward
+    calls = []
+
+    def poisoned(self, *a, **k):
+        out = real(self, *a, **k)
+        calls.append(1)
+        if len(calls) >= 3:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(DeepseekForCausalLM, "forward", poisoned)
+    with pytest.raises(FloatingPointError, match=r"^the loss is nan at data position 12$"):
+        train(config(tmp_path, corpus, steps=6, ckpt_every=2, dtype="float32"))
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step-00000002"

@@ -24,8 +24,9 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
-from .corpus import (SPLITS, TEST_FRACTION, VALIDATION_FRACTION, CorpusStats, Document, _table,
-                     check_fractions, content_hash, split_of_hash)
+from ..tables import format_table
+from .corpus import (SPLITS, TEST_FRACTION, VALIDATION_FRACTION, CorpusStats, Document, check_fractions,
+                     content_hash, split_of_hash)
 from .tokenizer import eos_id, tokenizer_sha256
 
 CACHE_FORMAT = 1
@@ -160,7 +161,7 @@ class TokenCache:
             rows.append((name, f"{d.documents:,}" if d else "-", f"{d.bytes / 1e6:.1f}" if d else "-",
                          f"{d.duplicates:,}" if d else "-", f"{d.undecodable + d.unreadable:,}" if d else "-")
                         + tuple(f"{t:,}" for t in toks))
-        text = _table(rows)
+        text = format_table(rows)
         if stats.missing:
             text += "\nnot installed: " + ", ".join(stats.missing)
         return text

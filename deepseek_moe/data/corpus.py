@@ -44,6 +44,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
+from ..tables import format_table
 from . import pinned
 from .pinned import CORPUS_VERSION
 
@@ -148,18 +149,10 @@ class CorpusStats:
         for name, d in sorted(self.domains.items()) + [("total", self.total())]:
             rows.append((name, f"{d.documents:,}", f"{d.bytes / 1e6:.1f}", f"{d.duplicates:,}",
                          f"{d.undecodable + d.unreadable:,}", f"{d.too_large:,}", f"{d.empty:,}"))
-        text = _table(rows)
+        text = format_table(rows)
         if self.missing:
             text += "\nnot installed: " + ", ".join(self.missing)
         return text
-
-
-def _table(rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------

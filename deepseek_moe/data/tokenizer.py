@@ -2,7 +2,7 @@
 
 Byte-level means every string round-trips exactly (``decode(encode(x)) == x``), whatever its
 unicode, with no unknown token: what code with odd whitespace and non-ASCII identifiers needs.
-The paper's 2B validation models use an 8K vocabulary trained with HF tokenizers (SPEC section 4).
+The paper's 2B validation models use an 8K vocabulary trained with HF tokenizers (section 4).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 from .dispatch import Permutation, combine, dispatch, dispatch_reference, expert_counts, permute
 from .experts import GroupedExperts
-from .layer import DeepseekMoE, MoEAux
+from .layer import DeepseekMoE, MoEAux, moe_layers
 from .losses import balance_losses, balance_statistics
 from .router import HashRouter, RouterOutput, TopKRouter
 
@@ -20,5 +20,6 @@ __all__ = [
     "dispatch",
     "dispatch_reference",
     "expert_counts",
+    "moe_layers",
     "permute",
 ]

@@ -63,7 +63,8 @@ class DeepseekMoE(nn.Module):
         self.experts = GroupedExperts(E, config.hidden_size, config.moe_intermediate_size)
         self.shared_experts: Optional[SwiGLU] = None
         if config.n_shared_experts > 0:
-            # Ks shared experts == one SwiGLU of Ks times the expert width (SPEC section 1).
+            # Ks shared experts == one SwiGLU of Ks times the expert width (how the released
+            # deepseek-moe-16b checkpoint stores them: mlp.shared_experts.{gate,up,down}_proj).
             self.shared_experts = SwiGLU(
                 config.hidden_size, config.n_shared_experts * config.moe_intermediate_size
             )
@@ -113,3 +114,8 @@ class DeepseekMoE(nn.Module):
             )
         aux = MoEAux(exp_loss, dev_loss, tokens_per_expert, dropped, entropy)
         return y_TD.view(B, S, D), aux
+
+
+def moe_layers(module: nn.Module) -> list[DeepseekMoE]:
+    """The MoE layers inside ``module`` (a whole model, wrapped or not), in module order."""
+    return [m for m in module.modules() if isinstance(m, DeepseekMoE)]

@@ -1,7 +1,9 @@
 """Routers: which routed experts each token goes to, and with what gate weight.
 
 Shape legend: T tokens, D hidden size, E routed experts, K routed experts per token.
-Everything a router returns is fp32 whatever the model dtype (STYLE rule 7).
+Everything a router returns is fp32 whatever the model dtype: the logits and the softmax of
+eq. 11 are computed in fp32, so the top-k choice and gate values of eq. 10 (and the balance
+losses of eq. 12-17 built from the scores) do not depend on a bf16 model's rounding.
 """
 
 from __future__ import annotations

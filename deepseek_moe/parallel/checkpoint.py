@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,11 +29,11 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 
+from ..atomic import fsync_path
 from ..checkpoint import CheckpointError, load_pretrained, save_pretrained
 from ..config import DeepseekMoEConfig
 from ..model import DeepseekForCausalLM
-from ..train_state import (LATEST_NAME, STATE_NAME, _fsync_path, complete_checkpoints,
-                           remove_orphan_tmp_dirs, step_dir_name, write_text_atomic)
+from ..train_state import STATE_NAME, publish_checkpoint, remove_orphan_tmp_dirs, step_dir_name
 
 DCP_DIR = "dcp"
 
@@ -91,13 +90,8 @@ def save_distributed_checkpoint(ckpt_root: Path, step: int, model: nn.Module, op
         full_state = dict(state, step=step, torch_rng_state=torch.get_rng_state().tolist(),
                           layout={"world": dist.get_world_size() if dist.is_initialized() else 1})
         (tmp / STATE_NAME).write_text(json.dumps(full_state, indent=1))
-        _fsync_path(tmp / STATE_NAME)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        write_text_atomic(ckpt_root / LATEST_NAME, final.name + "\n")
-        for old in complete_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        fsync_path(tmp / STATE_NAME)
+        publish_checkpoint(tmp, ckpt_root, step, keep)
     _barrier()
     return final
 

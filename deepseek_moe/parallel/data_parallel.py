@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .expert_parallel import moe_layers
+from ..moe.layer import moe_layers
 
 
 def expert_parameters(model: nn.Module) -> set[nn.Parameter]:

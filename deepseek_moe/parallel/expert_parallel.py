@@ -27,11 +27,7 @@ from torch import nn
 
 from ..model import DeepseekForCausalLM
 from ..moe.experts import GroupedExperts
-from ..moe.layer import DeepseekMoE
-
-
-def moe_layers(model: nn.Module) -> list[DeepseekMoE]:
-    return [m for m in model.modules() if isinstance(m, DeepseekMoE)]
+from ..moe.layer import moe_layers
 
 
 class ExpertParallel:

@@ -150,6 +150,59 @@ class Layout:
         if self.active and self.world > 1:
             dist.barrier()
 
+    # -- the training loop's layout-dependent steps; plain calls for one process --
+    def parallelize(self, model: torch.nn.Module, say=print) -> None:
+        """Shard the routed experts over ``ep`` and, with FSDP2, the dense parameters over all ranks."""
+        if not self.active:
+            return
+        from .data_parallel import apply_fsdp
+        from .expert_parallel import apply_expert_parallel
+
+        groups = model.config.n_device_groups
+        if self.plan.ep > 1 and groups != self.plan.ep:
+            say(f"device-level balance loss: experts grouped by their {self.plan.ep} "
+                f"expert-parallel ranks (the config says n_device_groups={groups})")
+        apply_expert_parallel(model, self.mesh)
+        if self.plan.fsdp:
+            apply_fsdp(model, self.world_mesh)
+        say(f"layout: {self.world} processes, mesh dp={self.plan.dp} x ep={self.plan.ep}"
+            f"{', FSDP2 for dense parameters' if self.plan.fsdp else ''}")
+
+    def sync_gradients(self, model: torch.nn.Module) -> None:
+        """Make every rank's gradients those of the global batch."""
+        if self.active:
+            from .data_parallel import sync_gradients
+
+            sync_gradients(model, self.mesh, self.plan.fsdp)
+
+    def clip_grad_norm_(self, model: torch.nn.Module, params: list, max_norm: float) -> torch.Tensor:
+        """Clip the global gradient norm to ``max_norm``; returns the norm before clipping."""
+        if self.active:
+            from .data_parallel import clip_grad_norm_
+
+            return clip_grad_norm_(params, max_norm)
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+    def after_evaluation(self, model: torch.nn.Module) -> None:
+        """FSDP2 leaves parameters gathered after a no-grad forward; shard them again."""
+        if self.active and self.plan.fsdp:
+            from .data_parallel import reshard
+
+            reshard(model)
+
+    def save_checkpoint(self, ckpt_root, step: int, model, optimizer, state: dict, *, keep: int,
+                        extra_files: dict):
+        """A training checkpoint of this layout (sharded under torch.distributed, else whole)."""
+        if self.active:
+            from .checkpoint import save_distributed_checkpoint
+
+            return save_distributed_checkpoint(ckpt_root, step, model, optimizer, model.config, state,
+                                               keep=keep, extra_files=extra_files)
+        from ..train_state import save_training_checkpoint
+
+        return save_training_checkpoint(ckpt_root, step, model, optimizer, state, keep=keep,
+                                        extra_files=extra_files)
+
     def close(self) -> None:
         if self.active:
             destroy()
