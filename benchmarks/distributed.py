@@ -49,7 +49,6 @@ def volume_table() -> str:
 
 def worker(args: argparse.Namespace) -> None:
     import torch
-    import torch.distributed as dist
 
     from deepseek_moe.model import DeepseekForCausalLM
     from deepseek_moe.parallel.data_parallel import apply_fsdp, clip_grad_norm_, sync_gradients

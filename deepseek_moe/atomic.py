@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -65,3 +67,33 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     """``obj`` as indented JSON (NaN allowed), written atomically; creates the parent folders."""
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(obj, indent=1, allow_nan=True) + "\n")
+
+
+def write_json(path: Path, obj: object) -> None:
+    """``obj`` as sorted, indented JSON, fsynced: for a file inside a directory that is renamed
+    into place as a whole (``replace_dir``), where the rename is what makes it atomic."""
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    fsync_path(path)
+
+
+def replace_dir(tmp: Path, path: Path) -> None:
+    """Replace ``path`` by the complete directory ``tmp``. Directories cannot be exchanged
+    atomically in portable code, so the old one is renamed aside first and restored if the
+    second rename fails; it is deleted only once the new one is in place."""
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        if old is not None:
+            os.rename(old, path)
+        raise
+    try:
+        fsync_path(path.parent)  # make the renames durable before the old copy goes
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
 
@@ -23,9 +23,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .atomic import fsync_path, normal_mode
+from .atomic import fsync_path, normal_mode, replace_dir, write_json
 from .config import DeepseekMoEConfig
+from .memory import Size, budget_bytes, check_budget, parse_size
 from .model import DeepseekForCausalLM
+from .moe.layer import use_expert_list
 
 # The one key map. Names not listed here are identical in both layouts.
 #   ours (stacked over experts)      HF (one tensor per expert e)
@@ -44,8 +46,6 @@ CONFIG_NAME = "config.json"
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 TIED_NAME = "lm_head.weight"  # HF writes only model.embed_tokens.weight when tied
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 class CheckpointError(ValueError):
@@ -156,7 +156,7 @@ def _convert(
     return out
 
 
-def _meta_model(config: DeepseekMoEConfig) -> DeepseekForCausalLM:
+def meta_model(config: DeepseekMoEConfig) -> DeepseekForCausalLM:
     with torch.device("meta"):  # shapes only: no memory, no init
         return DeepseekForCausalLM(config)
 
@@ -166,26 +166,12 @@ def from_hf_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Released names -> our state_dict for ``config`` (per-expert [I, D] stacked into
     [E, I, D]); names and shapes are checked first. Dtype and device are kept."""
-    expected = _meta_model(config).state_dict()
+    expected = meta_model(config).state_dict()
     _check_tensors(expected, config, {n: t.shape for n, t in tensors.items()}, "state dict")
     return _convert(expected, config, lambda n: tensors[n], None, None)
 
 
 # --- save -----------------------------------------------------------------------------------------
-def parse_size(size: Union[int, str]) -> int:
-    """``"5GB"`` (10^9), ``"200MiB"`` (2^20), ``"10KB"`` or an int -> bytes."""
-    if isinstance(size, int) and not isinstance(size, bool):
-        n = size
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(size).upper())
-        if not m:
-            raise ValueError(f"cannot parse size {size!r}; use e.g. '5GB', '200MB' or bytes")
-        n = int(float(m.group(1)) * _UNITS[m.group(2) or "B"])
-    if n <= 0:
-        raise ValueError(f"max_shard_size must be positive, got {size!r}")
-    return n
-
-
 def remove_stale(parent: Path, pattern: "re.Pattern[str]") -> None:
     """Remove the entries of ``parent`` whose whole name matches ``pattern``: what an
     interrupted atomic write left behind (only names of our own temporary form)."""
@@ -203,13 +189,6 @@ def remove_stale(parent: Path, pattern: "re.Pattern[str]") -> None:
                 p.unlink()
 
 
-def _write_json(path: Path, obj: object) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    fsync_path(path)
-
-
 def save_pretrained(
     model: DeepseekForCausalLM, path: Union[str, os.PathLike],
     max_shard_size: Union[int, str] = "5GB", dtype: Optional[torch.dtype] = None,
@@ -225,7 +204,7 @@ def save_pretrained(
     replaces ``path``; an existing checkpoint there is removed only after that, and any failure
     leaves it untouched. A non-empty ``path`` that is not a checkpoint is refused.
     """
-    limit = parse_size(max_shard_size)
+    limit = parse_size(max_shard_size, "max_shard_size")
     path = Path(path).absolute()
     extra = {name: Path(src) for name, src in (extra_files or {}).items()}
     for name, src in extra.items():
@@ -241,7 +220,7 @@ def save_pretrained(
         raise CheckpointError(f"refusing to overwrite {path}: a non-empty directory that is not "
                               f"a checkpoint (no {CONFIG_NAME})")
     # Leftovers of an interrupted save of the same name: ``.old-*`` only while ``path`` exists
-    # (between _swap_in's two renames the old copy is the only one).
+    # (between replace_dir's two renames the old copy is the only one).
     stale_tmp = re.compile(re.escape(f".{path.name}.tmp-") + r"[a-z0-9_]{8}")
     stale_old = re.compile(re.escape(f".{path.name}.old-") + r"[0-9a-f]{8}")
     remove_stale(path.parent, stale_tmp)
@@ -264,7 +243,7 @@ def save_pretrained(
             fsync_path(tmp / name)
         if extra:
             fsync_path(tmp)
-        _swap_in(tmp, path)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -304,46 +283,35 @@ def _write_checkpoint(
         fsync_path(out / fname)
         weight_map.update({n: fname for n, _ in shard})
     if len(files) > 1:
-        _write_json(out / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_json(out / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
     stored = dtype or next((p.dtype for p in model.parameters() if p.is_floating_point()),
                            torch.float32)
     cfg = model.config.to_hf_dict()
     cfg["torch_dtype"] = str(stored).removeprefix("torch.")
-    _write_json(out / CONFIG_NAME, cfg)
+    write_json(out / CONFIG_NAME, cfg)
     fsync_path(out)
-
-
-def _swap_in(tmp: Path, path: Path) -> None:
-    """Replace ``path`` by the complete directory ``tmp``. Directories cannot be exchanged
-    atomically in portable code, so the old one is renamed aside first and restored if the
-    second rename fails; it is deleted only once the new one is in place."""
-    old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(path, old)
-    try:
-        os.rename(tmp, path)
-    except BaseException:
-        if old is not None:
-            os.rename(old, path)
-        raise
-    try:
-        fsync_path(path.parent)  # make the renames durable before the old copy goes
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 # --- load -----------------------------------------------------------------------------------------
 def load_pretrained(
     path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu",
-    dtype: Optional[torch.dtype] = None, **config_overrides: object,
+    dtype: Optional[torch.dtype] = None, max_memory: Optional[Size] = None, experts: str = "auto",
+    **config_overrides: object,
 ) -> DeepseekForCausalLM:
     """Load a checkpoint in the released layout (single file or sharded).
 
     The model is built on the meta device and the mmap'ed tensors are assigned to it, so only
     one copy of the weights is ever held. ``dtype`` None means float32 on CPU and the stored
     dtype elsewhere. ``config_overrides`` replace config fields (e.g. ``dispatch="reference"``).
+    On the CPU the memory a load allocates must fit the budget (``max_memory``, else what the
+    machine has available), checked from the files' headers before any tensor is read: a
+    ``MemoryBudgetError`` rather than the OOM killer. Tensors kept in their stored dtype stay
+    memory-mapped from the file and allocate nothing; stacking the routed experts copies them.
+    ``experts``: ``"stacked"`` (``GroupedExperts``, the training layout), ``"per-expert"``
+    (``ExpertList``: the checkpoint's per-expert tensors as they are) or ``"auto"``, which on the
+    CPU with ``dtype`` None takes float32 and stacked experts when they fit the budget (exactly as
+    a small model always loaded) and otherwise the stored dtype with per-expert tensors, which
+    copies nothing.
     """
     path = Path(path)
     if not path.is_dir() or not (path / CONFIG_NAME).is_file():
@@ -356,10 +324,10 @@ def load_pretrained(
     if config_overrides:
         cfg = cfg.replace(**config_overrides)
     device = torch.device(device)
-    if dtype is None and device.type == "cpu":
-        dtype = torch.float32
+    if experts not in EXPERT_LAYOUTS:
+        raise ValueError(f"experts must be one of {', '.join(EXPERT_LAYOUTS)}, got {experts!r}")
     files, weight_map = _weight_files(path)
-    model = _meta_model(cfg)
+    model = meta_model(cfg)
     expected = model.state_dict()
     with contextlib.ExitStack() as stack:
         owner: dict[str, Path] = {}
@@ -380,6 +348,11 @@ def load_pretrained(
                 raise CheckpointError(f"{path / INDEX_NAME}: maps tensor {n} to {f}, which "
                                       "does not hold it")
         _check_tensors(expected, cfg, shapes, str(path))
+        stored = {n: handles[owner[n]].get_slice(n).get_dtype() for n in shapes}
+        dtype, experts = _plan_load(shapes, stored, dtype, experts, device, max_memory, f"loading {path}")
+        if experts == "per-expert" and cfg.has_moe:
+            use_expert_list(model)
+            expected = model.state_dict()
 
         def read(name: str) -> torch.Tensor:
             try:
@@ -395,6 +368,45 @@ def load_pretrained(
     if left:  # e.g. a non-persistent buffer no checkpoint can provide
         raise CheckpointError(f"{path}: still on the meta device after loading: {_few(left)}")
     return model
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                       "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+                       "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+EXPERT_LAYOUTS = ("auto", "stacked", "per-expert")
+
+
+def _allocated_bytes(shapes: Mapping[str, Sequence[int]], stored: Mapping[str, str],
+                     dtype: Optional[torch.dtype], experts: str) -> int:
+    """Bytes a load allocates: tensors cast to ``dtype`` and, with stacked experts, every routed
+    expert's (stacking copies them). The rest stays memory-mapped in the file."""
+    total = 0
+    for n, shape in shapes.items():
+        have = _SAFETENSORS_DTYPES.get(stored[n], torch.float32)
+        cast = dtype is not None and have.is_floating_point and have != dtype
+        stacked = experts == "stacked" and from_hf_name(n)[1] is not None
+        if cast or stacked:
+            total += math.prod(shape) * (dtype if cast else have).itemsize
+    return total
+
+
+def _plan_load(shapes: Mapping[str, Sequence[int]], stored: Mapping[str, str], dtype: Optional[torch.dtype],
+               experts: str, device: torch.device, max_memory: Optional[Size],
+               what: str) -> tuple[Optional[torch.dtype], str]:
+    """The dtype and expert layout of a load (see ``load_pretrained``), checked against the budget."""
+    if device.type != "cpu":  # accelerator memory is not budgeted here; the stored dtype unless told
+        return dtype, "stacked" if experts == "auto" else experts
+    if experts == "auto":  # None: the stored dtype
+        plans = [(dtype or torch.float32, "stacked"), (dtype, "per-expert")]
+    else:
+        plans = [(dtype or torch.float32, experts)] + ([(None, experts)] if dtype is None else [])
+    budget = budget_bytes(max_memory)
+    needs = [_allocated_bytes(shapes, stored, dt, layout) for dt, layout in plans]
+    for (dt, layout), need in zip(plans, needs):
+        if need <= budget:
+            return dt, layout
+    check_budget(min(needs), what, max_memory)  # raises, naming the smallest need
+    raise AssertionError("unreachable")
 
 
 def _weight_files(path: Path) -> tuple[list[Path], Optional[dict[str, str]]]:
@@ -416,7 +428,24 @@ def _weight_files(path: Path) -> tuple[list[Path], Optional[dict[str, str]]]:
         return [path / n for n in names], weight_map
     if (path / SINGLE_NAME).is_file():
         return [path / SINGLE_NAME], None
+    pickles = _pickle_weight_files(path)
+    if pickles:
+        raise CheckpointError(
+            f"{path}: the weights are pickle files ({_few(pickles)}), which this project never "
+            f"opens (unpickling runs code); convert them to safetensors with a trusted tool, on a "
+            f"machine where you trust the files, e.g. python -c \"import torch; from "
+            f"safetensors.torch import save_file; sd = torch.load('pytorch_model.bin', "
+            f"weights_only=True); save_file({{k: v.contiguous() for k, v in sd.items()}}, "
+            f"'model.safetensors', metadata={{'format': 'pt'}})\" (each shard likewise, then an "
+            f"index {INDEX_NAME})")
     raise CheckpointError(f"{path}: no {SINGLE_NAME} or {INDEX_NAME}")
+
+
+def _pickle_weight_files(path: Path) -> list[str]:
+    """Names of the pickle weight files in ``path`` (``pytorch_model*.bin``, ``*.pt``, ``*.pth``
+    and a ``pytorch_model.bin.index.json``): found by name only, never opened."""
+    patterns = ("pytorch_model*.bin", "pytorch_model*.bin.index.json", "*.pt", "*.pth")
+    return sorted({p.name for pattern in patterns for p in path.glob(pattern) if p.is_file()})
 
 
 __all__ = [

@@ -4,6 +4,7 @@
     deepseek-moe params PRESET [...]     total / activated parameters and FLOPs per token
     deepseek-moe train --preset P --out DIR  train with the paper's recipe (--resume continues)
     deepseek-moe generate CKPT --prompt  continue a prompt, streaming the text
+    deepseek-moe chat CKPT               chat with a chat model, streaming its replies
     deepseek-moe eval CKPT               held-out loss, perplexity, bits per byte; multiple choice
     deepseek-moe analyze CKPT            the paper's expert analyses (Fig. 4, Fig. 5, shared, load)
     deepseek-moe lm-eval ARGS...         lm-evaluation-harness with the deepseek_moe model type
@@ -112,25 +113,86 @@ def cmd_main(args: argparse.Namespace) -> int:
     return cmd_train(args)
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    """Continue a prompt with a checkpoint, streaming the text as it is produced."""
-    from .generate import check_prompt_text, check_sampling, encode_prompts, generate_text
+def _sampling(args: argparse.Namespace) -> dict:
+    """``generate``'s sampling arguments from the command line (temperature 0: greedy)."""
+    return dict(greedy=args.temperature == 0, temperature=args.temperature or 1.0,
+                top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+
+
+def _chat_template(args: argparse.Namespace):
+    """The chat template of --template or of the checkpoint's tokenizer_config.json, read before
+    the (slow) load of the weights."""
+    from .chat import load_chat_template
+    from .runs import resolve_checkpoint
+
+    return load_chat_template(resolve_checkpoint(args.checkpoint)[0], args.template, args.tokenizer)
+
+
+def _load_for_generation(args: argparse.Namespace):
+    """``(model, tokenizer)`` of ``generate`` and ``chat``: a checkpoint needs a tokenizer."""
     from .runs import load_checkpoint
 
-    sampling = dict(greedy=args.temperature == 0, temperature=args.temperature or 1.0,
-                    top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    check_sampling(args.max_new_tokens, **sampling)  # before the (slow) load
-    check_prompt_text(args.prompt)
     model, tokenizer, ckpt, _ = load_checkpoint(args.checkpoint, device=args.device,
-                                                tokenizer=args.tokenizer)
+                                                tokenizer=args.tokenizer, max_memory=args.max_memory,
+                                                dtype=_weights_dtype(args))
     if tokenizer is None:
         raise ValueError(f"{ckpt} has no tokenizer.json: pass --tokenizer")
+    return model, tokenizer
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Continue a prompt with a checkpoint, streaming the text as it is produced. With --chat, the
+    prompt is one user message in the checkpoint's chat template and only the reply is printed."""
+    from .generate import check_prompt_text, check_sampling, encode_prompts, generate_text
+
+    sampling = _sampling(args)
+    check_sampling(args.max_new_tokens, **sampling)  # before the (slow) load
+    check_prompt_text(args.prompt)
+    if args.template is not None and not args.chat:
+        raise ValueError("--template is for --chat")
+    template = _chat_template(args) if args.chat else None
+    model, tokenizer = _load_for_generation(args)
+    if template is not None:
+        from .chat import ChatSession
+
+        session = ChatSession(model, tokenizer, template, args.max_new_tokens, **sampling)
+        session.add_user(args.prompt)
+        session.reply(stream=lambda text: print(text, end="", flush=True))
+        print()
+        return 0
     encode_prompts(model, tokenizer, args.prompt, args.max_new_tokens, **sampling)
     print(args.prompt, end="", flush=True)  # only once every input is known to be good
     generate_text(model, tokenizer, args.prompt, args.max_new_tokens,
                   stream=lambda row, text: print(text, end="", flush=True), **sampling)
     print()
     return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Chat with a chat model, streaming its replies: each line you type is a user message, and
+    the whole conversation, rendered with the checkpoint's chat template (tokenizer_config.json,
+    or --template), is what the next reply continues. /reset clears the conversation, /exit (or
+    Ctrl-D) quits, /help lists the commands; Ctrl-C stops a reply, keeping what it said so far.
+    The oldest turns are dropped, with a note, once the conversation and --max-new-tokens no
+    longer fit the model's max_position_embeddings (a system message stays)."""
+    from .chat import ChatSession, chat_loop
+    from .generate import check_sampling
+
+    sampling = _sampling(args)
+    check_sampling(args.max_new_tokens, **sampling)  # before the (slow) load
+    template = _chat_template(args)
+    model, tokenizer = _load_for_generation(args)
+    session = ChatSession(model, tokenizer, template, args.max_new_tokens, system=args.system, **sampling)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("/help lists the commands; Ctrl-D quits", file=sys.stderr)
+    return chat_loop(session, prompt=">>> " if interactive else "")
+
+
+def _weights_dtype(args: argparse.Namespace):
+    import torch
+
+    return None if args.dtype == "auto" else getattr(torch, args.dtype)
 
 
 def _out_dir(args: argparse.Namespace, ckpt, run, kind: str):
@@ -174,6 +236,7 @@ def _add_data_args(sp: argparse.ArgumentParser) -> None:
                    help="score at most about N tokens per domain and split (default: all)")
     g.add_argument("--out", default=None, help="output folder (default: RUN/eval or RUN/analysis)")
     g.add_argument("--device", default="cpu")
+    _add_weights_args(g)
     g.add_argument("--no-progress", action="store_true")
 
 
@@ -184,7 +247,8 @@ def _load_for_eval(args: argparse.Namespace, need_data: bool = True, check=None)
     only_text = bool(args.text) and args.sources is None
     if only_text and need_data:
         check_text_files(args.text)  # before loading anything
-    model, tok, ckpt, run = load_checkpoint(args.checkpoint, device=args.device, tokenizer=args.tokenizer)
+    model, tok, ckpt, run = load_checkpoint(args.checkpoint, device=args.device, tokenizer=args.tokenizer,
+                                            max_memory=args.max_memory, dtype=_weights_dtype(args))
     if check is not None:
         check(model)  # before any data work
     settings = run_train_config(run)
@@ -364,6 +428,31 @@ def _add_train_args(sp: argparse.ArgumentParser, **defaults) -> None:
                    "and plots (with --resume: only when there is no checkpoint to resume)")
 
 
+def _add_generation_args(sp: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    """The tokenizer, chat template, sampling and device options of ``generate`` and ``chat``."""
+    sp.add_argument("--tokenizer", default=None,
+                    help="tokenizer.json (default: the one inside the checkpoint)")
+    sp.add_argument("--template", default=None, metavar="FILE",
+                    help="a jinja chat template instead of the one in tokenizer_config.json "
+                    "(`released`: the released deepseek-moe-16b-chat template)")
+    sp.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    sp.add_argument("--temperature", type=float, default=0.8, help="0 for greedy")
+    sp.add_argument("--top-k", type=int, default=None)
+    sp.add_argument("--top-p", type=float, default=0.95)
+    sp.add_argument("--seed", type=int, default=None)
+    sp.add_argument("--device", default="cpu")
+    _add_weights_args(sp)
+
+
+def _add_weights_args(g) -> None:
+    """How a command holds the checkpoint's weights: the memory budget and the dtype."""
+    g.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory budget for the weights, e.g. 20GiB (default: what this machine has available)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="the weights' dtype (default: float32 on the CPU when that fits the memory budget, "
+                   "else as stored, memory-mapped)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="deepseek-moe",
@@ -391,15 +480,17 @@ def build_parser() -> argparse.ArgumentParser:
                         description=cmd_generate.__doc__)
     sp.add_argument("checkpoint", help="a run directory, its checkpoints/ folder, or a checkpoint")
     sp.add_argument("--prompt", required=True)
-    sp.add_argument("--tokenizer", default=None,
-                    help="tokenizer.json (default: the one inside the checkpoint)")
-    sp.add_argument("--max-new-tokens", type=int, default=64)
-    sp.add_argument("--temperature", type=float, default=0.8, help="0 for greedy")
-    sp.add_argument("--top-k", type=int, default=None)
-    sp.add_argument("--top-p", type=float, default=0.95)
-    sp.add_argument("--seed", type=int, default=None)
-    sp.add_argument("--device", default="cpu")
+    sp.add_argument("--chat", action="store_true",
+                    help="the prompt is one user message in the chat template; print only the reply")
+    _add_generation_args(sp, max_new_tokens=64)
     sp.set_defaults(func=cmd_generate)
+
+    sp = sub.add_parser("chat", help="chat with a chat model (streams replies)",
+                        description=cmd_chat.__doc__)
+    sp.add_argument("checkpoint", help="a run directory, its checkpoints/ folder, or a checkpoint")
+    sp.add_argument("--system", default=None, help="a system message that opens the conversation")
+    _add_generation_args(sp, max_new_tokens=256)
+    sp.set_defaults(func=cmd_chat)
 
     sp = sub.add_parser("eval", help="held-out loss / perplexity / bits per byte; multiple choice",
                         description=cmd_eval.__doc__)

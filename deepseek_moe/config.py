@@ -211,6 +211,10 @@ class DeepseekMoEConfig:
                 kwargs[k] = 0
         if d.get("scoring_func", "softmax") != "softmax":
             raise ValueError(f"unsupported scoring_func {d['scoring_func']!r}")
+        # Other keys of a hub config.json (architectures, auto_map, torch_dtype, ...) describe the
+        # files, not the model, and are ignored; a RoPE scaling would change the model silently.
+        if d.get("rope_scaling") is not None:
+            raise ValueError(f"unsupported rope_scaling {d['rope_scaling']!r} (plain RoPE only)")
         return cls(**kwargs)
 
     def save(self, path: str | os.PathLike) -> None:

@@ -9,7 +9,8 @@ module first and then hands every argument to lm-eval's own command line::
 or, from Python, ``import deepseek_moe.lm_eval_adapter`` before ``lm_eval.simple_evaluate(
 model="deepseek_moe", model_args="pretrained=DIR")``. ``pretrained`` is a run directory, a
 ``checkpoints/`` folder or a checkpoint; other model_args: ``tokenizer`` (a tokenizer.json, default
-the checkpoint's), ``device``, ``batch_size``, ``max_length``.
+the checkpoint's), ``device``, ``batch_size``, ``max_length``, ``max_memory`` (e.g. ``20GiB``;
+default: what the machine has available).
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ class DeepseekMoELM(TemplateLM):
     generate_until)."""
 
     def __init__(self, pretrained: str, tokenizer: Optional[str] = None, device: Optional[str] = None,
-                 batch_size: Any = 16, max_length: Optional[int] = None, **_: Any) -> None:
+                 batch_size: Any = 16, max_length: Optional[int] = None, max_memory: Optional[str] = None,
+                 **_: Any) -> None:
         super().__init__()
         from .data.tokenizer import eos_id
 
@@ -55,7 +57,8 @@ class DeepseekMoELM(TemplateLM):
             if device is not None:  # lm-eval's command line defaults to cuda
                 print(f"deepseek_moe: {device} is not available, evaluating on cpu", file=sys.stderr)
             device = "cuda" if device is None and torch.cuda.is_available() else "cpu"
-        model, tok, ckpt, _run = load_checkpoint(pretrained, device=device, tokenizer=tokenizer)
+        model, tok, ckpt, _run = load_checkpoint(pretrained, device=device, tokenizer=tokenizer,
+                                                 max_memory=max_memory)
         if tok is None:
             raise ValueError(f"{ckpt} has no tokenizer.json: pass model_args tokenizer=PATH")
         self.model, self.tokenizer, self.checkpoint = model, tok, ckpt

@@ -17,6 +17,7 @@ from typing import Optional, Union
 import torch
 
 from .checkpoint import CONFIG_NAME, CheckpointError, load_pretrained
+from .memory import Size
 from .train_config import TRAIN_CONFIG_NAME, TrainConfig
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -59,16 +60,18 @@ def run_train_config(run_dir: Optional[Path]) -> Optional[TrainConfig]:
 
 
 def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
-                    tokenizer: Optional[PathLike] = None, dtype: Optional[torch.dtype] = None):
+                    tokenizer: Optional[PathLike] = None, dtype: Optional[torch.dtype] = None,
+                    max_memory: Optional[Size] = None):
     """``(model in eval mode, tokenizer or None, checkpoint dir, run dir or None)``.
 
     The tokenizer is ``tokenizer`` when given, else the checkpoint's ``tokenizer.json``, else the
     one the run was trained with; None when none is found (a released checkpoint without one).
+    The weights must fit ``max_memory`` (default: what the machine has available).
     """
     from .data import load_tokenizer
 
     ckpt, run = resolve_checkpoint(path)
-    model = load_pretrained(ckpt, device=device, dtype=dtype)
+    model = load_pretrained(ckpt, device=device, dtype=dtype, max_memory=max_memory)
     model.eval()
     tok_path: Optional[Path] = Path(tokenizer) if tokenizer is not None else None
     if tok_path is None and (ckpt / TOKENIZER_NAME).is_file():

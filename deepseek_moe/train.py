@@ -465,7 +465,7 @@ def _resume(ckpt: Path, cfg: TrainConfig, model_cfg: DeepseekMoEConfig, model: t
         load_distributed_state(ckpt, model, optimizer)
         return state
     _, opt_sd = load_training_state(ckpt)
-    loaded = load_pretrained(ckpt, device=device)
+    loaded = load_pretrained(ckpt, device=device, experts="stacked")  # the training layout
     if not layout.active:
         model.load_state_dict(loaded.state_dict())
         optimizer.load_state_dict(opt_sd)

@@ -257,3 +257,67 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert sorted(os.listdir(target)) == ["config.json", "model.safetensors"]
     assert sorted(os.listdir(tmp_path)) == ["ck"]
     assert_same(new, load_pretrained(target))
+
+
+def test_memory_budget_is_checked_before_loading(tmp_path, monkeypatch):
+    """A load that does not fit the budget is refused from the files' headers, before any tensor
+    is read: a one-line error with both sizes, never the OOM killer."""
+    from deepseek_moe import memory
+    from deepseek_moe.memory import MemoryBudgetError
+
+    model = DeepseekForCausalLM(get_config("deepseekmoe-tiny"))
+    save_pretrained(model, tmp_path, dtype=torch.bfloat16)
+    n = sum(p.numel() for p in model.parameters())
+    real_convert = ckpt._convert
+
+    def no_reading(*a, **k):
+        raise AssertionError("tensors were read although the budget refuses them")
+
+    monkeypatch.setattr(ckpt, "_convert", no_reading)
+    with pytest.raises(MemoryBudgetError, match=r"^loading .* needs about \d+ MiB but the memory budget "
+                       r"is 1 KiB \(--max-memory 1KiB\)$"):
+        load_pretrained(tmp_path, max_memory="1KiB", experts="stacked")
+    monkeypatch.setattr(ckpt, "_convert", real_convert)
+    # Upcast to fp32 every tensor is a copy, 4 bytes a parameter.
+    need32 = n * 4
+    assert next(load_pretrained(tmp_path, max_memory=need32, experts="stacked").parameters()).dtype == torch.float32
+    with pytest.raises(MemoryBudgetError):
+        load_pretrained(tmp_path, max_memory=need32 - 1, experts="stacked", dtype=torch.float32)
+    # The default budget is what the machine has available now.
+    monkeypatch.setattr(memory, "available_bytes", lambda: need32 // 2)
+    with pytest.raises(MemoryBudgetError, match=r"\(available on this machine now\)$"):
+        load_pretrained(tmp_path, dtype=torch.float32)
+    with pytest.raises(ValueError, match="cannot parse max_memory"):
+        load_pretrained(tmp_path, max_memory="lots")
+
+
+def test_a_model_too_big_to_stack_loads_per_expert_in_its_stored_dtype(tmp_path):
+    """Over the budget for fp32 and stacked experts, ``auto`` keeps the stored bf16 and the
+    checkpoint's own per-expert tensors, memory-mapped: nothing is allocated, and the model
+    computes what the stacked one does."""
+    from deepseek_moe.moe.experts import ExpertList, GroupedExperts
+
+    cfg = get_config("deepseekmoe-tiny", num_hidden_layers=2, first_k_dense_replace=1)
+    save_pretrained(DeepseekForCausalLM(cfg), tmp_path, dtype=torch.bfloat16)
+    small = load_pretrained(tmp_path, max_memory="1KiB")
+    big = load_pretrained(tmp_path, dtype=torch.bfloat16, experts="stacked")
+    assert isinstance(small.model.layers[1].mlp.experts, ExpertList)
+    assert isinstance(big.model.layers[1].mlp.experts, GroupedExperts)
+    assert {p.dtype for p in small.parameters()} == {torch.bfloat16}
+    # the per-expert names are the released ones: saving writes the same tensors back
+    assert set(small.state_dict()) == set(ckpt.hf_state_dict(big))
+    x = torch.randint(0, cfg.vocab_size, (2, 16))
+    with torch.no_grad():
+        a, b = small(x, labels=x), big(x, labels=x)
+    torch.testing.assert_close(a.logits.float(), b.logits.float(), rtol=2e-2, atol=2e-2)
+    assert torch.equal(a.tokens_per_expert, b.tokens_per_expert)
+    save_pretrained(small, tmp_path / "again")
+    again = load_pretrained(tmp_path / "again", dtype=torch.bfloat16, experts="stacked")
+    assert all(torch.equal(p, q) for p, q in zip(again.state_dict().values(), big.state_dict().values()))
+
+
+def test_available_memory_is_plausible():
+    from deepseek_moe.memory import available_bytes, format_size, parse_size
+
+    assert 2**26 < available_bytes() < 2**50
+    assert parse_size("20GiB", "max_memory") == 20 * 2**30 and format_size(20 * 2**30) == "20.0 GiB"

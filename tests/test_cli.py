@@ -64,3 +64,21 @@ def test_train_command_end_to_end(capsys, tmp_path):
 def test_module_entry_point():
     r = subprocess.run([sys.executable, "-m", "deepseek_moe", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "params" in r.stdout
+
+
+def test_a_model_over_the_memory_budget_is_a_one_line_error(run, capsys):
+    """generate, eval and analyze check the weights against --max-memory before loading them: a
+    dtype that copies them (bf16 from the run's fp32) over the budget is a one-line error; left
+    to choose, they keep the stored weights memory-mapped, which allocates nothing."""
+    from deepseek_moe.cli import main
+
+    for argv in (["generate", str(run), "--prompt", "def", "--max-memory", "64KiB", "--dtype", "bfloat16"],
+                 ["eval", str(run), "--max-memory", "64KiB", "--dtype", "bfloat16", "--no-progress"],
+                 ["analyze", str(run), "--max-memory", "64KiB", "--dtype", "bfloat16", "--no-progress"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("error: loading ")
+        assert err.endswith("but the memory budget is 64 KiB (--max-memory 64KiB)")
+    assert main(["generate", str(run), "--prompt", "def", "--max-memory", "64KiB", "--max-new-tokens", "3",
+                 "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("def")

@@ -8,15 +8,17 @@ The paper's 2B validation models use an 8K vocabulary trained with HF tokenizers
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Union
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 EOS_TOKEN = "<|endoftext|>"
 # Tried in order by eos_id() so an existing tokenizer.json (GPT-2, Llama, ...) works as well.
-_EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<|end_of_text|>", "<eos>", "<|eos|>")
+_EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<|end_of_text|>", "<eos>", "<|eos|>",
+                   "<｜end▁of▁sentence｜>")  # the last: the released deepseek-moe-16b tokenizer
 _N_BYTES = 256
 
 
@@ -34,12 +36,13 @@ def _limit_bytes(texts: Iterable[str], max_bytes: Optional[int]) -> Iterator[str
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192, max_bytes: Optional[int] = 50_000_000,
-                    *, show_progress: bool = False) -> Tokenizer:
+                    *, show_progress: bool = False,
+                    specials: Sequence[str] = (EOS_TOKEN,)) -> Tokenizer:
     """Train a byte-level BPE on ``texts`` (at most ``max_bytes`` of them, for speed).
 
-    ``EOS_TOKEN`` is special token id 0; the 256 byte symbols are always in the vocabulary, so the
-    result has exactly ``vocab_size`` entries when the text holds enough distinct merges.
-    Training on 50 MB takes about 15 s on 2 cores.
+    ``specials`` (by default ``EOS_TOKEN``) are the special tokens, ids 0, 1, ...; the 256 byte
+    symbols are always in the vocabulary, so the result has exactly ``vocab_size`` entries when
+    the text holds enough distinct merges. Training on 50 MB takes about 15 s on 2 cores.
     """
     if vocab_size < _N_BYTES + 2:
         raise ValueError(f"vocab_size must be at least {_N_BYTES + 2} (256 bytes + EOS + one merge), "
@@ -50,7 +53,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192, max_bytes: Opt
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOS_TOKEN],
+        special_tokens=list(specials),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=show_progress,
     )
@@ -90,6 +93,93 @@ def eos_id(tok: Tokenizer) -> int:
         if i is not None:
             return i
     raise TokenizerError(f"tokenizer has no end-of-text token (looked for {', '.join(_EOS_CANDIDATES)})")
+
+
+def special_tokens(checkpoint_dir: Union[str, "os.PathLike[str]"]) -> dict[str, Any]:
+    """The bos / eos tokens and the chat template of the tokenizer in ``checkpoint_dir``.
+
+    Returns ``bos_token``, ``bos_token_id``, ``eos_token``, ``eos_token_id`` (None where there
+    is none), ``add_bos_token`` (whether prompts start with the bos token; False unless
+    ``tokenizer_config.json`` says so) and ``chat_template`` (the Jinja template string, or None).
+
+    The token strings come from ``tokenizer_config.json`` where it names them (a string or an
+    ``{"content": ...}`` object, as the released checkpoints write), else from ``config.json``'s
+    ``bos_token_id`` / ``eos_token_id``; ids are resolved through ``tokenizer.json``. Without
+    either, the eos is the end-of-text token ``eos_id`` finds (this project's own tokenizers).
+    The template is ``tokenizer_config.json``'s ``chat_template`` (the ``"default"`` one of a
+    list of named templates), else a ``chat_template.jinja`` file. A token that
+    ``tokenizer_config.json`` names but ``tokenizer.json`` lacks is a ``TokenizerError``.
+    """
+    folder = Path(checkpoint_dir)
+    tok = load_tokenizer(folder)
+    tok_cfg, model_cfg = read_tokenizer_config(folder), _json_object(folder / "config.json")
+    found: dict[str, Any] = {}
+    for kind in ("bos", "eos"):
+        token = token_text(tok_cfg.get(f"{kind}_token"), f"{kind}_token of {folder / TOKENIZER_CONFIG_NAME}")
+        if isinstance(token, str):
+            token_id = tok.token_to_id(token)
+            if token_id is None:
+                raise TokenizerError(f"{folder / 'tokenizer_config.json'} names {kind}_token {token!r}, "
+                                     f"which {folder / 'tokenizer.json'} does not have")
+        else:
+            token_id = model_cfg.get(f"{kind}_token_id")
+            token = tok.id_to_token(token_id) if isinstance(token_id, int) else None
+            token_id = token_id if token is not None else None
+        found[f"{kind}_token"], found[f"{kind}_token_id"] = token, token_id
+    if found["eos_token"] is None:
+        try:
+            found["eos_token_id"] = eos_id(tok)
+            found["eos_token"] = tok.id_to_token(found["eos_token_id"])
+        except TokenizerError:
+            pass
+    template = chat_template_of(tok_cfg)
+    jinja = folder / "chat_template.jinja"
+    if not isinstance(template, str) and jinja.is_file():
+        template = jinja.read_text(encoding="utf-8")
+    found["add_bos_token"] = bool(tok_cfg.get("add_bos_token", False))
+    found["chat_template"] = template if isinstance(template, str) else None
+    return found
+
+
+TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
+
+
+def read_tokenizer_config(folder: Union[str, "os.PathLike[str]"]) -> dict[str, Any]:
+    """``folder/tokenizer_config.json`` as a dict; {} when there is none."""
+    return _json_object(Path(folder) / TOKENIZER_CONFIG_NAME)
+
+
+def token_text(value: object, what: str) -> Optional[str]:
+    """The text of a special token as ``tokenizer_config.json`` writes it: a string, or an
+    ``{"content": ...}`` object (an AddedToken); None when it is absent or null."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    raise TokenizerError(f"{what} must be a string or an object with a \"content\" string, got {value!r}")
+
+
+def chat_template_of(tok_cfg: dict[str, Any]) -> Optional[str]:
+    """The chat template a ``tokenizer_config.json`` holds: its ``chat_template`` string, or the
+    ``"default"`` one of a list of named templates (newer transformers); None when absent."""
+    template = tok_cfg.get("chat_template")
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template
+                         if isinstance(t, dict) and t.get("name") == "default"), None)
+    return template if isinstance(template, str) and template else None
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; {} when there is no such file."""
+    if not path.is_file():
+        return {}
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise TokenizerError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise TokenizerError(f"{path}: expected a JSON object")
+    return obj
 
 
 def tokenizer_sha256(tok: Tokenizer) -> str:

@@ -413,3 +413,55 @@ class GroupedExperts(nn.Module):
     def extra_repr(self) -> str:
         E, I, D = self.w1.shape
         return f"experts={E}, hidden={D}, intermediate={I}, backend={self.backend}"
+
+
+class ExpertList(nn.ModuleList):
+    """The routed experts as one ``SwiGLU`` module each, stored as the released checkpoint stores
+    them (``mlp.experts.{e}.gate_proj.weight`` ...): the same experts stage as ``GroupedExperts``
+    (``forward(x_MD, counts_E, gate_M)``) for weights that cannot be stacked without a copy.
+
+    A checkpoint's per-expert tensors are assigned as they are, memory-mapped from the file in
+    their stored dtype, so a model larger than the memory stacking would need still loads
+    (``checkpoint.load_pretrained(..., experts="per-expert")``). Every expert is its own tensor,
+    so plain autograd serves (no full-size gradient per expert) and it trains, but the stacked
+    ``GroupedExperts`` is the fast training layout; expert parallelism needs it.
+    """
+
+    def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int):
+        from ..ffn import SwiGLU
+
+        super().__init__(SwiGLU(hidden_size, intermediate_size) for _ in range(n_experts))
+        self.n_experts = n_experts
+
+    def expert_forward(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
+        return self[e](x_ND)
+
+    def fuses_dispatch(self, x_TD: torch.Tensor) -> bool:
+        return False
+
+    def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor,  # type: ignore[override]
+                gate_M: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Rows sorted by expert (``counts_E[e]`` rows for expert ``e``), optional fp32 gates ->
+        ``gate * expert(row)`` [M, D], computed in the experts' own dtype (autocast's when on)."""
+        expert = self[0]
+        dtype = compute_dtype(x_MD) if torch.is_autocast_enabled(x_MD.device.type) else expert.gate_proj.weight.dtype
+        x_MD = x_MD.to(dtype)
+        out, s = [], 0
+        with torch.autocast(x_MD.device.type, enabled=False):
+            for e, n in enumerate(counts_E.tolist()):  # one host synchronisation
+                if n:
+                    m = self[e]
+                    w = [p.weight if p.weight.dtype == dtype else p.weight.to(dtype)
+                         for p in (m.gate_proj, m.up_proj, m.down_proj)]
+                    rows = x_MD[s:s + n]
+                    h = F.silu(F.linear(rows, w[0])) * F.linear(rows, w[1])
+                    if gate_M is not None:
+                        h = h * gate_M[s:s + n].to(h.dtype).unsqueeze(1)
+                    out.append(F.linear(h, w[2]))
+                s += n
+        return torch.cat(out) if out else x_MD.new_zeros(0, expert.down_proj.weight.shape[0])
+
+    def extra_repr(self) -> str:
+        m = self[0]
+        return (f"experts={self.n_experts}, hidden={m.gate_proj.in_features}, "
+                f"intermediate={m.gate_proj.out_features}, per-expert tensors")

@@ -16,7 +16,7 @@ from torch import nn
 from ..config import DeepseekMoEConfig
 from ..ffn import SwiGLU
 from .dispatch import dispatch, dispatch_reference, expert_counts
-from .experts import GroupedExperts
+from .experts import ExpertList, GroupedExperts
 from .losses import balance_losses
 from .router import HashRouter, TopKRouter
 
@@ -119,3 +119,16 @@ class DeepseekMoE(nn.Module):
 def moe_layers(module: nn.Module) -> list[DeepseekMoE]:
     """The MoE layers inside ``module`` (a whole model, wrapped or not), in module order."""
     return [m for m in module.modules() if isinstance(m, DeepseekMoE)]
+
+
+def use_expert_list(model: nn.Module) -> None:
+    """Give every MoE layer of ``model`` per-expert tensors (``ExpertList``) in place of its
+    stacked experts, of the same shapes, dtype and device (a meta model stays on meta; the new
+    tensors' values are fresh: load weights afterwards)."""
+    for layer in moe_layers(model):
+        if isinstance(layer.experts, ExpertList):
+            continue
+        w = layer.experts.w1
+        E, I, D = w.shape
+        with torch.device(w.device):
+            layer.experts = ExpertList(E, D, I).to(w.dtype)

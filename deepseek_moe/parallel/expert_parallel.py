@@ -94,6 +94,9 @@ def apply_expert_parallel(model: DeepseekForCausalLM, mesh) -> None:
         if E % P:
             raise ValueError(f"{E} routed experts cannot be split evenly over expert-parallel size {P}")
         El = E // P
+        if not isinstance(layer.experts, GroupedExperts):
+            raise ValueError("expert parallelism shards stacked experts; this model holds one tensor per "
+                             "expert (load it with experts=\"stacked\")")
         for name in ("w1", "w3", "w2"):
             full = getattr(layer.experts, name)
             if isinstance(full, DTensor):
