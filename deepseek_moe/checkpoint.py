@@ -28,6 +28,7 @@ from .config import DeepseekMoEConfig
 from .memory import Size, budget_bytes, check_budget, parse_size
 from .model import DeepseekForCausalLM
 from .moe.layer import use_expert_list
+from .quant import quantize_modules, scheme_of
 
 # The one key map. Names not listed here are identical in both layouts.
 #   ours (stacked over experts)      HF (one tensor per expert e)
@@ -189,6 +190,58 @@ def remove_stale(parent: Path, pattern: "re.Pattern[str]") -> None:
                 p.unlink()
 
 
+def check_target(out: Path, force: bool) -> None:
+    """Refuse to write a new checkpoint into ``out`` unless it is new or empty, or ``force`` and
+    it holds a checkpoint (a directory with ``config.json``), which the write then replaces."""
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} exists and is not a directory")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not force:
+        raise CheckpointError(f"refusing to write into {out}: not empty (force replaces a "
+                              f"checkpoint there)")
+    if not (out / CONFIG_NAME).is_file():
+        raise CheckpointError(f"refusing to replace {out}: a non-empty directory that is not a "
+                              f"checkpoint (no {CONFIG_NAME})")
+
+
+@contextlib.contextmanager
+def new_checkpoint_dir(out: Path) -> Iterator[Path]:
+    """A temporary sibling of ``out`` to write a checkpoint into: when the block ends it replaces
+    ``out`` (``replace_dir``), and if the block fails it is removed, leaving ``out`` as it was.
+    Leftovers of an interrupted write of the same name are removed first."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(out.parent, re.compile(re.escape(f".{out.name}.tmp-") + r"[a-z0-9_]{8}"))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        os.chmod(tmp, normal_mode(directory=True))
+        yield tmp
+        fsync_path(tmp)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def plan_shards(sizes: Sequence[tuple[str, int]], limit: int) -> list[list[str]]:
+    """Tensor names in order, grouped into shards of at most ``limit`` bytes (a new shard whenever
+    the next tensor would take this one past it; a larger tensor gets a shard of its own)."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, nbytes in sizes:
+        if shards[-1] and used + nbytes > limit:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += nbytes
+    return shards
+
+
+def shard_file_names(n: int) -> list[str]:
+    """The released naming: ``model.safetensors`` alone, else ``model-0000k-of-0000N.safetensors``."""
+    return [SINGLE_NAME] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+
+
 def save_pretrained(
     model: DeepseekForCausalLM, path: Union[str, os.PathLike],
     max_shard_size: Union[int, str] = "5GB", dtype: Optional[torch.dtype] = None,
@@ -273,8 +326,7 @@ def _write_checkpoint(
         shards[-1].append((name, t))
         size += n
         total += n
-    files = ([SINGLE_NAME] if len(shards) == 1 else
-             [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
+    files = shard_file_names(len(shards))
     weight_map = {}
     for fname, shard in zip(files, shards):
         # One shard's tensors materialised at a time (only casts / device moves copy anything).
@@ -319,15 +371,23 @@ def load_pretrained(
         raise CheckpointError(f"{path} {what} (expected a directory with {CONFIG_NAME})")
     try:
         cfg = DeepseekMoEConfig.load(path / CONFIG_NAME)
+        scheme = scheme_of(json.loads((path / CONFIG_NAME).read_text()))
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path / CONFIG_NAME}: invalid config: {e}") from e
+    if scheme is not None and (dtype not in (None, torch.bfloat16) or experts == "stacked"):
+        raise ValueError(f"{path} is quantized (int{scheme[0]}): it computes in bf16 with one tensor "
+                         "per expert (no --dtype float32, no stacked experts)")
     if config_overrides:
         cfg = cfg.replace(**config_overrides)
     device = torch.device(device)
     if experts not in EXPERT_LAYOUTS:
         raise ValueError(f"experts must be one of {', '.join(EXPERT_LAYOUTS)}, got {experts!r}")
-    files, weight_map = _weight_files(path)
+    files, weight_map = weight_files(path)
     model = meta_model(cfg)
+    if scheme is not None:
+        use_expert_list(model)
+        quantize_modules(model, *scheme)
+        experts, dtype = "per-expert", torch.bfloat16
     expected = model.state_dict()
     with contextlib.ExitStack() as stack:
         owner: dict[str, Path] = {}
@@ -350,7 +410,7 @@ def load_pretrained(
         _check_tensors(expected, cfg, shapes, str(path))
         stored = {n: handles[owner[n]].get_slice(n).get_dtype() for n in shapes}
         dtype, experts = _plan_load(shapes, stored, dtype, experts, device, max_memory, f"loading {path}")
-        if experts == "per-expert" and cfg.has_moe:
+        if experts == "per-expert" and cfg.has_moe and scheme is None:
             use_expert_list(model)
             expected = model.state_dict()
 
@@ -378,10 +438,14 @@ EXPERT_LAYOUTS = ("auto", "stacked", "per-expert")
 
 def _allocated_bytes(shapes: Mapping[str, Sequence[int]], stored: Mapping[str, str],
                      dtype: Optional[torch.dtype], experts: str) -> int:
-    """Bytes a load allocates: tensors cast to ``dtype`` and, with stacked experts, every routed
-    expert's (stacking copies them). The rest stays memory-mapped in the file."""
+    """Bytes a load allocates: tensors cast to ``dtype``, with stacked experts every routed
+    expert's (stacking copies them), and int4 weights (repacked for the CPU kernel on first use).
+    The rest stays memory-mapped in the file."""
     total = 0
     for n, shape in shapes.items():
+        if n.endswith(".weight_packed"):
+            total += math.prod(shape)
+            continue
         have = _SAFETENSORS_DTYPES.get(stored[n], torch.float32)
         cast = dtype is not None and have.is_floating_point and have != dtype
         stacked = experts == "stacked" and from_hf_name(n)[1] is not None
@@ -409,7 +473,7 @@ def _plan_load(shapes: Mapping[str, Sequence[int]], stored: Mapping[str, str], d
     raise AssertionError("unreachable")
 
 
-def _weight_files(path: Path) -> tuple[list[Path], Optional[dict[str, str]]]:
+def weight_files(path: Path) -> tuple[list[Path], Optional[dict[str, str]]]:
     """The safetensors files of a checkpoint (the index's shards, else the single file) and the
     index's weight map (None without an index)."""
     index = path / INDEX_NAME
@@ -428,7 +492,7 @@ def _weight_files(path: Path) -> tuple[list[Path], Optional[dict[str, str]]]:
         return [path / n for n in names], weight_map
     if (path / SINGLE_NAME).is_file():
         return [path / SINGLE_NAME], None
-    pickles = _pickle_weight_files(path)
+    pickles = _pickleweight_files(path)
     if pickles:
         raise CheckpointError(
             f"{path}: the weights are pickle files ({_few(pickles)}), which this project never "
@@ -441,7 +505,7 @@ def _weight_files(path: Path) -> tuple[list[Path], Optional[dict[str, str]]]:
     raise CheckpointError(f"{path}: no {SINGLE_NAME} or {INDEX_NAME}")
 
 
-def _pickle_weight_files(path: Path) -> list[str]:
+def _pickleweight_files(path: Path) -> list[str]:
     """Names of the pickle weight files in ``path`` (``pytorch_model*.bin``, ``*.pt``, ``*.pth``
     and a ``pytorch_model.bin.index.json``): found by name only, never opened."""
     patterns = ("pytorch_model*.bin", "pytorch_model*.bin.index.json", "*.pt", "*.pth")
@@ -449,6 +513,7 @@ def _pickle_weight_files(path: Path) -> list[str]:
 
 
 __all__ = [
-    "CheckpointError", "KEY_MAP", "from_hf_name", "from_hf_state_dict", "hf_state_dict",
-    "load_pretrained", "parse_size", "save_pretrained", "to_hf_names",
+    "CheckpointError", "KEY_MAP", "check_target", "from_hf_name", "from_hf_state_dict", "hf_state_dict",
+    "load_pretrained", "meta_model", "new_checkpoint_dir", "parse_size", "plan_shards", "save_pretrained", "shard_file_names",
+    "to_hf_names", "weight_files",
 ]

@@ -9,6 +9,7 @@
     deepseek-moe analyze CKPT            the paper's expert analyses (Fig. 4, Fig. 5, shared, load)
     deepseek-moe lm-eval ARGS...         lm-evaluation-harness with the deepseek_moe model type
     deepseek-moe export CKPT OUT         any checkpoint layout -> the released layout
+    deepseek-moe quantize CKPT OUT --bits 8|4  weight-only int8 / int4 checkpoint
     deepseek-moe reproduce EXP --out D   the paper's comparisons at small scale, with a report
     deepseek-moe main                    the main job: train the tiny DeepSeekMoE for a few minutes
 """
@@ -401,6 +402,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Write a checkpoint with weight-only int8 (per output channel) or int4 (groups of
+    --group-size inputs) linear layers, converted tensor by tensor (peak memory about one output
+    shard). Every command loads the result. OUT must be new or empty; --force replaces a
+    checkpoint there."""
+    import time
+    from pathlib import Path
+
+    from .quantize import quantize_checkpoint
+    from .runs import resolve_checkpoint
+
+    ckpt, _ = resolve_checkpoint(args.checkpoint)
+    t0 = time.perf_counter()
+    out = quantize_checkpoint(ckpt, Path(args.out), args.bits, args.group_size, shard_size=args.shard_size,
+                              force=args.force, progress=not args.no_progress)
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    print(f"quantized {ckpt} -> {out}: int{args.bits}, {size / 1e9:.2f} GB in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
 def cmd_lm_eval(args: argparse.Namespace) -> int:
     """Run lm-evaluation-harness with the `deepseek_moe` model type registered; every argument
     goes to lm-eval (e.g. --model_args pretrained=RUN --tasks hellaswag)."""
@@ -543,6 +564,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--force", action="store_true",
                     help="replace OUT if it holds an earlier export (atomically)")
     sp.set_defaults(func=cmd_export)
+
+    sp = sub.add_parser("quantize", help="a checkpoint with int8 or int4 weight-only linear layers",
+                        description=cmd_quantize.__doc__)
+    sp.add_argument("checkpoint", help="a run directory, its checkpoints/ folder, or a checkpoint")
+    sp.add_argument("out", help="output directory: new or empty")
+    sp.add_argument("--bits", type=int, required=True, choices=[8, 4])
+    sp.add_argument("--group-size", type=int, default=128, help="inputs per int4 scale (default: 128)")
+    sp.add_argument("--shard-size", default="2GB", help="largest output shard (default: 2GB)")
+    sp.add_argument("--force", action="store_true", help="replace a checkpoint in OUT")
+    sp.add_argument("--no-progress", action="store_true")
+    sp.set_defaults(func=cmd_quantize)
 
     sp = sub.add_parser("lm-eval", help="lm-evaluation-harness with this model type (optional extra)",
                         description=cmd_lm_eval.__doc__, add_help=False)

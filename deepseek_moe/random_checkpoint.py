@@ -20,10 +20,8 @@ import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import sysconfig
-import tempfile
 from pathlib import Path
 from typing import Iterator, Union
 
@@ -32,9 +30,10 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, models, processors
 from tqdm import tqdm
 
-from .atomic import fsync_path, normal_mode, replace_dir, write_json
+from .atomic import fsync_path, normal_mode, write_json
 from .checkpoint import (
-    CONFIG_NAME, INDEX_NAME, SINGLE_NAME, CheckpointError, hf_state_dict, meta_model, remove_stale,
+    CONFIG_NAME, INDEX_NAME, CheckpointError, check_target, hf_state_dict, meta_model, new_checkpoint_dir,
+    plan_shards, shard_file_names,
 )
 from .config import DeepseekMoEConfig
 from .data.tokenizer import save_tokenizer, train_tokenizer
@@ -95,9 +94,11 @@ def write_random_checkpoint(
         raise ValueError(f"dtype must be a floating type, got {dtype}")
     limit = parse_size(shard_bytes, "shard_bytes")
     out = Path(out).absolute()
-    _check_target(out, force)
+    check_target(out, force)
     entries = [(name, tuple(t.shape)) for name, t in hf_state_dict(meta_model(cfg)).items()]
-    shards = _plan_shards(entries, dtype.itemsize, limit)
+    shapes = dict(entries)
+    shards = [[(n, shapes[n]) for n in names] for names in
+              plan_shards([(n, math.prod(shape) * dtype.itemsize) for n, shape in entries], limit)]
     total = sum(math.prod(shape) for _, shape in entries) * dtype.itemsize
     out.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out.parent).free
@@ -105,11 +106,7 @@ def write_random_checkpoint(
         raise CheckpointError(f"a random checkpoint of {cfg.name or 'this config'} needs "
                               f"{total / 1e9:.1f} GB on {out.parent}, which has "
                               f"{free / 1e9:.1f} GB free")
-    stale_tmp = re.compile(re.escape(f".{out.name}.tmp-") + r"[a-z0-9_]{8}")
-    remove_stale(out.parent, stale_tmp)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        os.chmod(tmp, normal_mode(directory=True))
+    with new_checkpoint_dir(out) as tmp:
         _write_tokenizer(tmp, cfg, chat)
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"random {out.name}",
                   disable=not progress) as bar:
@@ -127,11 +124,6 @@ def write_random_checkpoint(
         for name in REMOTE_CODE_FILES:
             (tmp / name).write_text(_REMOTE_CODE_STUB.format(name=name))
             fsync_path(tmp / name)
-        fsync_path(tmp)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -146,35 +138,6 @@ def _with_special_ids(cfg: DeepseekMoEConfig) -> DeepseekMoEConfig:
                          f"[258, vocab_size {cfg.vocab_size}): the BPE's 256 bytes and a merge "
                          f"come first")
     return cfg
-
-
-def _check_target(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"{out} exists and is not a directory")
-    if not out.is_dir() or not any(out.iterdir()):
-        return
-    if not force:
-        raise CheckpointError(f"refusing to write into {out}: not empty (force replaces a "
-                              f"checkpoint there)")
-    if not (out / CONFIG_NAME).is_file():
-        raise CheckpointError(f"refusing to replace {out}: a non-empty directory that is not a "
-                              f"checkpoint (no {CONFIG_NAME})")
-
-
-def _plan_shards(entries: list[tuple[str, tuple[int, ...]]], itemsize: int,
-                 limit: int) -> list[list[tuple[str, tuple[int, ...]]]]:
-    """Tensors in order, a new shard whenever the next one would take this one past ``limit``
-    (a tensor larger than ``limit`` gets a shard of its own)."""
-    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
-    used = 0
-    for name, shape in entries:
-        nbytes = math.prod(shape) * itemsize
-        if shards[-1] and used + nbytes > limit:
-            shards.append([])
-            used = 0
-        shards[-1].append((name, shape))
-        used += nbytes
-    return shards
 
 
 def _tensor_seed(seed: int, name: str) -> int:
@@ -194,8 +157,7 @@ def random_tensor(name: str, shape: tuple[int, ...], std: float, seed: int,
 def _write_shards(out: Path, cfg: DeepseekMoEConfig,
                   shards: list[list[tuple[str, tuple[int, ...]]]], seed: int,
                   dtype: torch.dtype, bar: tqdm) -> dict[str, str]:
-    files = ([SINGLE_NAME] if len(shards) == 1 else
-             [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
+    files = shard_file_names(len(shards))
     weight_map: dict[str, str] = {}
     for fname, shard in zip(files, shards):
         tensors = {}

@@ -17,14 +17,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from deepseek_moe.checkpoint import CheckpointError, hf_state_dict, load_pretrained
+from deepseek_moe.checkpoint import CheckpointError, hf_state_dict, load_pretrained, plan_shards
 from deepseek_moe.data.tokenizer import (
     TokenizerError, load_tokenizer, save_tokenizer, special_tokens, train_tokenizer,
 )
 from deepseek_moe.model import DeepseekForCausalLM
 from deepseek_moe.presets import get_config
 from deepseek_moe.random_checkpoint import (
-    BOS_TOKEN, CHAT_TEMPLATE, EOS_TOKEN, _plan_shards, build_tokenizer, write_random_checkpoint,
+    BOS_TOKEN, CHAT_TEMPLATE, EOS_TOKEN, build_tokenizer, write_random_checkpoint,
 )
 
 TINY = get_config("tiny", vocab_size=1024, num_hidden_layers=3, first_k_dense_replace=1,
@@ -103,8 +103,9 @@ def test_16b_plan_and_tokenizer():
     cfg = get_config("deepseekmoe-16b")
     with torch.device("meta"):
         entries = [(n, tuple(t.shape)) for n, t in hf_state_dict(DeepseekForCausalLM(cfg)).items()]
-    shards = _plan_shards(entries, 2, 5 * 10**9)  # bf16, the hub's 5GB shards: 7 of them
-    sizes = [sum(2 * math.prod(shape) for _, shape in shard) for shard in shards]
+    sizes_of = {n: 2 * math.prod(shape) for n, shape in entries}  # bf16
+    shards = plan_shards(list(sizes_of.items()), 5 * 10**9)  # the hub's 5GB shards: 7 of them
+    sizes = [sum(sizes_of[n] for n in shard) for shard in shards]
     assert len(shards) == 7 and max(sizes) <= 5e9 and 32.7e9 < sum(sizes) < 32.8e9
     tok = build_tokenizer(cfg)
     assert tok.get_vocab_size() <= cfg.vocab_size == 102400

@@ -442,24 +442,21 @@ class ExpertList(nn.ModuleList):
     def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor,  # type: ignore[override]
                 gate_M: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Rows sorted by expert (``counts_E[e]`` rows for expert ``e``), optional fp32 gates ->
-        ``gate * expert(row)`` [M, D], computed in the experts' own dtype (autocast's when on)."""
-        expert = self[0]
-        dtype = compute_dtype(x_MD) if torch.is_autocast_enabled(x_MD.device.type) else expert.gate_proj.weight.dtype
-        x_MD = x_MD.to(dtype)
+        ``gate * expert(row)`` [M, D]. Each expert's modules compute as they do alone (autocast
+        applies to plain linear layers; quantized ones compute in bf16)."""
         out, s = [], 0
-        with torch.autocast(x_MD.device.type, enabled=False):
-            for e, n in enumerate(counts_E.tolist()):  # one host synchronisation
-                if n:
-                    m = self[e]
-                    w = [p.weight if p.weight.dtype == dtype else p.weight.to(dtype)
-                         for p in (m.gate_proj, m.up_proj, m.down_proj)]
-                    rows = x_MD[s:s + n]
-                    h = F.silu(F.linear(rows, w[0])) * F.linear(rows, w[1])
-                    if gate_M is not None:
-                        h = h * gate_M[s:s + n].to(h.dtype).unsqueeze(1)
-                    out.append(F.linear(h, w[2]))
-                s += n
-        return torch.cat(out) if out else x_MD.new_zeros(0, expert.down_proj.weight.shape[0])
+        for e, n in enumerate(counts_E.tolist()):  # one host synchronisation
+            if n:
+                m, rows = self[e], x_MD[s:s + n]
+                h = F.silu(m.gate_proj(rows)) * m.up_proj(rows)
+                if gate_M is not None:
+                    h = h * gate_M[s:s + n].to(h.dtype).unsqueeze(1)
+                out.append(m.down_proj(h))
+            s += n
+        if not out:
+            return x_MD.new_zeros(0, self[0].down_proj.out_features)
+        y = torch.cat(out) if len(out) > 1 else out[0]
+        return y
 
     def extra_repr(self) -> str:
         m = self[0]

@@ -1,0 +1,200 @@
+"""Weight-only quantization: int8 per output channel, int4 in groups along the input.
+
+``deepseek-moe quantize CKPT OUT --bits 8|4`` converts a checkpoint tensor by tensor
+(``quantize_checkpoint``): every linear weight of the decoder (attention projections, dense and
+shared FFNs, every routed expert) becomes integers plus bf16 scales; embeddings, the output head,
+the router's centroids and the norms stay bf16. ``config.json`` records the scheme under
+``quantization_config``, and ``checkpoint.load_pretrained`` builds ``QuantLinear`` modules for it.
+
+Stored tensors, for a weight ``W`` [N, K] named ``X.weight``:
+
+- int8: ``X.weight`` int8 [N, K] and ``X.weight_scale`` bf16 [N]; W ~ q * scale (symmetric).
+- int4: ``X.weight_packed`` uint8 [N, K/2] (element 2j in the low nibble of byte j, 2j+1 in the
+  high one), ``X.weight_scale`` and ``X.weight_zero`` bf16 [N, K/G] for groups of G inputs;
+  W ~ q * scale + zero with q in [0, 15] (asymmetric, the group's minimum as zero). G is the
+  configured group size, or the largest smaller one that divides K (``group_for``); the stored
+  scales' shape says which.
+
+Products use torch's CPU kernels for weight-only int8 and int4 (``_weight_int8pack_mm``,
+``_weight_int4pack_mm_for_cpu``) with bf16 activations, whose cost grows with the rows; past a
+number of rows measured on the development machine (2 cores; the dequantization costs about 0.5
+ms for int8 and 1.3 ms for int4 at 1408 x 2048, one row of the kernels about 17 us), the weight
+is dequantized to bf16 and multiplied as a dense GEMM instead. Decoding (one row) uses the
+kernels; prefill of the dense and shared layers (all the tokens) the GEMM.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QUANT_METHOD = "deepseek_moe_weight_only"
+BITS = (8, 4)
+DEFAULT_GROUP_SIZE = 128
+GROUP_SIZES = (256, 128, 64, 32)  # what the CPU int4 kernel takes, largest first
+ALIGN = 64  # bytes; torch allocates so, and quantize aligns the weights in its files
+INT8_KERNEL_ROWS = 40  # fewer rows: the int8 kernel; more: dequantize and a bf16 GEMM
+INT4_KERNEL_ROWS = 120
+_ROUTER = "mlp.gate.weight"
+
+
+def quantizable(name: str, shape: tuple[int, ...]) -> bool:
+    """Whether the checkpoint tensor ``name`` is quantized: the 2-D weights of the decoder's linear
+    layers (not the embeddings, the output head or the router's centroids)."""
+    return (len(shape) == 2 and name.endswith("_proj.weight") and ".layers." in name
+            and not name.endswith(_ROUTER))
+
+
+def quantized_shapes(shape: tuple[int, ...], bits: int, group_size: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The stored tensors of one quantized weight: suffix (replacing ``weight``) -> (shape, dtype)."""
+    N, K = shape
+    if bits == 8:
+        return {"weight": ((N, K), torch.int8), "weight_scale": ((N,), torch.bfloat16)}
+    return {"weight_packed": ((N, K // 2), torch.uint8), "weight_scale": ((N, K // group_size), torch.bfloat16),
+            "weight_zero": ((N, K // group_size), torch.bfloat16)}
+
+
+def check_scheme(bits: int, group_size: int) -> None:
+    if bits not in BITS:
+        raise ValueError(f"bits must be 8 or 4, got {bits}")
+    if bits == 4 and group_size not in GROUP_SIZES:
+        raise ValueError(f"the int4 group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}")
+
+
+def group_for(in_features: int, group_size: int, name: str = "") -> int:
+    """The int4 group of a weight with ``in_features`` inputs: ``group_size``, or the largest
+    smaller one that divides them (the 16B's dense FFN has 10944 inputs: groups of 64)."""
+    for g in GROUP_SIZES:
+        if g <= group_size and in_features % g == 0:
+            return g
+    raise ValueError(f"{name or 'a weight'}: {in_features} inputs do not split into int4 groups of "
+                     f"{', '.join(map(str, GROUP_SIZES))}")
+
+
+def quantize_weight(w: torch.Tensor, bits: int, group_size: int = DEFAULT_GROUP_SIZE) -> dict[str, torch.Tensor]:
+    """``w`` [N, K] -> its stored tensors (see the module docstring), computed in fp32."""
+    w = w.detach().float()
+    N, K = w.shape
+    if bits == 8:
+        scale = (w.abs().amax(1) / 127).clamp(min=1e-12)
+        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        return {"weight": q, "weight_scale": scale.to(torch.bfloat16)}
+    if K % group_size:
+        raise ValueError(f"{K} inputs do not split into groups of {group_size}")
+    g = w.view(N, K // group_size, group_size)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    # Quantize against the scale and zero as stored (bf16), so that dequantization is exact.
+    scale_b, zero_b = scale.to(torch.bfloat16), lo.to(torch.bfloat16)
+    q = torch.round((g - zero_b.float()[..., None]) / scale_b.float()[..., None]).clamp(0, 15)
+    q = q.to(torch.uint8).view(N, K)
+    return {"weight_packed": q[:, 0::2] | (q[:, 1::2] << 4), "weight_scale": scale_b, "weight_zero": zero_b}
+
+
+def dequantize(t: dict[str, torch.Tensor], bits: int, group_size: int,
+               dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The weight the stored tensors ``t`` stand for, in ``dtype``."""
+    if bits == 8:
+        return t["weight"].to(dtype) * t["weight_scale"].to(dtype)[:, None]
+    packed = t["weight_packed"]
+    N = packed.shape[0]
+    q = torch.stack([packed & 15, packed >> 4], -1).view(N, -1, group_size).to(dtype)
+    return (q * t["weight_scale"].to(dtype)[..., None] + t["weight_zero"].to(dtype)[..., None]).view(N, -1)
+
+
+class QuantLinear(nn.Module):
+    """A bias-free linear layer with weight-only quantized weights (int8 or int4); computes in
+    bf16 whatever the input dtype and returns bf16. Inference only (no gradient)."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int,
+                 group_size: int = DEFAULT_GROUP_SIZE, device: Optional[torch.device] = None):
+        super().__init__()
+        check_scheme(bits, 128 if bits == 8 else group_size)
+        if bits == 4 and in_features % group_size:
+            raise ValueError(f"{in_features} inputs do not split into groups of {group_size}")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        for suffix, (shape, dtype) in quantized_shapes((out_features, in_features), bits, group_size).items():
+            self.register_buffer(suffix, torch.zeros(shape, dtype=dtype, device=device))
+        self._kernel_weight: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # int4: built on first use
+
+    def stored(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.named_buffers(recurse=False)}
+
+    def _int8_kernel_weight(self) -> torch.Tensor:
+        """The int8 weight where the kernel can read it: it needs 16-byte aligned rows (it crashes
+        on others), which a weight memory-mapped from a file need not be; such a one is copied
+        once. ``quantize`` writes its files so that their int8 weights are aligned."""
+        if self.weight.data_ptr() % ALIGN:
+            if self._kernel_weight is None:
+                self._kernel_weight = (self.weight.clone(), self.weight_scale)
+            return self._kernel_weight[0]
+        return self.weight
+
+    def _int4_kernel_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The packed weight and scales-and-zeros of ``_weight_int4pack_mm_for_cpu`` (which takes
+        w = (q - 8) * scale + zero'), converted once."""
+        if self._kernel_weight is None:
+            p = self.weight_packed
+            q = torch.stack([p & 15, p >> 4], -1).view(self.out_features, self.in_features).to(torch.int32)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 8)
+            scale, zero = self.weight_scale.float(), self.weight_zero.float()
+            sz = torch.stack([scale.t(), (zero + 8 * scale).t()], -1).contiguous().to(torch.bfloat16)
+            self._kernel_weight = (packed, sz)
+        return self._kernel_weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        rows = x2.shape[0]
+        if x2.device.type == "cpu" and self.bits == 8 and rows < INT8_KERNEL_ROWS:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self._int8_kernel_weight(), self.weight_scale)
+        elif x2.device.type == "cpu" and self.bits == 4 and rows < INT4_KERNEL_ROWS:
+            packed, sz = self._int4_kernel_weight()
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, self.group_size, sz)
+        else:
+            y = F.linear(x2, dequantize(self.stored(), self.bits, self.group_size))
+        return y.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        g = f", group_size={self.group_size}" if self.bits == 4 else ""
+        return f"in={self.in_features}, out={self.out_features}, int{self.bits}{g}"
+
+
+def quantize_modules(model: nn.Module, bits: int, group_size: int) -> None:
+    """Replace every linear layer of ``model`` whose weight ``quantizable`` names by a
+    ``QuantLinear`` of the same shape (int4 groups: ``group_for``), on the same device (meta stays
+    meta; values are zeros: load the stored tensors afterwards)."""
+    targets = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and quantizable(name + ".weight", tuple(m.weight.shape))]
+    for name, m in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        g = group_for(m.in_features, group_size, name) if bits == 4 else group_size
+        setattr(parent, child, QuantLinear(m.in_features, m.out_features, bits, g, device=m.weight.device))
+
+
+def scheme_of(hf_config: dict) -> Optional[tuple[int, int]]:
+    """(bits, group_size) a ``config.json`` records, None for an unquantized checkpoint."""
+    q = hf_config.get("quantization_config")
+    if q is None:
+        return None
+    if not isinstance(q, dict) or q.get("quant_method") != QUANT_METHOD:
+        raise ValueError(f"unsupported quantization_config {q!r}: this project reads its own "
+                         f"({QUANT_METHOD!r}, written by `deepseek-moe quantize`)")
+    bits, group = q.get("bits"), q.get("group_size") or DEFAULT_GROUP_SIZE
+    check_scheme(bits, group)
+    return bits, group
+
+
+def scheme_config(bits: int, group_size: int) -> dict:
+    return {"quant_method": QUANT_METHOD, "bits": bits, "group_size": group_size if bits == 4 else None,
+            "modules": "decoder linear layers (attention, dense and shared FFNs, routed experts)"}
+
+
+def stored_bytes(shape: tuple[int, ...], bits: int, group_size: int) -> int:
+    return sum(math.prod(s) * dt.itemsize for s, dt in quantized_shapes(shape, bits, group_size).values())

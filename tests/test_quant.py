@@ -1,0 +1,191 @@
+"""Weight-only int8 / int4: the kernels against the dequantized weight, the streaming converter,
+and a quantized checkpoint loaded by every command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from deepseek_moe.checkpoint import CheckpointError, load_pretrained, save_pretrained
+from deepseek_moe.generate import generate
+from deepseek_moe.model import DeepseekForCausalLM
+from deepseek_moe.moe.experts import ExpertList
+from deepseek_moe.presets import get_config
+from deepseek_moe.quant import (INT4_KERNEL_ROWS, INT8_KERNEL_ROWS, QuantLinear, dequantize, quantizable,
+                                quantize_weight)
+from deepseek_moe.quantize import quantize_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+# A dense first layer, 2 shared experts, widths that int4 groups of 32 divide.
+SMALL = dict(vocab_size=512, hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
+             num_hidden_layers=3, first_k_dense_replace=1, intermediate_size=128, moe_intermediate_size=32,
+             n_shared_experts=2, n_routed_experts=8, num_experts_per_tok=2)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quant_linear_kernels_equal_the_dequantized_weight(bits):
+    torch.manual_seed(0)
+    w = torch.randn(96, 256) * 0.02
+    stored = quantize_weight(w, bits, 64)
+    deq = dequantize(stored, bits, 64, torch.float32)
+    err = ((deq - w).norm() / w.norm()).item()
+    assert err < (0.01 if bits == 8 else 0.1)  # what 8 and 4 bits can hold of Gaussian weights
+    m = QuantLinear(256, 96, bits, 64)
+    for k, v in stored.items():
+        getattr(m, k).copy_(v)
+    limit = INT8_KERNEL_ROWS if bits == 8 else INT4_KERNEL_ROWS
+    for rows in (1, 3, limit - 1, limit, 2 * limit):  # both sides of the kernel / GEMM switch
+        x = torch.randn(2, rows, 256)
+        ref = x.bfloat16().float() @ deq.T
+        y = m(x)
+        assert y.shape == (2, rows, 96) and y.dtype == torch.bfloat16
+        assert ((y.float() - ref).norm() / ref.norm()).item() < 0.01
+
+
+def test_what_is_quantized():
+    assert quantizable("model.layers.3.mlp.experts.17.gate_proj.weight", (1408, 2048))
+    assert quantizable("model.layers.0.self_attn.q_proj.weight", (64, 64))
+    assert quantizable("model.layers.2.mlp.shared_experts.down_proj.weight", (64, 64))
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.1.mlp.gate.weight"):
+        assert not quantizable(name, (512, 64))
+    assert not quantizable("model.layers.0.input_layernorm.weight", (64,))
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    torch.manual_seed(0)
+    model = DeepseekForCausalLM(get_config("deepseekmoe-tiny", **SMALL))
+    path = tmp_path_factory.mktemp("src") / "ckpt"
+    save_pretrained(model, path, dtype=torch.bfloat16)
+    (path / "tokenizer_config.json").write_text("{}")
+    return path
+
+
+@pytest.mark.parametrize("bits, tol", [(8, 0.02), (4, 0.2)])
+def test_quantized_checkpoint_computes_close_to_the_original(source, tmp_path, bits, tol):
+    out = quantize_checkpoint(source, tmp_path / f"int{bits}", bits, 32, progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"]["bits"] == bits and cfg["torch_dtype"] == "bfloat16"
+    assert (out / "tokenizer_config.json").is_file()  # companions travel with the weights
+    q = load_pretrained(out)
+    ref = load_pretrained(source, dtype=torch.bfloat16)
+    assert isinstance(q.model.layers[1].mlp.experts, ExpertList)
+    assert isinstance(q.model.layers[1].mlp.experts[3].up_proj, QuantLinear)
+    assert isinstance(q.model.layers[0].self_attn.q_proj, QuantLinear)
+    assert q.lm_head.weight.dtype == torch.bfloat16
+    x = torch.randint(0, 512, (2, 24))
+    with torch.no_grad():
+        a, b = q(x).logits.float(), ref(x).logits.float()
+    assert ((a - b).norm() / b.norm()).item() < tol
+    # greedy decoding (one row at a time: the kernels) agrees with prefill (the GEMM path)
+    with torch.no_grad():
+        toks = generate(q, [x[0, :8].tolist()], 6, greedy=True)[0]
+        full = q(torch.tensor([x[0, :8].tolist() + toks[:-1]])).logits[0, 7:].argmax(-1).tolist()
+    assert toks == full
+
+
+def test_quantize_refuses_what_it_must(source, tmp_path):
+    out = quantize_checkpoint(source, tmp_path / "q", 8, progress=False)
+    with pytest.raises(CheckpointError, match="quantized already"):
+        quantize_checkpoint(out, tmp_path / "again", 4, progress=False)
+    with pytest.raises(CheckpointError, match="not empty"):
+        quantize_checkpoint(source, out, 4, progress=False)
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["bits"] == 8
+    quantize_checkpoint(source, out, 4, 32, force=True, progress=False)  # replaces a checkpoint
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["bits"] == 4
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        quantize_checkpoint(source, tmp_path / "mine", 8, force=True, progress=False)
+    with pytest.raises(ValueError, match="group size must be one of 256, 128, 64, 32, got 48"):
+        quantize_checkpoint(source, tmp_path / "g", 4, 48, progress=False)
+    assert not (tmp_path / "g").exists()
+    with pytest.raises(ValueError, match="computes in bf16"):
+        load_pretrained(out, dtype=torch.float32)
+
+
+def test_the_converter_streams(tmp_path):
+    """Peak memory stays far under the model's size: one shard and one tensor at a time."""
+    cfg = get_config("deepseekmoe-tiny", vocab_size=512, hidden_size=512, num_attention_heads=8,
+                     num_key_value_heads=8, num_hidden_layers=6, moe_intermediate_size=256,
+                     n_routed_experts=32, num_experts_per_tok=4)
+    with torch.device("meta"):
+        n = sum(p.numel() for p in DeepseekForCausalLM(cfg).parameters())
+    script = textwrap.dedent(f"""
+        import resource, sys, torch
+        from deepseek_moe.checkpoint import save_pretrained
+        from deepseek_moe.model import DeepseekForCausalLM
+        from deepseek_moe.presets import get_config
+        from deepseek_moe.quantize import quantize_checkpoint
+        cfg = get_config("deepseekmoe-tiny", **{dict(vocab_size=512, hidden_size=512, num_attention_heads=8,
+                         num_key_value_heads=8, num_hidden_layers=6, moe_intermediate_size=256,
+                         n_routed_experts=32, num_experts_per_tok=4)!r})
+        with torch.device("meta"):
+            m = DeepseekForCausalLM(cfg)
+        m = m.to_empty(device="cpu")
+        for p in m.parameters():
+            p.data.normal_(0, 0.02)
+        save_pretrained(m, sys.argv[1], max_shard_size="16MB", dtype=torch.bfloat16)
+        del m, p
+        import gc; gc.collect()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        quantize_checkpoint(sys.argv[1], sys.argv[2], 8, shard_size="16MB", progress=False)
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(before, after)
+    """)
+    # The peak so far is the source model in fp32; quantizing must not raise it by a model's worth.
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "src"), str(tmp_path / "q")],
+                       capture_output=True, text=True, cwd=ROOT, check=True)
+    before, after = map(int, r.stdout.split())
+    model_kib = n * 2 // 1024  # bf16 source
+    assert after - before < model_kib // 4, (before, after, model_kib)
+
+
+def test_quantize_command_and_generate(source, tmp_path):
+    out = tmp_path / "q4"
+    r = subprocess.run([sys.executable, "-m", "deepseek_moe", "quantize", str(source), str(out), "--bits", "4",
+                        "--group-size", "32", "--no-progress"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"quantized {source} -> {out}: int4")
+    r = subprocess.run([sys.executable, "-m", "deepseek_moe", "quantize", str(source), str(out), "--bits", "8"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.startswith("error: refusing to write into") and len(r.stderr.splitlines()) == 1
+
+
+def test_int4_groups_fall_back_to_what_divides_the_inputs(source, tmp_path):
+    """Groups of 128 where the inputs allow it, else the largest of 64 and 32 that divides them
+    (the released 16B's dense FFN has 10944 inputs); the stored scales say which."""
+    q = load_pretrained(quantize_checkpoint(source, tmp_path / "q", 4, 128, progress=False))
+    attn = q.model.layers[0].self_attn.q_proj  # 64 inputs
+    down = q.model.layers[1].mlp.experts[0].down_proj  # 32 inputs
+    dense = q.model.layers[0].mlp.down_proj  # 128 inputs
+    assert (attn.group_size, down.group_size, dense.group_size) == (64, 32, 128)
+    assert dense.weight_scale.shape == (64, 1) and down.weight_scale.shape == (64, 1)
+    x = torch.randint(0, 512, (1, 12))
+    with torch.no_grad():
+        assert torch.isfinite(q(x).logits.float()).all()
+
+
+def test_int8_weights_are_aligned_for_the_kernel(source, tmp_path):
+    """The int8 kernel crashes on rows that are not 16-byte aligned: quantize's files start every
+    int8 weight of these shapes at a multiple of 64 bytes, and a weight mapped from any other
+    file is copied once where it is not aligned."""
+    q = load_pretrained(quantize_checkpoint(source, tmp_path / "q8", 8, progress=False))
+    weights = [m.weight for m in q.modules() if isinstance(m, QuantLinear)]
+    assert weights and all(w.data_ptr() % 64 == 0 for w in weights)
+    m = next(m for m in q.modules() if isinstance(m, QuantLinear))
+    buf = torch.empty(m.weight.numel() + 64, dtype=torch.int8)
+    off = (8 - buf.data_ptr()) % 64 or 8  # an address 8 bytes past a 64-byte boundary
+    unaligned = buf[off:off + m.weight.numel()].view(m.weight.shape)
+    unaligned.copy_(m.weight)
+    assert unaligned.data_ptr() % 16
+    x = torch.randn(3, m.in_features)
+    expected = m(x)
+    m.weight = unaligned
+    assert torch.equal(m(x), expected)
