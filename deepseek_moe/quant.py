@@ -36,17 +36,21 @@ QUANT_METHOD = "deepseek_moe_weight_only"
 BITS = (8, 4)
 DEFAULT_GROUP_SIZE = 128
 GROUP_SIZES = (256, 128, 64, 32)  # what the CPU int4 kernel takes, largest first
+INT4_OUT_MULTIPLE = 16  # the int4 kernel's packing needs N divisible by 16
 ALIGN = 64  # bytes; torch allocates so, and quantize aligns the weights in its files
 INT8_KERNEL_ROWS = 40  # fewer rows: the int8 kernel; more: dequantize and a bf16 GEMM
 INT4_KERNEL_ROWS = 120
 _ROUTER = "mlp.gate.weight"
 
 
-def quantizable(name: str, shape: tuple[int, ...]) -> bool:
+def quantizable(name: str, shape: tuple[int, ...], bits: int = 8) -> bool:
     """Whether the checkpoint tensor ``name`` is quantized: the 2-D weights of the decoder's linear
-    layers (not the embeddings, the output head or the router's centroids)."""
+    layers (not the embeddings, the output head or the router's centroids); for int4 only the
+    shapes the CPU kernel takes, inputs in groups of 32 and outputs a multiple of 16 (the tiny
+    presets' 88-wide experts are not: they stay bf16)."""
     return (len(shape) == 2 and name.endswith("_proj.weight") and ".layers." in name
-            and not name.endswith(_ROUTER))
+            and not name.endswith(_ROUTER)
+            and (bits == 8 or (shape[1] % GROUP_SIZES[-1] == 0 and shape[0] % INT4_OUT_MULTIPLE == 0)))
 
 
 def quantized_shapes(shape: tuple[int, ...], bits: int, group_size: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -127,8 +131,9 @@ class QuantLinear(nn.Module):
 
     def _int8_kernel_weight(self) -> torch.Tensor:
         """The int8 weight where the kernel can read it: it needs 16-byte aligned rows (it crashes
-        on others), which a weight memory-mapped from a file need not be; such a one is copied
-        once. ``quantize`` writes its files so that their int8 weights are aligned."""
+        on others: rows of a multiple of 16 inputs only, other shapes take the GEMM path), which a
+        weight memory-mapped from a file need not be; such a one is copied once. ``quantize``
+        writes its files so that their int8 weights are aligned."""
         if self.weight.data_ptr() % ALIGN:
             if self._kernel_weight is None:
                 self._kernel_weight = (self.weight.clone(), self.weight_scale)
@@ -151,7 +156,7 @@ class QuantLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
         rows = x2.shape[0]
-        if x2.device.type == "cpu" and self.bits == 8 and rows < INT8_KERNEL_ROWS:
+        if x2.device.type == "cpu" and self.bits == 8 and rows < INT8_KERNEL_ROWS and self.in_features % 16 == 0:
             y = torch.ops.aten._weight_int8pack_mm(x2, self._int8_kernel_weight(), self.weight_scale)
         elif x2.device.type == "cpu" and self.bits == 4 and rows < INT4_KERNEL_ROWS:
             packed, sz = self._int4_kernel_weight()
@@ -170,7 +175,7 @@ def quantize_modules(model: nn.Module, bits: int, group_size: int) -> None:
     ``QuantLinear`` of the same shape (int4 groups: ``group_for``), on the same device (meta stays
     meta; values are zeros: load the stored tensors afterwards)."""
     targets = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and quantizable(name + ".weight", tuple(m.weight.shape))]
+               if isinstance(m, nn.Linear) and quantizable(name + ".weight", tuple(m.weight.shape), bits)]
     for name, m in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)

@@ -139,7 +139,7 @@ def _save_aligned(tensors: dict[str, torch.Tensor], path: Path) -> None:
 def _outputs(name: str, shape: tuple[int, ...], stored: str, bits: int,
              group_size: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """What the source tensor ``name`` becomes: output name -> (shape, dtype)."""
-    if quantizable(name, shape):
+    if quantizable(name, shape, bits):
         g = group_for(shape[1], group_size, name) if bits == 4 else group_size
         base = name[: -len("weight")]
         return {base + suffix: v for suffix, v in quantized_shapes(shape, bits, g).items()}
@@ -148,7 +148,7 @@ def _outputs(name: str, shape: tuple[int, ...], stored: str, bits: int,
 
 
 def _convert(name: str, t: torch.Tensor, bits: int, group_size: int) -> dict[str, torch.Tensor]:
-    if quantizable(name, tuple(t.shape)):
+    if quantizable(name, tuple(t.shape), bits):
         g = group_for(t.shape[1], group_size, name) if bits == 4 else group_size
         base = name[: -len("weight")]
         return {base + suffix: v.contiguous() for suffix, v in quantize_weight(t, bits, g).items()}

@@ -189,3 +189,20 @@ def test_int8_weights_are_aligned_for_the_kernel(source, tmp_path):
     expected = m(x)
     m.weight = unaligned
     assert torch.equal(m(x), expected)
+
+
+def test_int4_leaves_weights_it_cannot_group_in_bf16(tmp_path):
+    """The tiny presets' experts are 88 wide: the int4 kernel takes neither 88 inputs (groups of
+    32) nor 88 outputs (multiples of 16), so they stay bf16; int8 quantizes everything."""
+    cfg = get_config("deepseekmoe-tiny", num_hidden_layers=1)
+    save_pretrained(DeepseekForCausalLM(cfg), tmp_path / "src", dtype=torch.bfloat16)
+    q4 = load_pretrained(quantize_checkpoint(tmp_path / "src", tmp_path / "q4", 4, progress=False))
+    expert = q4.model.layers[0].mlp.experts[0]
+    assert all(type(m) is torch.nn.Linear and m.weight.dtype == torch.bfloat16
+               for m in (expert.gate_proj, expert.up_proj, expert.down_proj))
+    assert isinstance(q4.model.layers[0].self_attn.q_proj, QuantLinear)  # 128 x 128
+    q8 = load_pretrained(quantize_checkpoint(tmp_path / "src", tmp_path / "q8", 8, progress=False))
+    assert isinstance(q8.model.layers[0].mlp.experts[0].down_proj, QuantLinear)
+    x = torch.randint(0, cfg.vocab_size, (1, 8))
+    with torch.no_grad():
+        assert torch.isfinite(q4(x).logits.float()).all() and torch.isfinite(q8(x).logits.float()).all()
