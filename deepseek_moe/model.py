@@ -15,6 +15,7 @@ H heads, Hkv key/value heads, hd head dim, V vocab.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -400,3 +401,29 @@ class DeepseekForCausalLM(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    @classmethod
+    def from_pretrained(cls, path: "str | os.PathLike[str]", *, dtype: Optional[torch.dtype] = None,
+                        device: "str | torch.device" = "cpu", max_memory: "int | str | None" = None,
+                        experts: str = "auto") -> "DeepseekForCausalLM":
+        """The model of a checkpoint, as transformers' ``from_pretrained``: ``path`` is a checkpoint
+        in the released layout (a hub snapshot of deepseek-moe-16b, an export, a quantized one),
+        one of this project's training checkpoints, its ``checkpoints/`` folder or a run directory
+        (its newest whole checkpoint). Returned in eval mode. ``dtype``, ``max_memory`` and
+        ``experts`` as in ``checkpoint.load_pretrained``."""
+        from .checkpoint import load_pretrained
+        from .runs import resolve_checkpoint
+
+        ckpt, _ = resolve_checkpoint(path)
+        return load_pretrained(ckpt, device=device, dtype=dtype, max_memory=max_memory, experts=experts).eval()
+
+    def save_pretrained(self, path: "str | os.PathLike[str]", *, dtype: Optional[torch.dtype] = None,
+                        max_shard_size: "int | str" = "5GB",
+                        tokenizer: "str | os.PathLike[str] | None" = None) -> None:
+        """Write this model in the released layout (``config.json`` and safetensors shards with
+        their index), atomically; ``tokenizer`` (a tokenizer.json) is copied in beside it.
+        ``from_pretrained`` reads it back bit for bit."""
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, path, max_shard_size=max_shard_size, dtype=dtype,
+                        extra_files={"tokenizer.json": tokenizer} if tokenizer is not None else None)

@@ -321,3 +321,29 @@ def test_available_memory_is_plausible():
 
     assert 2**26 < available_bytes() < 2**50
     assert parse_size("20GiB", "max_memory") == 20 * 2**30 and format_size(20 * 2**30) == "20.0 GiB"
+
+
+def test_from_pretrained_and_save_pretrained_round_trip(tmp_path, run):
+    """The HF-style methods: save_pretrained then from_pretrained gives the same tensors bit for
+    bit; from_pretrained also takes a run directory and its checkpoints/ folder."""
+    cfg = get_config("deepseekmoe-tiny", num_hidden_layers=2, first_k_dense_replace=1, n_shared_experts=2)
+    model = DeepseekForCausalLM(cfg)
+    tok = tmp_path / "tokenizer.json"
+    tok.write_text("{}")
+    model.save_pretrained(tmp_path / "ckpt", tokenizer=tok)
+    assert (tmp_path / "ckpt" / "tokenizer.json").read_text() == "{}"
+    again = DeepseekForCausalLM.from_pretrained(tmp_path / "ckpt")
+    assert not again.training
+    assert again.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
+    assert DeepseekForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16).lm_head.weight.dtype \
+        == torch.bfloat16
+    from deepseek_moe.runs import resolve_checkpoint
+
+    newest = load_pretrained(resolve_checkpoint(run)[0])
+    for where in (run, run / "checkpoints"):
+        got = DeepseekForCausalLM.from_pretrained(where)
+        assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), newest.state_dict().values()))
+    from deepseek_moe import DeepseekForCausalLM as top
+
+    assert top is DeepseekForCausalLM
