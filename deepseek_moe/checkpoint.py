@@ -306,7 +306,20 @@ def save_pretrained(
 def _write_checkpoint(
     model: DeepseekForCausalLM, out: Path, limit: int, dtype: Optional[torch.dtype]
 ) -> None:
-    entries = list(hf_state_dict(model).items())  # views only
+    write_shards(out, list(hf_state_dict(model).items()), limit, dtype)  # views only
+    stored = dtype or next((p.dtype for p in model.parameters() if p.is_floating_point()),
+                           torch.float32)
+    cfg = model.config.to_hf_dict()
+    cfg["torch_dtype"] = str(stored).removeprefix("torch.")
+    write_json(out / CONFIG_NAME, cfg)
+    fsync_path(out)
+
+
+def write_shards(out: Path, entries: Sequence[tuple[str, torch.Tensor]], limit: int,
+                 dtype: Optional[torch.dtype] = None) -> None:
+    """``entries`` (name, tensor) as safetensors shards of at most ``limit`` bytes in ``out``
+    (``shard_file_names``), with the index when there are several; floating tensors cast to
+    ``dtype`` if given. One shard's tensors are materialised at a time."""
 
     def target(t: torch.Tensor) -> torch.dtype:
         return dtype if dtype is not None and t.is_floating_point() else t.dtype
@@ -315,33 +328,18 @@ def _write_checkpoint(
         # Per-expert rows of a contiguous stack are contiguous: written without a copy.
         return t.detach().to("cpu", dtype=target(t)).contiguous()
 
-    # Greedy shard plan from sizes alone, so the shard count is known before any file is named.
-    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
-    size = total = 0
-    for name, t in entries:
-        n = t.numel() * target(t).itemsize
-        if shards[-1] and size + n > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append((name, t))
-        size += n
-        total += n
-    files = shard_file_names(len(shards))
+    tensors = dict(entries)
+    sizes = [(n, t.numel() * target(t).itemsize) for n, t in entries]
+    shards = plan_shards(sizes, limit)  # from sizes alone: the shard count is known before any file is named
     weight_map = {}
-    for fname, shard in zip(files, shards):
-        # One shard's tensors materialised at a time (only casts / device moves copy anything).
-        save_file({n: prepare(t) for n, t in shard}, out / fname, metadata={"format": "pt"})
+    for fname, names in zip(shard_file_names(len(shards)), shards):
+        save_file({n: prepare(tensors[n]) for n in names}, out / fname, metadata={"format": "pt"})
         os.chmod(out / fname, normal_mode())  # safetensors writes 0o600 (a temporary file)
         fsync_path(out / fname)
-        weight_map.update({n: fname for n, _ in shard})
-    if len(files) > 1:
-        write_json(out / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
-    stored = dtype or next((p.dtype for p in model.parameters() if p.is_floating_point()),
-                           torch.float32)
-    cfg = model.config.to_hf_dict()
-    cfg["torch_dtype"] = str(stored).removeprefix("torch.")
-    write_json(out / CONFIG_NAME, cfg)
-    fsync_path(out)
+        weight_map.update({n: fname for n in names})
+    if len(shards) > 1:
+        write_json(out / INDEX_NAME, {"metadata": {"total_size": sum(b for _, b in sizes)},
+                                      "weight_map": weight_map})
 
 
 # --- load -----------------------------------------------------------------------------------------
@@ -514,6 +512,6 @@ def _pickleweight_files(path: Path) -> list[str]:
 
 __all__ = [
     "CheckpointError", "KEY_MAP", "check_target", "from_hf_name", "from_hf_state_dict", "hf_state_dict",
-    "load_pretrained", "meta_model", "new_checkpoint_dir", "parse_size", "plan_shards", "save_pretrained", "shard_file_names",
-    "to_hf_names", "weight_files",
+    "load_pretrained", "meta_model", "new_checkpoint_dir", "parse_size", "plan_shards", "save_pretrained",
+    "shard_file_names", "to_hf_names", "weight_files", "write_shards",
 ]

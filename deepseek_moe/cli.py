@@ -8,7 +8,7 @@
     deepseek-moe eval CKPT               held-out loss, perplexity, bits per byte; multiple choice
     deepseek-moe analyze CKPT            the paper's expert analyses (Fig. 4, Fig. 5, shared, load)
     deepseek-moe lm-eval ARGS...         lm-evaluation-harness with the deepseek_moe model type
-    deepseek-moe export CKPT OUT         any checkpoint layout -> the released layout
+    deepseek-moe export CKPT OUT         any checkpoint layout -> the released layout (or qwen2_moe)
     deepseek-moe quantize CKPT OUT --bits 8|4  weight-only int8 / int4 checkpoint
     deepseek-moe reproduce EXP --out D   the paper's comparisons at small scale, with a report
     deepseek-moe main                    the main job: train the tiny DeepSeekMoE for a few minutes
@@ -388,17 +388,25 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write a checkpoint of any layout (a distributed run's sharded dcp/ state, or a
-    single-process one) as the released single-directory layout, with its tokenizer. OUT must
-    be new or empty; --force replaces an earlier export, never a training checkpoint, a run or
-    another folder."""
+    single-process one) as the released single-directory layout, or (--format qwen2_moe) as a
+    Qwen2-MoE checkpoint that stock transformers, vLLM and llama.cpp's converter load without
+    remote code, with its tokenizer. OUT must be new or empty; --force replaces an earlier
+    export, never a training checkpoint, a run or another folder."""
     from pathlib import Path
 
     from .parallel.checkpoint import export_released
     from .runs import resolve_checkpoint
 
     ckpt, _ = resolve_checkpoint(args.checkpoint)
-    out = export_released(ckpt, Path(args.out), force=args.force)
-    print(f"exported {ckpt} -> {out}")
+    if args.format == "qwen2_moe":
+        from .hf_export import export_qwen2_moe
+        from .parallel.checkpoint import check_export_target, model_of
+
+        check_export_target(ckpt, Path(args.out), args.force)
+        out = export_qwen2_moe(model_of(ckpt), Path(args.out), tokenizer_dir=ckpt)
+    else:
+        out = export_released(ckpt, Path(args.out), force=args.force)
+    print(f"exported {ckpt} -> {out} ({args.format})")
     return 0
 
 
@@ -561,6 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
                         description=cmd_export.__doc__)
     sp.add_argument("checkpoint", help="a run directory, its checkpoints/ folder, or a checkpoint")
     sp.add_argument("out", help="output directory: new or empty")
+    sp.add_argument("--format", default="released", choices=["released", "qwen2_moe"],
+                    help="released: the deepseek-moe-16b layout (default); qwen2_moe: transformers' "
+                    "Qwen2-MoE, the same function, no remote code")
     sp.add_argument("--force", action="store_true",
                     help="replace OUT if it holds an earlier export (atomically)")
     sp.set_defaults(func=cmd_export)

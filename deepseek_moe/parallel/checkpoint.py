@@ -129,10 +129,11 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, full_mod
 
 # The files of an exported checkpoint: the only ones ``export --force`` may replace.
 _RELEASED_FILE = re.compile(r"config\.json|model\.safetensors|model-\d+-of-\d+\.safetensors|"
-                            r"model\.safetensors\.index\.json|tokenizer\.json|generation_config\.json")
+                            r"model\.safetensors\.index\.json|tokenizer\.json|tokenizer_config\.json|"
+                            r"generation_config\.json")
 
 
-def _check_export_target(ckpt: Path, out: Path, force: bool) -> None:
+def check_export_target(ckpt: Path, out: Path, force: bool) -> None:
     """Refuse an export that would destroy what it did not create: ``out`` being, inside or
     holding the source checkpoint, a non-empty ``out`` without ``force``, and, even with
     ``force``, an ``out`` holding anything besides the released layout's files."""
@@ -168,6 +169,16 @@ def _check_export_target(ckpt: Path, out: Path, force: bool) -> None:
                               f"replace an exported checkpoint)")
 
 
+def model_of(ckpt: Path) -> DeepseekForCausalLM:
+    """The model of a checkpoint of any layout, in one process: from ``dcp/`` when present, else
+    from the checkpoint's own safetensors."""
+    if not is_distributed_checkpoint(ckpt):
+        return load_pretrained(ckpt)
+    model = DeepseekForCausalLM(DeepseekMoEConfig.load(ckpt / "config.json"))
+    load_distributed_state(ckpt, model, None)
+    return model
+
+
 def export_released(ckpt: Path, out: Path, force: bool = False) -> Path:
     """Write the released single-directory layout of a checkpoint of any layout (one process):
     the model comes from ``dcp/`` when present, else from the checkpoint's own safetensors;
@@ -177,13 +188,8 @@ def export_released(ckpt: Path, out: Path, force: bool = False) -> Path:
     released-layout files). The source checkpoint itself, a folder inside or around it, a
     training checkpoint, a run or any other folder is always refused, before the model loads."""
     ckpt, out = Path(ckpt), Path(out)
-    _check_export_target(ckpt, out, force)
-    if not is_distributed_checkpoint(ckpt):
-        model = load_pretrained(ckpt)
-    else:
-        config = DeepseekMoEConfig.load(ckpt / "config.json")
-        model = DeepseekForCausalLM(config)
-        load_distributed_state(ckpt, model, None)
+    check_export_target(ckpt, out, force)
+    model = model_of(ckpt)
     tokenizer = ckpt / "tokenizer.json"
     save_pretrained(model, out,
                     extra_files={"tokenizer.json": tokenizer} if tokenizer.is_file() else None)
