@@ -257,6 +257,9 @@ def save_pretrained(
     replaces ``path``; an existing checkpoint there is removed only after that, and any failure
     leaves it untouched. A non-empty ``path`` that is not a checkpoint is refused.
     """
+    if any(hasattr(m, "bits") for m in model.modules()):
+        raise CheckpointError("cannot save a quantized model in the released layout (its config would not "
+                              "say so): save or export the checkpoint it was quantized from, then quantize it")
     limit = parse_size(max_shard_size, "max_shard_size")
     path = Path(path).absolute()
     extra = {name: Path(src) for name, src in (extra_files or {}).items()}

@@ -190,6 +190,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return chat_loop(session, prompt=">>> " if interactive else "")
 
 
+def _weights_summary(model) -> str:
+    """How the weights are held, e.g. ``bfloat16, per-expert`` or ``int4, per-expert``."""
+    from .moe.experts import ExpertList
+
+    bits = next((m.bits for m in model.modules() if hasattr(m, "bits")), None)
+    kind = f"int{bits}" if bits else str(model.lm_head.weight.dtype).removeprefix("torch.")
+    per_expert = any(isinstance(m, ExpertList) for m in model.modules())
+    return kind + (", per-expert tensors" if per_expert else "")
+
+
 def _weights_dtype(args: argparse.Namespace):
     import torch
 
@@ -265,7 +275,7 @@ def _load_for_eval(args: argparse.Namespace, need_data: bool = True, check=None)
         if tok is not None and cache.vocab_size != tok.get_vocab_size():
             raise ValueError("the data cache and the checkpoint use different tokenizers")
     print(f"checkpoint: {ckpt} ({model.config.name or 'model'}, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)")
+          f"{model.num_parameters() / 1e6:.1f}M parameters, {_weights_summary(model)})")
     return model, tok, ckpt, run, cache, seq_len
 
 

@@ -400,7 +400,10 @@ class DeepseekForCausalLM(nn.Module):
         return positions.to(device)
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """Parameters, counting a quantized layer's weight (stored as integers and scales, in
+        buffers) as the ``in x out`` parameters it stands for."""
+        quantized = sum(m.in_features * m.out_features for m in self.modules() if hasattr(m, "bits"))
+        return sum(p.numel() for p in self.parameters()) + quantized
 
     @classmethod
     def from_pretrained(cls, path: "str | os.PathLike[str]", *, dtype: Optional[torch.dtype] = None,

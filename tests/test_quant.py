@@ -206,3 +206,19 @@ def test_int4_leaves_weights_it_cannot_group_in_bf16(tmp_path):
     x = torch.randint(0, cfg.vocab_size, (1, 8))
     with torch.no_grad():
         assert torch.isfinite(q4(x).logits.float()).all() and torch.isfinite(q8(x).logits.float()).all()
+
+
+def test_a_quantized_model_counts_its_parameters(source, tmp_path):
+    q = load_pretrained(quantize_checkpoint(source, tmp_path / "q", 4, 32, progress=False))
+    ref = load_pretrained(source)
+    assert q.num_parameters() == ref.num_parameters() == sum(p.numel() for p in ref.parameters())
+
+
+def test_a_quantized_model_is_not_saved_as_unquantized(source, tmp_path):
+    q = load_pretrained(quantize_checkpoint(source, tmp_path / "q", 8, progress=False))
+    with pytest.raises(CheckpointError, match="cannot save a quantized model"):
+        q.save_pretrained(tmp_path / "again")
+    r = subprocess.run([sys.executable, "-m", "deepseek_moe", "export", str(tmp_path / "q"), str(tmp_path / "e")],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "cannot save a quantized model" in r.stderr
+    assert not (tmp_path / "again").exists() and not (tmp_path / "e").exists()
