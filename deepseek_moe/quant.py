@@ -2,8 +2,8 @@
 
 ``deepseek-moe quantize CKPT OUT --bits 8|4`` converts a checkpoint tensor by tensor
 (``quantize_checkpoint``): every linear weight of the decoder (attention projections, dense and
-shared FFNs, every routed expert) becomes integers plus bf16 scales; embeddings, the output head,
-the router's centroids and the norms stay bf16. ``config.json`` records the scheme under
+shared FFNs, every routed expert) becomes integers plus bf16 scales, and the output head int8
+(``bits_for``); embeddings, the router's centroids and the norms stay bf16. ``config.json`` records the scheme under
 ``quantization_config``, and ``checkpoint.load_pretrained`` builds ``QuantLinear`` modules for it.
 
 Stored tensors, for a weight ``W`` [N, K] named ``X.weight``:
@@ -43,14 +43,22 @@ INT4_KERNEL_ROWS = 120
 _ROUTER = "mlp.gate.weight"
 
 
-def quantizable(name: str, shape: tuple[int, ...], bits: int = 8) -> bool:
-    """Whether the checkpoint tensor ``name`` is quantized: the 2-D weights of the decoder's linear
-    layers (not the embeddings, the output head or the router's centroids); for int4 only the
-    shapes the CPU kernel takes, inputs in groups of 32 and outputs a multiple of 16 (the tiny
-    presets' 88-wide experts are not: they stay bf16)."""
-    return (len(shape) == 2 and name.endswith("_proj.weight") and ".layers." in name
-            and not name.endswith(_ROUTER)
-            and (bits == 8 or (shape[1] % GROUP_SIZES[-1] == 0 and shape[0] % INT4_OUT_MULTIPLE == 0)))
+def bits_for(name: str, shape: tuple[int, ...], bits: int, tied: bool = False) -> Optional[int]:
+    """The bits the checkpoint tensor ``name`` is stored in under a ``bits`` scheme (None: it
+    stays bf16). The 2-D weights of the decoder's linear layers get ``bits``, except that int4
+    needs shapes the CPU kernel takes (inputs in groups of 32, outputs a multiple of 16; the tiny
+    presets' 88-wide experts are not), which fall back to int8. The output head is int8 in both
+    schemes (unless tied to the embeddings); embeddings, the router's centroids and norms stay
+    bf16."""
+    if len(shape) != 2:
+        return None
+    if name == "lm_head.weight":
+        return None if tied else 8
+    if not (name.endswith("_proj.weight") and ".layers." in name) or name.endswith(_ROUTER):
+        return None
+    if bits == 4 and (shape[1] % GROUP_SIZES[-1] or shape[0] % INT4_OUT_MULTIPLE):
+        return 8
+    return bits
 
 
 def quantized_shapes(shape: tuple[int, ...], bits: int, group_size: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -171,16 +179,17 @@ class QuantLinear(nn.Module):
 
 
 def quantize_modules(model: nn.Module, bits: int, group_size: int) -> None:
-    """Replace every linear layer of ``model`` whose weight ``quantizable`` names by a
-    ``QuantLinear`` of the same shape (int4 groups: ``group_for``), on the same device (meta stays
-    meta; values are zeros: load the stored tensors afterwards)."""
-    targets = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and quantizable(name + ".weight", tuple(m.weight.shape), bits)]
-    for name, m in targets:
+    """Replace every linear layer of ``model`` that ``bits_for`` quantizes by a ``QuantLinear`` of
+    the same shape (int4 groups: ``group_for``), on the same device (meta stays meta; values are
+    zeros: load the stored tensors afterwards)."""
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    targets = [(name, m, b) for name, m in model.named_modules() if isinstance(m, nn.Linear)
+               for b in [bits_for(name + ".weight", tuple(m.weight.shape), bits, tied)] if b is not None]
+    for name, m, b in targets:
         parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        g = group_for(m.in_features, group_size, name) if bits == 4 else group_size
-        setattr(parent, child, QuantLinear(m.in_features, m.out_features, bits, g, device=m.weight.device))
+        parent = model.get_submodule(parent_name) if parent_name else model
+        g = group_for(m.in_features, group_size, name) if b == 4 else group_size
+        setattr(parent, child, QuantLinear(m.in_features, m.out_features, b, g, device=m.weight.device))
 
 
 def scheme_of(hf_config: dict) -> Optional[tuple[int, int]]:
@@ -198,7 +207,8 @@ def scheme_of(hf_config: dict) -> Optional[tuple[int, int]]:
 
 def scheme_config(bits: int, group_size: int) -> dict:
     return {"quant_method": QUANT_METHOD, "bits": bits, "group_size": group_size if bits == 4 else None,
-            "modules": "decoder linear layers (attention, dense and shared FFNs, routed experts)"}
+            "modules": "decoder linear layers (attention, dense and shared FFNs, routed experts); "
+                       "int8 for the output head and for shapes int4's kernel does not take"}
 
 
 def stored_bytes(shape: tuple[int, ...], bits: int, group_size: int) -> int:

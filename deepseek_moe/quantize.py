@@ -26,7 +26,7 @@ from .atomic import fsync_path, normal_mode, write_json
 from .checkpoint import (CONFIG_NAME, INDEX_NAME, CheckpointError, check_target, new_checkpoint_dir, plan_shards,
                          shard_file_names, weight_files)
 from .memory import Size, parse_size
-from .quant import (ALIGN, DEFAULT_GROUP_SIZE, check_scheme, group_for, quantizable, quantize_weight,
+from .quant import (ALIGN, DEFAULT_GROUP_SIZE, bits_for, check_scheme, group_for, quantize_weight,
                     quantized_shapes, scheme_config, scheme_of)
 
 # Files of a checkpoint that travel with its weights (the tokenizer, generation defaults).
@@ -57,7 +57,8 @@ def quantize_checkpoint(src: Union[str, os.PathLike], out: Union[str, os.PathLik
             fh = stack.enter_context(open(f, "rb"))
             for n, (dtype, shape, begin, end) in _header(f, fh).items():
                 where[n], shapes[n], dtypes[n] = (fh, begin, end), shape, dtype
-        plan = {n: _outputs(n, shape, dtypes[n], bits, group_size) for n, shape in shapes.items()}
+        tied = bool(hf.get("tie_word_embeddings", False))
+        plan = {n: _outputs(n, shape, dtypes[n], bits, group_size, tied) for n, shape in shapes.items()}
         sizes = [(n, sum(math.prod(s) * dt.itemsize for s, dt in plan[n].values())) for n in shapes]
         shards = plan_shards(sizes, limit)
         size_of = dict(sizes)
@@ -69,7 +70,7 @@ def quantize_checkpoint(src: Union[str, os.PathLike], out: Union[str, os.PathLik
                 for fname, names in zip(shard_file_names(len(shards)), shards):
                     tensors: dict[str, torch.Tensor] = {}
                     for n in names:
-                        tensors.update(_convert(n, _read(*where[n], dtypes[n], shapes[n]), bits, group_size))
+                        tensors.update(_convert(n, _read(*where[n], dtypes[n], shapes[n]), bits, group_size, tied))
                         bar.update(size_of[n])
                     _save_aligned(tensors, tmp / fname)
                     del tensors  # this shard's memory goes before the next one is made
@@ -136,20 +137,22 @@ def _save_aligned(tensors: dict[str, torch.Tensor], path: Path) -> None:
         f.write(memoryview(blob)[8 + n:])
 
 
-def _outputs(name: str, shape: tuple[int, ...], stored: str, bits: int,
-             group_size: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def _outputs(name: str, shape: tuple[int, ...], stored: str, bits: int, group_size: int,
+             tied: bool) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """What the source tensor ``name`` becomes: output name -> (shape, dtype)."""
-    if quantizable(name, shape, bits):
-        g = group_for(shape[1], group_size, name) if bits == 4 else group_size
+    b = bits_for(name, shape, bits, tied)
+    if b is not None:
+        g = group_for(shape[1], group_size, name) if b == 4 else group_size
         base = name[: -len("weight")]
-        return {base + suffix: v for suffix, v in quantized_shapes(shape, bits, g).items()}
+        return {base + suffix: v for suffix, v in quantized_shapes(shape, b, g).items()}
     floating = stored.startswith(("F", "BF"))
     return {name: (shape, torch.bfloat16 if floating else _ST_DTYPES[stored])}
 
 
-def _convert(name: str, t: torch.Tensor, bits: int, group_size: int) -> dict[str, torch.Tensor]:
-    if quantizable(name, tuple(t.shape), bits):
-        g = group_for(t.shape[1], group_size, name) if bits == 4 else group_size
+def _convert(name: str, t: torch.Tensor, bits: int, group_size: int, tied: bool) -> dict[str, torch.Tensor]:
+    b = bits_for(name, tuple(t.shape), bits, tied)
+    if b is not None:
+        g = group_for(t.shape[1], group_size, name) if b == 4 else group_size
         base = name[: -len("weight")]
-        return {base + suffix: v.contiguous() for suffix, v in quantize_weight(t, bits, g).items()}
+        return {base + suffix: v.contiguous() for suffix, v in quantize_weight(t, b, g).items()}
     return {name: t.to(torch.bfloat16).contiguous() if t.is_floating_point() else t.contiguous()}

@@ -17,7 +17,7 @@ from deepseek_moe.generate import generate
 from deepseek_moe.model import DeepseekForCausalLM
 from deepseek_moe.moe.experts import ExpertList
 from deepseek_moe.presets import get_config
-from deepseek_moe.quant import (INT4_KERNEL_ROWS, INT8_KERNEL_ROWS, QuantLinear, dequantize, quantizable,
+from deepseek_moe.quant import (INT4_KERNEL_ROWS, INT8_KERNEL_ROWS, QuantLinear, dequantize, bits_for,
                                 quantize_weight)
 from deepseek_moe.quantize import quantize_checkpoint
 
@@ -49,12 +49,18 @@ def test_quant_linear_kernels_equal_the_dequantized_weight(bits):
 
 
 def test_what_is_quantized():
-    assert quantizable("model.layers.3.mlp.experts.17.gate_proj.weight", (1408, 2048))
-    assert quantizable("model.layers.0.self_attn.q_proj.weight", (64, 64))
-    assert quantizable("model.layers.2.mlp.shared_experts.down_proj.weight", (64, 64))
-    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.1.mlp.gate.weight"):
-        assert not quantizable(name, (512, 64))
-    assert not quantizable("model.layers.0.input_layernorm.weight", (64,))
+    for bits in (8, 4):
+        assert bits_for("model.layers.3.mlp.experts.17.gate_proj.weight", (1408, 2048), bits) == bits
+        assert bits_for("model.layers.0.self_attn.q_proj.weight", (64, 64), bits) == bits
+        assert bits_for("model.layers.2.mlp.shared_experts.down_proj.weight", (64, 64), bits) == bits
+        assert bits_for("lm_head.weight", (512, 64), bits) == 8  # the head: int8 in both schemes
+        assert bits_for("lm_head.weight", (512, 64), bits, tied=True) is None
+        for name in ("model.embed_tokens.weight", "model.layers.1.mlp.gate.weight"):
+            assert bits_for(name, (512, 64), bits) is None
+        assert bits_for("model.layers.0.input_layernorm.weight", (64,), bits) is None
+    # int4's kernel takes inputs in groups of 32 and outputs in multiples of 16; else int8
+    assert bits_for("model.layers.1.mlp.experts.0.down_proj.weight", (128, 88), 4) == 8
+    assert bits_for("model.layers.1.mlp.experts.0.up_proj.weight", (88, 128), 4) == 8
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +84,8 @@ def test_quantized_checkpoint_computes_close_to_the_original(source, tmp_path, b
     assert isinstance(q.model.layers[1].mlp.experts, ExpertList)
     assert isinstance(q.model.layers[1].mlp.experts[3].up_proj, QuantLinear)
     assert isinstance(q.model.layers[0].self_attn.q_proj, QuantLinear)
-    assert q.lm_head.weight.dtype == torch.bfloat16
+    assert isinstance(q.lm_head, QuantLinear) and q.lm_head.bits == 8
+    assert q.model.embed_tokens.weight.dtype == torch.bfloat16
     x = torch.randint(0, 512, (2, 24))
     with torch.no_grad():
         a, b = q(x).logits.float(), ref(x).logits.float()
@@ -191,21 +198,18 @@ def test_int8_weights_are_aligned_for_the_kernel(source, tmp_path):
     assert torch.equal(m(x), expected)
 
 
-def test_int4_leaves_weights_it_cannot_group_in_bf16(tmp_path):
+def test_int4_falls_back_to_int8_where_its_kernel_cannot_go(tmp_path):
     """The tiny presets' experts are 88 wide: the int4 kernel takes neither 88 inputs (groups of
-    32) nor 88 outputs (multiples of 16), so they stay bf16; int8 quantizes everything."""
+    32) nor 88 outputs (multiples of 16), so they are int8; the rest is int4, the head int8."""
     cfg = get_config("deepseekmoe-tiny", num_hidden_layers=1)
     save_pretrained(DeepseekForCausalLM(cfg), tmp_path / "src", dtype=torch.bfloat16)
     q4 = load_pretrained(quantize_checkpoint(tmp_path / "src", tmp_path / "q4", 4, progress=False))
     expert = q4.model.layers[0].mlp.experts[0]
-    assert all(type(m) is torch.nn.Linear and m.weight.dtype == torch.bfloat16
-               for m in (expert.gate_proj, expert.up_proj, expert.down_proj))
-    assert isinstance(q4.model.layers[0].self_attn.q_proj, QuantLinear)  # 128 x 128
-    q8 = load_pretrained(quantize_checkpoint(tmp_path / "src", tmp_path / "q8", 8, progress=False))
-    assert isinstance(q8.model.layers[0].mlp.experts[0].down_proj, QuantLinear)
+    assert {m.bits for m in (expert.gate_proj, expert.up_proj, expert.down_proj)} == {8}
+    assert q4.model.layers[0].self_attn.q_proj.bits == 4 and q4.lm_head.bits == 8  # 128 x 128
     x = torch.randint(0, cfg.vocab_size, (1, 8))
     with torch.no_grad():
-        assert torch.isfinite(q4(x).logits.float()).all() and torch.isfinite(q8(x).logits.float()).all()
+        assert torch.isfinite(q4(x).logits.float()).all()
 
 
 def test_a_quantized_model_counts_its_parameters(source, tmp_path):
