@@ -23,7 +23,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Optional, Sequence, TextIO, Union
 
-from .data.tokenizer import TOKENIZER_CONFIG_NAME, chat_template_of, read_tokenizer_config, token_text
+from .data.tokenizer import (RELEASED_BOS, RELEASED_CHAT_TEMPLATE, RELEASED_EOS, TOKENIZER_CONFIG_NAME,
+                             chat_template_of, read_tokenizer_config, token_text)
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -33,19 +34,6 @@ if TYPE_CHECKING:
 PathLike = Union[str, "os.PathLike[str]"]
 Message = Mapping[str, str]
 
-RELEASED_BOS = "<｜begin▁of▁sentence｜>"
-RELEASED_EOS = "<｜end▁of▁sentence｜>"
-# The chat template of the released deepseek-moe-16b-chat (and deepseek-llm-7b/67b-chat):
-#   [system\n\n] User: {user}\n\nAssistant: {reply}<eos> User: ... \n\nAssistant:
-# after the bos token, with no space or newline between a reply's eos and the next "User:".
-RELEASED_CHAT_TEMPLATE = (
-    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
-    "{{ bos_token }}{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\\n\\n' }}"
-    "{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + eos_token }}"
-    "{% elif message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-)
 RELEASED = "released"  # --template released
 
 

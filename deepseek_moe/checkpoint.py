@@ -28,7 +28,7 @@ from .config import DeepseekMoEConfig
 from .memory import Size, budget_bytes, check_budget, parse_size
 from .model import DeepseekForCausalLM
 from .moe.layer import use_expert_list
-from .quant import quantize_modules, scheme_of
+from .quant import quantize_modules, quantized_layers, scheme_of
 
 # The one key map. Names not listed here are identical in both layouts.
 #   ours (stacked over experts)      HF (one tensor per expert e)
@@ -223,6 +223,20 @@ def new_checkpoint_dir(out: Path) -> Iterator[Path]:
         raise
 
 
+# Files of a checkpoint that travel with its weights when they are converted: the tokenizer, its
+# chat template, the generation defaults.
+COMPANION_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja")
+
+
+def copy_companions(src: Path, dst: Path) -> None:
+    """Copy the ``COMPANION_FILES`` that ``src`` has into ``dst`` (durably, with a plain file's mode)."""
+    for name in COMPANION_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+            os.chmod(dst / name, normal_mode())
+            fsync_path(dst / name)
+
+
 def plan_shards(sizes: Sequence[tuple[str, int]], limit: int) -> list[list[str]]:
     """Tensor names in order, grouped into shards of at most ``limit`` bytes (a new shard whenever
     the next tensor would take this one past it; a larger tensor gets a shard of its own)."""
@@ -257,7 +271,7 @@ def save_pretrained(
     replaces ``path``; an existing checkpoint there is removed only after that, and any failure
     leaves it untouched. A non-empty ``path`` that is not a checkpoint is refused.
     """
-    if any(hasattr(m, "bits") for m in model.modules()):
+    if quantized_layers(model):
         raise CheckpointError("cannot save a quantized model in the released layout (its config would not "
                               "say so): save or export the checkpoint it was quantized from, then quantize it")
     limit = parse_size(max_shard_size, "max_shard_size")
@@ -431,7 +445,7 @@ def load_pretrained(
     return model
 
 
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
                        "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
                        "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 EXPERT_LAYOUTS = ("auto", "stacked", "per-expert")
@@ -447,7 +461,7 @@ def _allocated_bytes(shapes: Mapping[str, Sequence[int]], stored: Mapping[str, s
         if n.endswith(".weight_packed"):
             total += math.prod(shape)
             continue
-        have = _SAFETENSORS_DTYPES.get(stored[n], torch.float32)
+        have = SAFETENSORS_DTYPES.get(stored[n], torch.float32)
         cast = dtype is not None and have.is_floating_point and have != dtype
         stacked = experts == "stacked" and from_hf_name(n)[1] is not None
         if cast or stacked:
@@ -470,7 +484,7 @@ def _plan_load(shapes: Mapping[str, Sequence[int]], stored: Mapping[str, str], d
     for (dt, layout), need in zip(plans, needs):
         if need <= budget:
             return dt, layout
-    check_budget(min(needs), what, max_memory)  # raises, naming the smallest need
+    check_budget(min(needs), what, max_memory, budget)  # raises, naming the smallest need
     raise AssertionError("unreachable")
 
 
@@ -514,7 +528,7 @@ def _pickleweight_files(path: Path) -> list[str]:
 
 
 __all__ = [
-    "CheckpointError", "KEY_MAP", "check_target", "from_hf_name", "from_hf_state_dict", "hf_state_dict",
+    "COMPANION_FILES", "CheckpointError", "KEY_MAP", "check_target", "copy_companions", "from_hf_name", "from_hf_state_dict", "hf_state_dict",
     "load_pretrained", "meta_model", "new_checkpoint_dir", "parse_size", "plan_shards", "save_pretrained",
     "shard_file_names", "to_hf_names", "weight_files", "write_shards",
 ]

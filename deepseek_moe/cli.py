@@ -193,8 +193,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def _weights_summary(model) -> str:
     """How the weights are held, e.g. ``bfloat16, per-expert`` or ``int4, per-expert``."""
     from .moe.experts import ExpertList
+    from .quant import quantized_layers
 
-    bits = next((m.bits for m in model.modules() if hasattr(m, "bits")), None)
+    bits = next((m.bits for m in quantized_layers(model)), None)
     kind = f"int{bits}" if bits else str(model.lm_head.weight.dtype).removeprefix("torch.")
     per_expert = any(isinstance(m, ExpertList) for m in model.modules())
     return kind + (", per-expert tensors" if per_expert else "")

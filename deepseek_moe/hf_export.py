@@ -22,21 +22,19 @@ result with no remote code.
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Any, Union
 
 import torch
 
-from .atomic import fsync_path, normal_mode, write_json
-from .checkpoint import CheckpointError, hf_state_dict, new_checkpoint_dir, write_shards
+from .atomic import write_json
+from .checkpoint import CheckpointError, copy_companions, hf_state_dict, new_checkpoint_dir, write_shards
 from .config import DeepseekMoEConfig
 from .memory import parse_size
 from .model import DeepseekForCausalLM
+from .quant import quantized_layers
 
 FORMATS = ("released", "qwen2_moe")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
 def qwen2_moe_refusal(cfg: DeepseekMoEConfig) -> Union[str, None]:
@@ -107,7 +105,7 @@ def export_qwen2_moe(model: DeepseekForCausalLM, out: Path, tokenizer_dir: Union
     """Write ``model`` as a Qwen2-MoE checkpoint in ``out`` (atomically; the caller checks ``out``),
     with the tokenizer files found in ``tokenizer_dir``."""
     why = qwen2_moe_refusal(model.config)
-    if any(type(m).__name__ == "QuantLinear" for m in model.modules()):
+    if quantized_layers(model):
         why = "it is quantized; export the checkpoint it was quantized from"
     if why is not None:
         raise CheckpointError(f"cannot export {model.config.name or 'this model'} as qwen2_moe: {why}")
@@ -115,9 +113,6 @@ def export_qwen2_moe(model: DeepseekForCausalLM, out: Path, tokenizer_dir: Union
     with new_checkpoint_dir(Path(out)) as tmp:
         write_shards(tmp, qwen2_moe_tensors(model), parse_size(max_shard_size, "max_shard_size"))
         write_json(tmp / "config.json", qwen2_moe_config(model.config, dtype))
-        for name in TOKENIZER_FILES if tokenizer_dir is not None else ():
-            if (tokenizer_dir / name).is_file():
-                shutil.copyfile(tokenizer_dir / name, tmp / name)
-                os.chmod(tmp / name, normal_mode())
-                fsync_path(tmp / name)
+        if tokenizer_dir is not None:
+            copy_companions(tokenizer_dir, tmp)
     return Path(out)

@@ -79,9 +79,11 @@ def budget_bytes(max_memory: Optional[Size] = None) -> int:
     return available_bytes() if max_memory is None else parse_size(max_memory, "max_memory")
 
 
-def check_budget(need: int, what: str, max_memory: Optional[Size] = None) -> None:
-    """Raise ``MemoryBudgetError`` when ``need`` bytes exceed the budget (see ``budget_bytes``)."""
-    budget = budget_bytes(max_memory)
+def check_budget(need: int, what: str, max_memory: Optional[Size] = None,
+                 budget: Optional[int] = None) -> None:
+    """Raise ``MemoryBudgetError`` when ``need`` bytes exceed the budget (``budget`` when the caller
+    has it, else ``budget_bytes(max_memory)``)."""
+    budget = budget_bytes(max_memory) if budget is None else budget
     if need > budget:
         source = f"--max-memory {max_memory}" if max_memory is not None else "available on this machine now"
         raise MemoryBudgetError(f"{what} needs about {format_size(need)} but the memory budget is "

@@ -402,7 +402,9 @@ class DeepseekForCausalLM(nn.Module):
     def num_parameters(self) -> int:
         """Parameters, counting a quantized layer's weight (stored as integers and scales, in
         buffers) as the ``in x out`` parameters it stands for."""
-        quantized = sum(m.in_features * m.out_features for m in self.modules() if hasattr(m, "bits"))
+        from .quant import quantized_layers
+
+        quantized = sum(m.in_features * m.out_features for m in quantized_layers(self))
         return sum(p.numel() for p in self.parameters()) + quantized
 
     @classmethod

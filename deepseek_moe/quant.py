@@ -178,6 +178,11 @@ class QuantLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, int{self.bits}{g}"
 
 
+def quantized_layers(model: nn.Module) -> list["QuantLinear"]:
+    """The model's quantized linear layers (none for an unquantized model)."""
+    return [m for m in model.modules() if isinstance(m, QuantLinear)]
+
+
 def quantize_modules(model: nn.Module, bits: int, group_size: int) -> None:
     """Replace every linear layer of ``model`` that ``bits_for`` quantizes by a ``QuantLinear`` of
     the same shape (int4 groups: ``group_for``), on the same device (meta stays meta; values are

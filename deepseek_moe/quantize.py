@@ -14,7 +14,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 from typing import Union
 
@@ -23,15 +22,11 @@ from safetensors.torch import save
 from tqdm.auto import tqdm
 
 from .atomic import fsync_path, normal_mode, write_json
-from .checkpoint import (CONFIG_NAME, INDEX_NAME, CheckpointError, check_target, new_checkpoint_dir, plan_shards,
-                         shard_file_names, weight_files)
+from .checkpoint import (CONFIG_NAME, INDEX_NAME, SAFETENSORS_DTYPES, CheckpointError, check_target,
+                         copy_companions, new_checkpoint_dir, plan_shards, shard_file_names, weight_files)
 from .memory import Size, parse_size
 from .quant import (ALIGN, DEFAULT_GROUP_SIZE, bits_for, check_scheme, group_for, quantize_weight,
                     quantized_shapes, scheme_config, scheme_of)
-
-# Files of a checkpoint that travel with its weights (the tokenizer, generation defaults).
-COMPANION_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja")
-
 
 def quantize_checkpoint(src: Union[str, os.PathLike], out: Union[str, os.PathLike], bits: int,
                         group_size: int = DEFAULT_GROUP_SIZE, *, shard_size: Size = "2GB",
@@ -81,21 +76,13 @@ def quantize_checkpoint(src: Union[str, os.PathLike], out: Union[str, os.PathLik
                 write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
             hf.update(torch_dtype="bfloat16", quantization_config=scheme_config(bits, group_size))
             write_json(tmp / CONFIG_NAME, hf)
-            for name in COMPANION_FILES:
-                if (src / name).is_file():
-                    shutil.copyfile(src / name, tmp / name)
-                    os.chmod(tmp / name, normal_mode())
-                    fsync_path(tmp / name)
+            copy_companions(src, tmp)
     return out
 
 
 # Source tensors are read with plain reads, not memory-mapped: mapped pages that were read would
 # count in the process's resident memory until the end (the whole source, for a model larger than
 # the machine's memory), while read pages are only the kernel's cache, dropped once used.
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-              "U8": torch.uint8, "BOOL": torch.bool}
-
 
 def _header(path: Path, fh) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
     """name -> (dtype, shape, first byte, end byte) of a safetensors file's tensors."""
@@ -116,10 +103,10 @@ def _read(fh, begin: int, end: int, dtype: str, shape: tuple[int, ...]) -> torch
         raise CheckpointError(f"{fh.name}: truncated safetensors file")
     if hasattr(os, "posix_fadvise"):  # done with these pages: leave the cache to others
         os.posix_fadvise(fh.fileno(), begin, end - begin, os.POSIX_FADV_DONTNEED)
-    if dtype not in _ST_DTYPES:
+    if dtype not in SAFETENSORS_DTYPES:
         raise CheckpointError(f"{fh.name}: unsupported tensor dtype {dtype}")
-    return torch.frombuffer(buf, dtype=_ST_DTYPES[dtype]).view(shape) if buf else \
-        torch.empty(shape, dtype=_ST_DTYPES[dtype])
+    return torch.frombuffer(buf, dtype=SAFETENSORS_DTYPES[dtype]).view(shape) if buf else \
+        torch.empty(shape, dtype=SAFETENSORS_DTYPES[dtype])
 
 
 def _save_aligned(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -146,7 +133,7 @@ def _outputs(name: str, shape: tuple[int, ...], stored: str, bits: int, group_si
         base = name[: -len("weight")]
         return {base + suffix: v for suffix, v in quantized_shapes(shape, b, g).items()}
     floating = stored.startswith(("F", "BF"))
-    return {name: (shape, torch.bfloat16 if floating else _ST_DTYPES[stored])}
+    return {name: (shape, torch.bfloat16 if floating else SAFETENSORS_DTYPES[stored])}
 
 
 def _convert(name: str, t: torch.Tensor, bits: int, group_size: int, tied: bool) -> dict[str, torch.Tensor]:

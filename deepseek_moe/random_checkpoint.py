@@ -36,25 +36,15 @@ from .checkpoint import (
     plan_shards, shard_file_names,
 )
 from .config import DeepseekMoEConfig
+from .data.tokenizer import RELEASED_BOS as BOS_TOKEN
+from .data.tokenizer import RELEASED_CHAT_TEMPLATE as CHAT_TEMPLATE
+from .data.tokenizer import RELEASED_EOS as EOS_TOKEN
 from .data.tokenizer import save_tokenizer, train_tokenizer
 from .memory import parse_size
 from .presets import get_config
 
 DEFAULT_PRESET = "deepseekmoe-16b"
 DEFAULT_SHARD_BYTES = 5 * 10**9  # the hub's default max_shard_size ("5GB"): 7 shards for 16B
-BOS_TOKEN = "<｜begin▁of▁sentence｜>"  # the release's special tokens (ids 100000 and 100001)
-EOS_TOKEN = "<｜end▁of▁sentence｜>"
-# The chat template of the released DeepSeek chat models (deepseek-llm-7b-chat's
-# tokenizer_config.json; deepseek-moe-16b-chat documents the same turns):
-# "User: {user}\n\nAssistant: {assistant}<eos>", a system message as a plain first paragraph.
-CHAT_TEMPLATE = (
-    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
-    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
-    "{{ 'User: ' + message['content'] + '\\n\\n' }}{% elif message['role'] == 'assistant' %}"
-    "{{ 'Assistant: ' + message['content'] + eos_token }}{% elif message['role'] == 'system' %}"
-    "{{ message['content'] + '\\n\\n' }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-)
 AUTO_MAP = {
     "AutoConfig": "configuration_deepseek.DeepseekConfig",
     "AutoModel": "modeling_deepseek.DeepseekModel",

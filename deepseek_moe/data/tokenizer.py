@@ -16,9 +16,21 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 EOS_TOKEN = "<|endoftext|>"
-# Tried in order by eos_id() so an existing tokenizer.json (GPT-2, Llama, ...) works as well.
-_EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<|end_of_text|>", "<eos>", "<|eos|>",
-                   "<｜end▁of▁sentence｜>")  # the last: the released deepseek-moe-16b tokenizer
+RELEASED_BOS = "<｜begin▁of▁sentence｜>"  # the released deepseek-moe-16b tokenizer (ids 100000 and 100001)
+RELEASED_EOS = "<｜end▁of▁sentence｜>"
+# The chat template of the released deepseek-moe-16b-chat (and deepseek-llm-7b/67b-chat):
+#   [system\n\n] User: {user}\n\nAssistant: {reply}<eos> User: ... \n\nAssistant:
+# after the bos token, with no space or newline between a reply's eos and the next "User:".
+RELEASED_CHAT_TEMPLATE = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\\n\\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + eos_token }}"
+    "{% elif message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+# Tried in order by eos_id() so an existing tokenizer.json (GPT-2, Llama, the release) works as well.
+_EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<|end_of_text|>", "<eos>", "<|eos|>", RELEASED_EOS)
 _N_BYTES = 256
 
 

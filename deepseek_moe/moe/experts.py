@@ -455,8 +455,7 @@ class ExpertList(nn.ModuleList):
             s += n
         if not out:
             return x_MD.new_zeros(0, self[0].down_proj.out_features)
-        y = torch.cat(out) if len(out) > 1 else out[0]
-        return y
+        return torch.cat(out) if len(out) > 1 else out[0]
 
     def extra_repr(self) -> str:
         m = self[0]

@@ -130,7 +130,7 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, full_mod
 # The files of an exported checkpoint: the only ones ``export --force`` may replace.
 _RELEASED_FILE = re.compile(r"config\.json|model\.safetensors|model-\d+-of-\d+\.safetensors|"
                             r"model\.safetensors\.index\.json|tokenizer\.json|tokenizer_config\.json|"
-                            r"generation_config\.json")
+                            r"generation_config\.json|chat_template\.jinja")
 
 
 def check_export_target(ckpt: Path, out: Path, force: bool) -> None:
