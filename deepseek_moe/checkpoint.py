@@ -360,6 +360,23 @@ def write_shards(out: Path, entries: Sequence[tuple[str, torch.Tensor]], limit: 
 
 
 # --- load -----------------------------------------------------------------------------------------
+def _load_adapted(path: Path, device, dtype, max_memory, experts: str, **config_overrides: object) -> DeepseekForCausalLM:
+    """The base checkpoint a LoRA adapter names, with the adapter merged into its weights."""
+    from .lora import LoRAError, load_adapter, read_adapter_config
+
+    base = read_adapter_config(path).base_model
+    if not base or not (Path(base) / CONFIG_NAME).is_file():
+        raise CheckpointError(f"{path} holds LoRA adapters whose base checkpoint {base!r} is not there: "
+                              "load the base and the adapter with lora.load_adapter")
+    model = load_pretrained(base, device, dtype, max_memory, "stacked" if experts == "auto" else experts,
+                            **config_overrides)
+    try:
+        load_adapter(model, path, merge_weights=True)
+    except LoRAError as e:
+        raise CheckpointError(str(e)) from None
+    return model
+
+
 def load_pretrained(
     path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu",
     dtype: Optional[torch.dtype] = None, max_memory: Optional[Size] = None, experts: str = "auto",
@@ -384,6 +401,8 @@ def load_pretrained(
     if not path.is_dir() or not (path / CONFIG_NAME).is_file():
         what = "does not exist" if not path.exists() else "is not a checkpoint directory"
         raise CheckpointError(f"{path} {what} (expected a directory with {CONFIG_NAME})")
+    if (path / "adapter_config.json").is_file():  # a LoRA run's checkpoint: its base, adapted
+        return _load_adapted(path, device, dtype, max_memory, experts, **config_overrides)
     try:
         cfg = DeepseekMoEConfig.load(path / CONFIG_NAME)
         scheme = scheme_of(json.loads((path / CONFIG_NAME).read_text()))

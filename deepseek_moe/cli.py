@@ -37,6 +37,16 @@ def cmd_params(args: argparse.Namespace) -> int:
     from .presets import get_config
 
     reports = [count_parameters(get_config(name)) for name in args.presets]
+    if args.lora_rank:
+        from .finetune import lora_parameter_count
+        from .tables import format_table
+
+        for name in args.presets:
+            c = lora_parameter_count(get_config(name), args.lora_rank)
+            rows = [[t, f"{c[t]:,}", f"{c[t] / c['model']:.3%}"] for t in ("attention", "experts", "shared", "mlp", "total")]
+            print(f"{name}: LoRA rank {args.lora_rank} trains {c['total']:,} of {c['model']:,} parameters")
+            print(format_table([["adapters on", "parameters", "of the model"], *rows]))
+        return 0
     if len(reports) == 1:
         print(format_report(reports[0], args.seq_len))
         return 0
@@ -86,6 +96,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     import os
 
     result = train(_train_config(args), resume=args.resume, force=args.force)
+    if os.environ.get("RANK", "0") == "0":
+        print(_summary(result))
+    return 130 if result.interrupted else 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """Fine-tune a checkpoint on conversations or prompt/completion pairs (JSONL): full, or LoRA
+    on attention and every expert (--lora-rank R). The loss counts only the assistant
+    (completion) tokens; examples are packed without attention across them. Defaults: the paper's
+    alignment recipe for DeepSeekMoE 16B Chat (constant lr 1e-5, 8 epochs, rows of 4K tokens)."""
+    import os
+
+    from .finetune import FinetuneConfig, finetune
+    from .train_config import from_args
+
+    cfg = from_args(args, FinetuneConfig, checkpoint=args.checkpoint)
+    result = finetune(cfg, resume=args.resume, force=args.force)
     if os.environ.get("RANK", "0") == "0":
         print(_summary(result))
     return 130 if result.interrupted else 0
@@ -454,12 +481,12 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
     return lm_eval_main(rest)
 
 
-def _add_train_args(sp: argparse.ArgumentParser, **defaults) -> None:
-    """``train``'s options: one per ``TrainConfig`` field (``train_config.add_arguments``), and
-    what to do with an output folder that holds a run."""
-    from .train_config import add_arguments
+def _add_train_args(sp: argparse.ArgumentParser, cls=None, **defaults) -> None:
+    """``train``'s options: one per ``TrainConfig`` field (``train_config.add_arguments``; ``cls``
+    a subclass for another command), and what to do with an output folder that holds a run."""
+    from .train_config import TrainConfig, add_arguments
 
-    add_arguments(sp, **defaults)
+    add_arguments(sp, cls or TrainConfig, **defaults)
     g = sp.add_argument_group("the output folder")
     g.add_argument("--resume", action="store_true",
                    help="continue from the newest whole checkpoint in --out (skipping damaged ones)")
@@ -509,12 +536,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("presets", nargs="+", metavar="PRESET", help="preset name(s); see `presets`")
     sp.add_argument("--seq-len", type=int, default=None,
                     help="sequence length for attention FLOPs (default: the preset's context)")
+    sp.add_argument("--lora-rank", type=int, default=0, metavar="R",
+                    help="instead: the trainable parameters of LoRA rank R on each target (finetune)")
     sp.set_defaults(func=cmd_params)
 
     sp = sub.add_parser("train", help="train a preset with the paper's recipe",
                         description=cmd_train.__doc__)
     _add_train_args(sp)
     sp.set_defaults(func=cmd_train)
+
+    from .finetune import FinetuneConfig
+
+    sp = sub.add_parser("finetune", help="fine-tune a checkpoint on conversations (full or LoRA)",
+                        description=cmd_finetune.__doc__)
+    sp.add_argument("checkpoint", help="a checkpoint, its run directory, or a released snapshot")
+    _add_train_args(sp, FinetuneConfig)
+    sp.set_defaults(func=cmd_finetune)
 
     sp = sub.add_parser("generate", help="continue a prompt with a checkpoint (streams text)",
                         description=cmd_generate.__doc__)

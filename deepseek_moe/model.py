@@ -85,6 +85,20 @@ def attention_mask_BST(valid_BT: torch.Tensor, start: int) -> torch.Tensor:
     return ((causal_ST & valid_BT.unsqueeze(1)) | self_ST).unsqueeze(1)
 
 
+def segment_mask_and_positions(segment_ids_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For rows of packed examples (``segment_ids_BS``: each example a run of equal ids): the
+    boolean SDPA mask (B, 1, S, S), causal within each example and closed between examples, and
+    the rotary positions (B, S), counted from each example's first token."""
+    S = segment_ids_BS.shape[1]
+    slot_S = torch.arange(S, device=segment_ids_BS.device)
+    same_BSS = segment_ids_BS.unsqueeze(2) == segment_ids_BS.unsqueeze(1)
+    mask = same_BSS & (slot_S.unsqueeze(0) <= slot_S.unsqueeze(1))
+    starts_BS = torch.ones_like(segment_ids_BS, dtype=torch.bool)
+    starts_BS[:, 1:] = segment_ids_BS[:, 1:] != segment_ids_BS[:, :-1]
+    first_BS = torch.where(starts_BS, slot_S, torch.zeros_like(slot_S)).cummax(1).values
+    return mask.unsqueeze(1), slot_S - first_BS
+
+
 class KVCache:
     """Rotated keys and values of every layer, for decoding one step at a time (inference only).
 
@@ -222,11 +236,12 @@ class DecoderLayer(nn.Module):
         kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
         start: int = 0,
         mask: Optional[torch.Tensor] = None,
+        valid_BS: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, Optional[MoEAux]]:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, start, mask)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
-            y, aux = self.mlp(h, input_ids)
+            y, aux = self.mlp(h, input_ids, valid_BS)
             return x + y, aux
         return x + self.mlp(h), None
 
@@ -285,6 +300,7 @@ class DeepseekForCausalLM(nn.Module):
         cache: Optional[KVCache] = None,
         positions: Optional[torch.Tensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
+        segment_ids: Optional[torch.Tensor] = None,
     ) -> CausalLMOutput:
         """``input_ids`` (B, S) -> logits (B, S, V); with ``labels`` (B, S), the shifted LM loss
         (next-token, ``-100`` ignored) plus the weighted balance losses.
@@ -293,8 +309,11 @@ class DeepseekForCausalLM(nn.Module):
         the left). Padding keys are masked out, and each row's positions count its real tokens
         only, so its first real token is at position 0. ``cache``: the tokens continue the cached
         sequence; their keys and values are appended to it and the cached padding stays masked.
-        ``positions`` ((S,) or (B, S)) overrides the rotary positions. With neither mask nor
-        cache this is the plain causal forward used in training.
+        ``positions`` ((S,) or (B, S)) overrides the rotary positions. ``segment_ids`` (B, S):
+        several examples packed into one row, each a run of equal ids (negative: padding); a token
+        attends only to the earlier tokens of its own example and its positions start at 0 with
+        the example (no cache). Padding (by either mask) takes no part in the balance losses.
+        With none of these this is the plain causal forward used in pre-training.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
@@ -313,13 +332,22 @@ class DeepseekForCausalLM(nn.Module):
                 f"sequence length {S} exceeds max_position_embeddings {cfg.max_position_embeddings}"
             )
         valid_BS = self._valid_tokens(input_ids, attention_mask)
-        positions = self._positions(input_ids, cache, positions, valid_BS)
         mask = None
+        if segment_ids is not None:
+            if cache is not None or attention_mask is not None:
+                raise ValueError("segment_ids cannot be combined with a cache or an attention_mask")
+            if segment_ids.shape != (B, S):
+                raise ValueError(f"segment_ids must have the shape of input_ids {(B, S)}, "
+                                 f"got {tuple(segment_ids.shape)}")
+            mask, seg_positions = segment_mask_and_positions(segment_ids.to(device))
+            positions = seg_positions if positions is None else positions
+            valid_BS = segment_ids.to(device) >= 0  # negative ids: padding
+        positions = self._positions(input_ids, cache, positions, valid_BS)
         if cache is not None:
             cache.append(S, valid_BS)
             if start > 0 or valid_BS is not None:
                 mask = attention_mask_BST(cache.valid_BT[:, : start + S], start)
-        elif valid_BS is not None:
+        elif valid_BS is not None and segment_ids is None:
             mask = attention_mask_BST(valid_BS, 0)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
@@ -328,7 +356,7 @@ class DeepseekForCausalLM(nn.Module):
         auxes: list[MoEAux] = []
         for i, layer in enumerate(self.model.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, aux = layer(x, cos, sin, input_ids, kv, start, mask)
+            x, aux = layer(x, cos, sin, input_ids, kv, start, mask, valid_BS)
             if aux is not None:
                 auxes.append(aux)
         logits = self.lm_head(self.model.norm(x))

@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -109,27 +109,64 @@ def load_stats(tokens_per_expert_LE: torch.Tensor) -> dict[str, list[float]]:
 
 
 # --- evaluation -----------------------------------------------------------------------------------
+def spread(n_rows: int, n: int) -> list[int]:
+    """``n`` row indices spread evenly over ``n_rows`` (a split is stored document by document,
+    so its first rows would all be one domain)."""
+    n = min(n, n_rows)
+    return [i * n_rows // n for i in range(n)]
+
+
 @torch.no_grad()
-def evaluate_loss(model: DeepseekForCausalLM, dataset, n_sequences: int, batch_size: int,
-                  device: torch.device) -> float:
-    """Mean next-token loss over ``n_sequences`` sequences spread evenly over ``dataset`` (the
-    split is stored document by document, so its first sequences would all be one domain)."""
-    n = min(n_sequences, len(dataset))
-    if n == 0:
-        raise ValueError("the validation split holds no complete sequence; use a larger corpus "
-                         "or a shorter seq_len")
+def mean_loss(model: DeepseekForCausalLM, batches: Iterable[dict[str, torch.Tensor]], device: torch.device) -> float:
+    """Mean next-token loss over every target token (label not -100) of ``batches``, each the
+    keyword arguments of the model's forward."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    picks = [i * len(dataset) // n for i in range(n)]
-    for start in range(0, n, batch_size):
-        x = torch.stack([dataset[i] for i in picks[start:start + batch_size]]).to(device)
-        out = model(x, labels=x)
-        k = x.shape[0] * (x.shape[1] - 1)
-        total += out.lm_loss.item() * k
-        count += k
+    for b in batches:
+        b = {k: v.to(device) for k, v in b.items()}
+        out = model(**b)
+        k = int((b["labels"][:, 1:] != -100).sum())
+        if k:
+            total += out.lm_loss.item() * k
+            count += k
     model.train(was_training)
+    if count == 0:
+        raise ValueError("the evaluation rows hold no target token")
     return total / count
+
+
+def evaluate_loss(model: DeepseekForCausalLM, dataset, n_sequences: int, batch_size: int,
+                  device: torch.device) -> float:
+    """Mean next-token loss over ``n_sequences`` sequences of ``dataset`` (``spread``)."""
+    if min(n_sequences, len(dataset)) == 0:
+        raise ValueError("the validation split holds no complete sequence; use a larger corpus "
+                         "or a shorter seq_len")
+    picks = spread(len(dataset), n_sequences)
+    batches = ({"input_ids": x, "labels": x} for x in
+               (torch.stack([dataset[i] for i in picks[s:s + batch_size]]) for s in range(0, len(picks), batch_size)))
+    return mean_loss(model, batches, device)
+
+
+class LMData:
+    """Pre-training data: windows of the token cache in the sampler's order; labels = inputs."""
+
+    def __init__(self, train_set: PackedSequences, val_set: PackedSequences, seed: int) -> None:
+        self.train_set, self.val_set = train_set, val_set
+        self.sampler = SequenceSampler(len(train_set), seed)
+
+    def __len__(self) -> int:
+        return len(self.train_set)
+
+    def batch(self, position: int, n: int) -> dict[str, torch.Tensor]:
+        x = batch(self.train_set, self.sampler, position, n)
+        return {"input_ids": x, "labels": x}
+
+    def evaluate(self, model: DeepseekForCausalLM, n_sequences: int, batch_size: int, device: torch.device) -> float:
+        return evaluate_loss(model, self.val_set, n_sequences, batch_size, device)
+
+    def loss_scale(self, position: int, local_b: int, rank: int, world: int) -> float:
+        return 1.0  # every row has seq_len - 1 targets
 
 
 # --- the run --------------------------------------------------------------------------------------
@@ -175,7 +212,7 @@ class _StopFlag:
 
 # What ``train`` writes into its output directory; ``--force`` deletes these, and only these.
 RUN_FILES = ("train_config.json", "model_config.json", "metrics.jsonl", "loss_curve.png",
-             "expert_load.png", "checkpoints")
+             "expert_load.png", "checkpoints", "adapter", "merged")  # the last two: finetune's
 
 
 @dataclass
@@ -258,10 +295,8 @@ class _Run:
     out: Path
     device: torch.device
     tokenizer: Any
-    corpus: dict[str, Any]
-    train_set: PackedSequences
-    val_set: PackedSequences
-    sampler: SequenceSampler
+    corpus: dict[str, Any]  # what the data is, checked on resume
+    data: Any  # LMData, or fine-tuning's rows: len(), batch(position, n), evaluate(...)
     model: DeepseekForCausalLM
     step_model: torch.nn.Module  # the model, or its compiled form
     optimizer: torch.optim.Optimizer
@@ -274,6 +309,8 @@ class _Run:
     metrics: list[dict[str, Any]]
     val_loss: Optional[float] = None  # the final validation loss, once evaluated
     checkpoint: Optional[Path] = None  # the newest checkpoint this invocation wrote
+    extra_files: dict[str, str] = field(default_factory=dict)  # name -> text, into every checkpoint
+    save_weights: Optional[Any] = None  # (model, folder) -> None: how a checkpoint holds the weights
 
     @property
     def main(self) -> bool:
@@ -287,16 +324,18 @@ class _Run:
     def params(self) -> list[torch.nn.Parameter]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
-    def micro_batch(self, position: int) -> torch.Tensor:
-        """This rank's share of the global micro-batch at data ``position``."""
-        local_b = self.cfg.batch_size // self.layout.world
-        x = batch(self.train_set, self.sampler, position + self.layout.rank * local_b, local_b)
-        return x.to(self.device)
+    def micro_batch(self, position: int) -> tuple[dict[str, torch.Tensor], float]:
+        """This rank's share of the global micro-batch at data ``position``: the model's forward
+        arguments (input_ids, labels, ...), and the factor that makes this rank's mean LM loss
+        its share of the global micro-batch's mean once the ranks' gradients are averaged (1 when
+        every row has as many target tokens, as in pre-training)."""
+        local_b, rank, world = self.cfg.batch_size // self.layout.world, self.layout.rank, self.layout.world
+        b = self.data.batch(position + rank * local_b, local_b)
+        return {k: v.to(self.device) for k, v in b.items()}, self.data.loss_scale(position, local_b, rank, world)
 
     def evaluate(self) -> float:
         # Every rank runs the same sequences: expert parallelism and FSDP need them all.
-        loss = evaluate_loss(self.model, self.val_set, self.cfg.eval_sequences, self.cfg.batch_size,
-                             self.device)
+        loss = self.data.evaluate(self.model, self.cfg.eval_sequences, self.cfg.batch_size, self.device)
         self.layout.after_evaluation(self.model)
         return loss
 
@@ -306,7 +345,8 @@ class _Run:
                  "corpus": self.corpus, "dtype": dtype_name(self.compute_dtype)}
         self.checkpoint = self.layout.save_checkpoint(
             self.out / "checkpoints", self.step, self.model, self.optimizer, state, keep=self.cfg.keep,
-            extra_files={"tokenizer.json": self.tokenizer.to_str()})
+            extra_files={"tokenizer.json": self.tokenizer.to_str(), **self.extra_files},
+            save_weights=self.save_weights)
         return self.checkpoint
 
 
@@ -352,22 +392,35 @@ def _build_run(cfg: TrainConfig, run_plan: _RunPlan, out: Path, model_cfg: Deeps
                layout: Layout) -> _Run:
     """Data, model, layout, optimizer, the resumed state and the arithmetic: everything the loop
     needs, every check done."""
-    device = layout.device
-    say = print if layout.is_main else (lambda *a, **k: None)
-    if layout.is_main:
-        for p in run_plan.delete:
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-        _check_writable(out)
+    start_dir(run_plan, out, layout)
     tokenizer, cache, corpus = _prepare_data(cfg, model_cfg, layout, run_plan)
     train_set = PackedSequences(cache.tokens("train"), cfg.seq_len)
     val_set = PackedSequences(cache.tokens("validation"), cfg.seq_len)
     if len(train_set) < cfg.batch_size:
         raise ValueError(f"the training split holds {len(train_set)} sequences of {cfg.seq_len} "
                          f"tokens, fewer than one batch of {cfg.batch_size}")
-    sampler = SequenceSampler(len(train_set), cfg.seed)
-
     torch.manual_seed(cfg.seed)
-    model = DeepseekForCausalLM(model_cfg).to(device)
+    model = DeepseekForCausalLM(model_cfg).to(layout.device)
+    return assemble_run(cfg, run_plan, out, model_cfg, layout, model, LMData(train_set, val_set, cfg.seed),
+                        tokenizer, corpus)
+
+
+def start_dir(run_plan: _RunPlan, out: Path, layout: Layout) -> None:
+    """Delete what ``plan_run`` said to delete, and check ``out`` is writable (the main rank)."""
+    if layout.is_main:
+        for p in run_plan.delete:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        _check_writable(out)
+
+
+def assemble_run(cfg: TrainConfig, run_plan: _RunPlan, out: Path, model_cfg: DeepseekMoEConfig, layout: Layout,
+                 model: DeepseekForCausalLM, data: Any, tokenizer: Any, corpus: dict[str, Any],
+                 **run_fields: Any) -> _Run:
+    """The run of ``model`` (initialised or loaded, its trainable parameters those with
+    ``requires_grad``) on ``data``: laid out, its optimizer built, the checkpoint of ``run_plan``
+    resumed, its arithmetic chosen. ``run_fields``: ``_Run``'s optional fields."""
+    device = layout.device
+    say = print if layout.is_main else (lambda *a, **k: None)
     layout.parallelize(model, say)
     optimizer = build_optimizer(model, cfg)  # FSDP2: before any forward (sharded parameters)
     step, position, total_steps, metrics, warmup = 0, 0, None, [], cfg.warmup_steps
@@ -385,8 +438,8 @@ def _build_run(cfg: TrainConfig, run_plan: _RunPlan, out: Path, model_cfg: Deeps
     elif cfg.tokens is not None:
         total_steps = math.ceil(cfg.tokens / cfg.tokens_per_step)
 
-    run = _Run(cfg, model_cfg, layout, out, device, tokenizer, corpus, train_set, val_set, sampler,
-               model, model, optimizer, None, step, position, total_steps, warmup, metrics)
+    run = _Run(cfg, model_cfg, layout, out, device, tokenizer, corpus, data,
+               model, model, optimizer, None, step, position, total_steps, warmup, metrics, **run_fields)
     # Arithmetic: a resumed run keeps the dtype it was started with (exact resume), unless forced.
     # (checkpoints from before the choice existed were trained in fp32 unless --bf16)
     saved_dtype = run_plan.state.get("dtype", "float32") if ckpt is not None else None
@@ -426,7 +479,7 @@ def _choose_dtype(choice: str, run: _Run) -> tuple[Optional[torch.dtype], str]:
            cfg.batch_size // layout.world, cfg.seq_len, layout.world)
     if key in _PROBED:
         return _PROBED[key]
-    x = batch(run.train_set, run.sampler, layout.rank * key[1], key[1]).to(run.device)
+    b = {k: v.to(run.device) for k, v in run.data.batch(layout.rank * key[1], key[1]).items()}
     rng = torch.get_rng_state()
 
     def seconds(dt: Optional[torch.dtype]) -> float:
@@ -434,7 +487,7 @@ def _choose_dtype(choice: str, run: _Run) -> tuple[Optional[torch.dtype], str]:
         for _ in range(2):
             t0 = time.perf_counter()
             with runtime_autocast(dt, run.device):
-                out = run.model(x, labels=x)
+                out = run.model(**b)
             out.loss.backward()
             best = min(best, time.perf_counter() - t0)
         run.model.zero_grad(set_to_none=True)
@@ -456,7 +509,13 @@ def _resume(ckpt: Path, cfg: TrainConfig, model_cfg: DeepseekMoEConfig, model: t
     returns the trainer state."""
     from .parallel.checkpoint import is_distributed_checkpoint, load_distributed_state, load_full_state
 
+    from .lora import is_adapter_dir, load_adapter_weights
+
     state = read_trainer_state(ckpt)
+    if is_adapter_dir(ckpt):  # a LoRA run's checkpoint: its adapters and their optimizer state
+        load_adapter_weights(model, ckpt)
+        optimizer.load_state_dict(load_training_state(ckpt)[1])
+        return state
     saved_cfg = DeepseekMoEConfig.load(ckpt / "config.json")
     if saved_cfg.replace(name="", dispatch="fast") != model_cfg.replace(name="", dispatch="fast"):
         raise CheckpointError(f"{ckpt}: its model config differs from this run's preset "
@@ -488,9 +547,11 @@ class _StepStats:
     expert_balance: Optional[torch.Tensor] = None
     device_balance: Optional[torch.Tensor] = None
 
-    def add(self, o: Any, share: float) -> None:
-        self.loss += o.loss.item() * share
-        self.lm_loss += o.lm_loss.item() * share
+    def add(self, o: Any, loss: torch.Tensor, share: float, lm_scale: float = 1.0) -> None:
+        """One micro-batch's output ``o``, the ``loss`` it backpropagated, its ``share`` of the
+        step and its LM loss's factor (``_Run.micro_batch``)."""
+        self.loss += loss.item() * share
+        self.lm_loss += o.lm_loss.item() * lm_scale * share
         for name, val in (("tokens_per_expert", o.tokens_per_expert), ("dropped", o.dropped_tokens),
                           ("expert_balance", o.expert_balance_loss.detach() * share),
                           ("device_balance", o.device_balance_loss.detach() * share)):
@@ -510,12 +571,13 @@ def _train_step(run: _Run, position: int) -> tuple[_StepStats, int]:
     stats = _StepStats()
     share = 1.0 / cfg.grad_accum
     for _ in range(cfg.grad_accum):
-        x = run.micro_batch(position)
+        b, lm_scale = run.micro_batch(position)
         position += cfg.batch_size
         with runtime_autocast(run.compute_dtype, run.device):
-            o = run.step_model(x, labels=x)
-        (o.loss / cfg.grad_accum).backward()
-        stats.add(o, share)
+            o = run.step_model(**b)
+        loss = o.loss if lm_scale == 1.0 else o.lm_loss * lm_scale + o.aux_loss
+        (loss / cfg.grad_accum).backward()
+        stats.add(o, loss, share, lm_scale)
     layout.sync_gradients(run.model)
     stats.loss, stats.lm_loss = layout.mean([stats.loss, stats.lm_loss])
     if stats.has_moe:  # ranks agree on the global batch's statistics
@@ -533,7 +595,7 @@ def _metrics_row(run: _Run, stats: _StepStats, lr: float, grad_norm: torch.Tenso
     row: dict[str, Any] = {
         "step": run.step, "tokens": run.step * cfg.tokens_per_step, "loss": stats.loss,
         "lm_loss": stats.lm_loss, "lr": lr, "grad_norm": grad_norm.item(),
-        "tokens_per_s": cfg.tokens_per_step / seconds, "epoch": run.position / len(run.train_set),
+        "tokens_per_s": cfg.tokens_per_step / seconds, "epoch": run.position / len(run.data),
     }
     if stats.has_moe:
         row["expert_balance_loss"] = stats.expert_balance.tolist()
@@ -630,7 +692,7 @@ def _loop(run: _Run, budget: _Budget) -> bool:
     with _StopFlag() as flag, (open(metrics_path, "a") if run.main else contextlib.nullcontext()) as log:
         while run.step < end_step:
             t0 = time.perf_counter()
-            lr = lr_at(run.step, cfg.lr, run.warmup, run.total_steps)
+            lr = lr_at(run.step, cfg.lr, run.warmup, run.total_steps) if cfg.schedule == "paper" else cfg.lr
             for g in run.optimizer.param_groups:
                 g["lr"] = lr
             stats, run.position = _train_step(run, run.position)
@@ -721,21 +783,27 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False) -> TrainR
         run_plan = plan_run(out, resume, force, say)  # every rank decides alike, before any deletion
         layout.barrier()
         run = _build_run(cfg, run_plan, out, model_cfg, layout)
-        budget = _Budget(run)
-        budget.calibrate(run)
-        if run.warmup is None:
-            run.warmup = default_warmup(run.total_steps)
-        planned, held = run.total_steps * cfg.tokens_per_step, len(run.train_set) * cfg.seq_len
-        if planned > held:
-            say(f"warning: {planned:,} tokens planned but the training split holds "
-                f"{held:,}: data will repeat ({planned / held:.2f} epochs)")
-        if run.main:
-            write_text_atomic(out / TRAIN_CONFIG_NAME, cfg.to_json())
-            model_cfg.save(out / "model_config.json")
-        interrupted = _loop(run, budget)
-        plots = _plots(run) if run.main else []
-        return TrainResult(out, run.step, run.total_steps, run.step * cfg.tokens_per_step, run.val_loss,
-                           run.checkpoint, interrupted, time.perf_counter() - t_start, plots,
-                           budget.train_seconds, budget.seconds)
+        return run_to_end(run, t_start, warn_repeats=True)
     finally:
         layout.close()
+
+
+def run_to_end(run: _Run, t_start: float, warn_repeats: bool = False) -> TrainResult:
+    """Plan the budget, record the run's settings, train to the end step, plot; the result."""
+    cfg, out = run.cfg, run.out
+    budget = _Budget(run)
+    budget.calibrate(run)
+    if run.warmup is None:
+        run.warmup = default_warmup(run.total_steps)
+    planned, held = run.total_steps * cfg.tokens_per_step, len(run.data) * cfg.seq_len
+    if warn_repeats and planned > held:
+        run.say(f"warning: {planned:,} tokens planned but the training split holds "
+                f"{held:,}: data will repeat ({planned / held:.2f} epochs)")
+    if run.main:
+        write_text_atomic(out / TRAIN_CONFIG_NAME, cfg.to_json())
+        run.model_cfg.save(out / "model_config.json")
+    interrupted = _loop(run, budget)
+    plots = _plots(run) if run.main else []
+    return TrainResult(out, run.step, run.total_steps, run.step * cfg.tokens_per_step, run.val_loss,
+                       run.checkpoint, interrupted, time.perf_counter() - t_start, plots,
+                       budget.train_seconds, budget.seconds)

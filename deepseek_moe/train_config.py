@@ -78,6 +78,8 @@ class TrainConfig:
     lr: float = setting(1.08e-3, "peak learning rate", group=RECIPE)
     warmup_steps: Optional[int] = setting(None, "linear warmup steps", group=RECIPE,
                                           shown="min(2000, 10%% of steps)")
+    schedule: str = setting("paper", "learning-rate schedule: paper (warmup, then x0.316 at 80%% and 90%% of "
+                            "the steps) or constant", group=RECIPE, choices=["paper", "constant"])
     weight_decay: float = setting(0.1, "AdamW weight decay on matrices", group=RECIPE)
     betas: tuple[float, float] = setting((0.9, 0.95), "AdamW betas", group=RECIPE, metavar=("B1", "B2"))
     eps: float = setting(1e-8, "AdamW epsilon", group=RECIPE)

@@ -20,7 +20,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -82,18 +82,20 @@ def save_training_checkpoint(
     state: dict[str, Any],
     keep: int = 3,
     extra_files: Optional[dict[str, str]] = None,
+    save_weights: Optional[Callable[[DeepseekForCausalLM, Path], None]] = None,
 ) -> Path:
     """Write ``ckpt_root/step-XXXXXXXX`` atomically, point ``latest`` at it, keep the last ``keep``.
 
     ``extra_files`` (name -> text) go into the directory too, e.g. the run's ``tokenizer.json``,
-    so that a checkpoint is self-contained for evaluation and generation."""
+    so that a checkpoint is self-contained for evaluation and generation. ``save_weights(model,
+    folder)`` writes the weights instead of ``save_pretrained`` (a LoRA run writes its adapters)."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     remove_orphan_tmp_dirs(ckpt_root)
     final = ckpt_root / step_dir_name(step)
     tmp_parent = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=ckpt_root))
     try:
         tmp = tmp_parent / final.name
-        save_pretrained(model, tmp)
+        (save_weights or save_pretrained)(model, tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
             fsync_path(tmp / name)
@@ -186,7 +188,9 @@ def checkpoint_problem(ckpt: Path) -> Optional[str]:
     except (OSError, ValueError) as e:
         return f"config.json is unreadable ({e})"
     files = sorted(ckpt.glob("model*.safetensors"))
-    if not (ckpt / "dcp").is_dir():
+    if (ckpt / "adapter_config.json").is_file():  # a LoRA run's: adapters, no model weights
+        files = [ckpt / "adapter_model.safetensors", ckpt / OPTIM_NAME]
+    elif not (ckpt / "dcp").is_dir():
         if not files:
             return "it holds no model*.safetensors"
         files.append(ckpt / OPTIM_NAME)

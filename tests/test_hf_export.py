@@ -84,3 +84,24 @@ def test_what_qwen2_moe_cannot_express_is_refused(tmp_path, overrides, why):
     r = subprocess.run([sys.executable, "-m", "deepseek_moe", "export", str(tmp_path / "dense"), str(tmp_path / "q"),
                         "--format", "qwen2_moe"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "dense model" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_merged_lora_model_exports_exactly(tmp_path):
+    """A LoRA-adapted model (adapters on attention and every expert), merged, exports to transformers."""
+    from deepseek_moe.lora import LoRAConfig, add_lora, lora_modules, merge
+
+    torch.manual_seed(1)
+    model = DeepseekForCausalLM(get_config("deepseekmoe-tiny", **SMALL)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.08)
+    add_lora(model, LoRAConfig(4, 8.0))
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.B.normal_(0, 0.05)  # as after training
+    adapted = model(torch.arange(20)[None]).logits
+    merge(model)
+    assert (model(torch.arange(20)[None]).logits - adapted).abs().max() <= 1e-5 * adapted.abs().max()
+    out = export_qwen2_moe(model, tmp_path / "qwen")
+    assert_same_function(model, hf_model(out), SMALL["vocab_size"])

@@ -361,7 +361,17 @@ class GroupedExperts(nn.Module):
 
     def expert_forward(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` on ``x_ND`` with plain autograd (the readable reference)."""
-        return F.linear(F.silu(F.linear(x_ND, self.w1[e])) * F.linear(x_ND, self.w3[e]), self.w2[e])
+        w1, w3, w2 = (self.weight(n) for n in ("w1", "w3", "w2"))
+        return F.linear(F.silu(F.linear(x_ND, w1[e])) * F.linear(x_ND, w3[e]), w2[e])
+
+    def weight(self, name: str) -> torch.Tensor:
+        """Stacked weight ``name`` (w1, w3 or w2) as the experts compute with it: the parameter,
+        plus its LoRA update when the model carries adapters (``deepseek_moe.lora``)."""
+        w = getattr(self, name)
+        adapters = getattr(self, "adapters", None)
+        if adapters is not None and name in adapters:
+            w = w + adapters[name].delta().to(w.dtype)
+        return w
 
     def resolve_backend(self, x: torch.Tensor) -> str:
         """The backend this call uses (``auto``: ``grouped_mm`` for bf16 on CUDA, else ``loop``);
@@ -377,7 +387,7 @@ class GroupedExperts(nn.Module):
         """(w1, w3, w2) in ``dtype``, as plain tensors: the experts this process holds. Under expert
         parallelism the parameters are DTensors sharded over experts, and the computation runs on
         the local shard (``to_local`` is differentiable, so gradients reach the DTensor)."""
-        ws = (w.to_local() if hasattr(w, "to_local") else w for w in (self.w1, self.w3, self.w2))
+        ws = (w.to_local() if hasattr(w, "to_local") else w for w in map(self.weight, ("w1", "w3", "w2")))
         return tuple(w.to(dtype) for w in ws)  # type: ignore[return-value]
 
     def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor,

@@ -80,8 +80,11 @@ class DeepseekMoE(nn.Module):
         return math.ceil(self.config.capacity_factor * n_tokens * self.top_k / self.n_routed_experts)
 
     def forward(
-        self, x_BSD: torch.Tensor, input_ids_BS: Optional[torch.Tensor] = None
+        self, x_BSD: torch.Tensor, input_ids_BS: Optional[torch.Tensor] = None,
+        valid_BS: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, MoEAux]:
+        """``valid_BS``: the real tokens (None: all); padding is routed like any token but takes
+        no part in the balance losses."""
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         ids_T = None if input_ids_BS is None else input_ids_BS.reshape(B * S)
@@ -111,6 +114,7 @@ class DeepseekMoE(nn.Module):
                 r.topk_ids_TK.view(B, S, -1),
                 n_groups=self.n_device_groups,
                 seq_aux=self.config.seq_aux,
+                valid_BS=valid_BS,
             )
         aux = MoEAux(exp_loss, dev_loss, tokens_per_expert, dropped, entropy)
         return y_TD.view(B, S, D), aux

@@ -10,24 +10,32 @@ perfectly uniform routing both losses equal 1.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
 def balance_statistics(
-    scores_BSE: torch.Tensor, topk_ids_BSK: torch.Tensor
+    scores_BSE: torch.Tensor, topk_ids_BSK: torch.Tensor, valid_BS: Optional[torch.Tensor] = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """f_i (eq. 13) and P_i (eq. 14) per sequence: two [B, E] fp32 tensors.
 
     f carries no gradient (it counts discrete choices); P carries the router's gradient.
+    ``valid_BS``: the real tokens (None: all); padding takes no part in either statistic, and
+    each sequence's T is its number of real tokens.
     """
     B, S, E = scores_BSE.shape
     K = topk_ids_BSK.shape[-1]
-    counts_BE = torch.zeros(B, E, dtype=torch.float32, device=scores_BSE.device)
-    counts_BE.scatter_add_(
-        1, topk_ids_BSK.reshape(B, S * K), torch.ones(B, S * K, device=scores_BSE.device)
-    )
-    f_BE = counts_BE * (E / (K * S))
-    P_BE = scores_BSE.float().mean(dim=1)
+    device = scores_BSE.device
+    w_BS = torch.ones(B, S, device=device) if valid_BS is None else valid_BS.to(device, torch.float32)
+    counts_BE = torch.zeros(B, E, dtype=torch.float32, device=device)
+    counts_BE.scatter_add_(1, topk_ids_BSK.reshape(B, S * K), w_BS.repeat_interleave(K, dim=1))
+    n_B1 = w_BS.sum(1, keepdim=True).clamp_min(1.0)
+    f_BE = counts_BE * (E / K) / n_B1
+    if valid_BS is None:
+        P_BE = scores_BSE.float().mean(dim=1)
+    else:
+        P_BE = (scores_BSE.float() * w_BS.unsqueeze(-1)).sum(1) / n_B1
     return f_BE, P_BE
 
 
@@ -36,6 +44,7 @@ def balance_losses(
     topk_ids_BSK: torch.Tensor,
     n_groups: int = 1,
     seq_aux: bool = True,
+    valid_BS: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(expert-level eq. 12, device-level eq. 15) balance losses, each a scalar before alpha.
 
@@ -46,7 +55,8 @@ def balance_losses(
         B, S, E = scores_BSE.shape
         scores_BSE = scores_BSE.reshape(1, B * S, E)
         topk_ids_BSK = topk_ids_BSK.reshape(1, B * S, -1)
-    f_BE, P_BE = balance_statistics(scores_BSE, topk_ids_BSK)
+        valid_BS = None if valid_BS is None else valid_BS.reshape(1, B * S)
+    f_BE, P_BE = balance_statistics(scores_BSE, topk_ids_BSK, valid_BS)
     expert_loss = (f_BE * P_BE).sum(-1).mean()
     B, E = f_BE.shape
     if E % n_groups:

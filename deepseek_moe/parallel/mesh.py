@@ -191,9 +191,12 @@ class Layout:
             reshard(model)
 
     def save_checkpoint(self, ckpt_root, step: int, model, optimizer, state: dict, *, keep: int,
-                        extra_files: dict):
-        """A training checkpoint of this layout (sharded under torch.distributed, else whole)."""
+                        extra_files: dict, save_weights=None):
+        """A training checkpoint of this layout (sharded under torch.distributed, else whole;
+        ``save_weights(model, folder)`` replaces how a whole one writes the weights)."""
         if self.active:
+            if save_weights is not None:
+                raise ValueError("this run's checkpoints (LoRA adapters) are single-process only")
             from .checkpoint import save_distributed_checkpoint
 
             return save_distributed_checkpoint(ckpt_root, step, model, optimizer, model.config, state,
@@ -201,7 +204,7 @@ class Layout:
         from ..train_state import save_training_checkpoint
 
         return save_training_checkpoint(ckpt_root, step, model, optimizer, state, keep=keep,
-                                        extra_files=extra_files)
+                                        extra_files=extra_files, save_weights=save_weights)
 
     def close(self) -> None:
         if self.active:
