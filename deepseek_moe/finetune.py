@@ -30,7 +30,7 @@ from .checkpoint import load_pretrained
 from .config import DeepseekMoEConfig
 from .data.packing import SequenceSampler
 from .data.sft import (FORMATS, SFTRows, collate, file_sha256, read_examples, split_examples)
-from .lora import (TARGETS, LoRAConfig, add_lora, merge, save_adapter, save_adapter_checkpoint,
+from .lora import (TARGETS, TRAIN_ALSO, LoRAConfig, add_lora, merge, save_adapter, save_adapter_checkpoint,
                    trainable_counts)
 from .parallel.mesh import Layout, ParallelPlan, env_world_size
 from .runtime import configure_process
@@ -104,12 +104,16 @@ class FinetuneConfig(TrainConfig):
                                           shown="2 x rank")
     lora_targets: tuple[str, ...] = setting(TARGETS, "layers that get adapters", group=LORA,
                                             choices=list(TARGETS))
+    lora_train: tuple[str, ...] = setting((), "also train these whole, saved with the adapters (small "
+                                          "models learn much faster with embeddings and head)", group=LORA,
+                                          choices=list(TRAIN_ALSO), shown="none")
     merge: bool = setting(False, "also write the model with the adapters merged (OUT/merged)", group=LORA)
     out: str = setting("runs/finetune", "output directory", group=RUN)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.lora_targets = tuple(self.lora_targets)
+        self.lora_train = tuple(self.lora_train)
 
     def validate(self) -> None:
         if not self.checkpoint:
@@ -120,6 +124,8 @@ class FinetuneConfig(TrainConfig):
             raise ValueError(f"epochs must be positive, got {self.epochs}")
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
+        if self.lora_train and not self.lora_rank:
+            raise ValueError("--lora-train is for LoRA runs (--lora-rank R); full fine-tuning trains everything")
         if self.merge and not self.lora_rank:
             raise ValueError("--merge is for LoRA runs (--lora-rank R); a full fine-tuning run's "
                              "checkpoints are whole models already")
@@ -261,14 +267,20 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, force: bool = False, say
         model = load_pretrained(ckpt, device=layout.device, experts="stacked", aux_loss_alpha=model_cfg.aux_loss_alpha)
         model.train()
         torch.manual_seed(cfg.seed)  # the adapters' initialisation, and anything random after it
-        run_fields: dict[str, Any] = {"extra_files": {"tokenizer_config.json": tokenizer_config_text(template)}}
+        how = f"LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "full"
+        run_fields: dict[str, Any] = {
+            "extra_files": {"tokenizer_config.json": tokenizer_config_text(template)},
+            "title": f"fine-tuning ({how}) of {ckpt.parent.parent.name if ckpt.parent.name == 'checkpoints' else ckpt.name}"
+                     f" ({cfg.preset}) on {Path(cfg.data).name}",
+            "loss_label": "loss on the assistant tokens (nats)"}
         if cfg.lora_rank:
-            lcfg = LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, str(ckpt),
+            lcfg = LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_train, str(ckpt),
                               dataclasses.asdict(model.config))
             add_lora(model, lcfg)
             run_fields["save_weights"] = save_adapter_checkpoint
         trainable, total = trainable_counts(model)
-        say(f"fine-tuning {ckpt}: {'LoRA rank %d (alpha %g) on %s' % (cfg.lora_rank, cfg.lora_alpha, ', '.join(cfg.lora_targets)) if cfg.lora_rank else 'all weights'}; "
+        also = f"; {', '.join(cfg.lora_train)} trained whole" if cfg.lora_rank and cfg.lora_train else ""
+        say(f"fine-tuning {ckpt}: {'LoRA rank %d (alpha %g) on %s' % (cfg.lora_rank, cfg.lora_alpha, ', '.join(cfg.lora_targets)) if cfg.lora_rank else 'all weights'}{also}; "
             f"trainable parameters {trainable:,} of {total:,} ({trainable / total:.2%}); lr {cfg.lr:g} {cfg.schedule}; "
             f"balance-loss weight alpha_1 = {model_cfg.aux_loss_alpha:g}")
         run = assemble_run(cfg, run_plan, out, model.config, layout, model, data, tokenizer, corpus, **run_fields)

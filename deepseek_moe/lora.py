@@ -10,7 +10,11 @@ as the model it adapts. Targets, by name:
 - ``shared``: the shared experts' gate_proj, up_proj, down_proj;
 - ``mlp``: the dense layers' gate_proj, up_proj, down_proj.
 
-The router gate, norms, embeddings and output head stay frozen. A linear layer adds the low-rank
+The router gate, norms, embeddings and output head stay frozen unless ``train_also`` names them
+(``embeddings``, ``head``, ``norms``, ``router``): those train whole and are saved whole with the
+adapters (peft's ``modules_to_save``). On a small model the frozen embeddings and head are what
+limits LoRA most: on the main job's 11M-parameter model, full fine-tuning with only them, the
+norms and the router frozen learns as slowly as LoRA does. A linear layer adds the low-rank
 path to its output (``x A^T B^T``, never forming B A); stacked experts add B A to the weights
 once per forward (their grouped kernels take whole weights), which for rank r costs an
 ``E x out x r x in`` product per layer.
@@ -43,6 +47,15 @@ PathLike = Union[str, "os.PathLike[str]"]
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 TARGETS = ("attention", "experts", "shared", "mlp")
+TRAIN_ALSO = ("embeddings", "head", "norms", "router")
+
+
+def _trained_whole(name: str, train_also: Sequence[str]) -> bool:
+    """Whether parameter ``name`` is one that ``train_also`` trains whole."""
+    return (("embeddings" in train_also and name == "model.embed_tokens.weight")
+            or ("head" in train_also and name == "lm_head.weight")
+            or ("norms" in train_also and name.endswith("norm.weight"))
+            or ("router" in train_also and name.endswith(".mlp.gate.weight")))
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _SWIGLU = ("gate_proj", "up_proj", "down_proj")
 _STACKED = ("w1", "w3", "w2")
@@ -57,11 +70,16 @@ class LoRAConfig:
     rank: int
     alpha: float
     targets: tuple[str, ...] = TARGETS
+    train_also: tuple[str, ...] = ()  # trained whole beside the adapters: TRAIN_ALSO
     base_model: Optional[str] = None  # the checkpoint the adapter was trained on, as given
     base_config: dict[str, Any] = field(default_factory=dict)  # its model config, to check a match
 
     def __post_init__(self) -> None:
         self.targets = tuple(self.targets)
+        self.train_also = tuple(self.train_also)
+        odd = [t for t in self.train_also if t not in TRAIN_ALSO]
+        if odd:
+            raise LoRAError(f"cannot train {', '.join(odd)} beside LoRA; choose from {', '.join(TRAIN_ALSO)}")
         if self.rank < 1:
             raise LoRAError(f"LoRA rank must be >= 1, got {self.rank}")
         if self.alpha <= 0:
@@ -153,6 +171,9 @@ def add_lora(model: nn.Module, config: LoRAConfig) -> int:
                 m.add_module("adapters", nn.ModuleDict())
             w = getattr(m, stacked)
             m.adapters[stacked] = LoRA(w.shape, config.rank, config.scale, device=w.device)
+    for name, p in model.named_parameters():
+        if _trained_whole(name, config.train_also):
+            p.requires_grad_(True)
     model.lora_config = config  # type: ignore[assignment]
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -167,9 +188,13 @@ def lora_config_of(model: nn.Module) -> Optional[LoRAConfig]:
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter parameters under the model's names (``...q_proj.lora.A``,
-    ``...experts.adapters.w1.B``)."""
-    return {f"{name}.{p}": t.detach() for name, m in lora_modules(model).items()
-            for p, t in (("A", m.A), ("B", m.B))}
+    ``...experts.adapters.w1.B``), and the parameters trained whole beside them."""
+    out = {f"{name}.{p}": t.detach() for name, m in lora_modules(model).items()
+           for p, t in (("A", m.A), ("B", m.B))}
+    config = lora_config_of(model)
+    if config is not None and config.train_also:
+        out.update({n: p.detach() for n, p in model.named_parameters() if _trained_whole(n, config.train_also)})
+    return out
 
 
 @torch.no_grad()

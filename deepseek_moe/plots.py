@@ -35,7 +35,19 @@ def ema(values: Sequence[float], alpha: float = 0.1) -> list[float]:
     return out
 
 
-def plot_loss_curve(metrics: list[dict[str, Any]], path: Path, title: str = "") -> Optional[Path]:
+def centred_mean(values: Sequence[float], window: int) -> list[float]:
+    """Mean of the ``window`` values centred on each one (fewer at the ends): smooth, and unlike a
+    trailing average it does not lag behind a curve that falls fast."""
+    half = window // 2
+    out = []
+    for i in range(len(values)):
+        part = values[max(0, i - half): i + half + 1]
+        out.append(sum(part) / len(part))
+    return out
+
+
+def plot_loss_curve(metrics: list[dict[str, Any]], path: Path, title: str = "",
+                    ylabel: str = "next-token loss (nats)") -> Optional[Path]:
     """Training LM loss (raw and smoothed) and validation loss against tokens seen."""
     steps = [r for r in metrics if "lm_loss" in r]
     if not steps:
@@ -45,8 +57,8 @@ def plot_loss_curve(metrics: list[dict[str, Any]], path: Path, title: str = "") 
     x = [r["tokens"] / 1e6 for r in steps]
     y = [r["lm_loss"] for r in steps]
     ax.plot(x, y, color="tab:blue", alpha=0.25, lw=0.8, label="train (per step)")
-    alpha = min(1.0, max(0.02, 10 / len(y)))  # ~10% of the run: smooth, without a long lag
-    ax.plot(x, ema(y, alpha), color="tab:blue", lw=1.8, label=f"train (EMA {alpha:.2g})")
+    w = max(1, len(y) // 40) * 2 + 1  # about 5% of the run, centred: no lag on a falling curve
+    ax.plot(x, centred_mean(y, w), color="tab:blue", lw=1.8, label=f"train (mean of {w} steps)")
     val = [r for r in metrics if r.get("val_loss") is not None]
     if val:
         ax.plot([r["tokens"] / 1e6 for r in val], [r["val_loss"] for r in val], "o-",
@@ -55,7 +67,7 @@ def plot_loss_curve(metrics: list[dict[str, Any]], path: Path, title: str = "") 
         ax.annotate(f"{last['val_loss']:.3f}", (last["tokens"] / 1e6, last["val_loss"]),
                     textcoords="offset points", xytext=(5, 8), color="tab:red")
     ax.set_xlabel("tokens (millions)")
-    ax.set_ylabel("next-token loss (nats)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title or "training loss")
     lo = min(y + [r["val_loss"] for r in val])
     ax.set_ylim(lo - 0.1, min(max(y), lo + 4))

@@ -311,6 +311,8 @@ class _Run:
     checkpoint: Optional[Path] = None  # the newest checkpoint this invocation wrote
     extra_files: dict[str, str] = field(default_factory=dict)  # name -> text, into every checkpoint
     save_weights: Optional[Any] = None  # (model, folder) -> None: how a checkpoint holds the weights
+    title: Optional[str] = None  # of the plots (default: the preset and its size)
+    loss_label: str = "next-token loss (nats)"  # what the loss curve's loss is
 
     @property
     def main(self) -> bool:
@@ -745,8 +747,9 @@ def _plots(run: _Run) -> list[Path]:
     try:
         from .plots import plot_expert_load, plot_loss_curve
 
-        title = f"{run.cfg.preset}: {run.model_cfg.num_hidden_layers} layers, hidden {run.model_cfg.hidden_size}"
-        plots = [plot_loss_curve(run.metrics, run.out / "loss_curve.png", title),
+        title = run.title or (f"{run.cfg.preset}: {run.model_cfg.num_hidden_layers} layers, "
+                              f"hidden {run.model_cfg.hidden_size}")
+        plots = [plot_loss_curve(run.metrics, run.out / "loss_curve.png", title, run.loss_label),
                  plot_expert_load(run.metrics, run.model_cfg, run.out / "expert_load.png")]
         return [p for p in plots if p is not None]
     except ImportError as e:  # matplotlib is a runtime dependency; say so if it is missing

@@ -121,16 +121,18 @@ def test_pack_is_dense_and_keeps_examples_whole():
     assert pack(lengths, 10) == rows  # deterministic
 
 
-def test_packed_rows_equal_examples_alone(base, tmp_path):
-    """Packing without attention across examples: every example's logits in a packed row equal its
-    logits alone (fp32, 1e-5), and so does its loss."""
+@pytest.mark.parametrize("packing", [True, False])
+def test_rows_equal_examples_alone(base, tmp_path, packing):
+    """Packing without attention across examples (or padding): every example's logits in a row
+    equal its logits alone (fp32, 1e-5)."""
     tok, tpl = load_tokenizer(base / "tokenizer.json"), template_for(base)
     f = write_jsonl(tmp_path / "c.jsonl", conversations())
     examples = read_examples(f, tok, tpl, 128)
-    rows = SFTRows(examples, 128, packing=True, pad_id=0)
-    assert len(rows) < len(examples)
+    rows = SFTRows(examples, 128, packing=packing, pad_id=0)
+    assert len(rows) < len(examples) if packing else len(rows) == len(examples)
     model = DeepseekForCausalLM.from_pretrained(base)
     b = collate([rows[i] for i in range(len(rows))])
+    assert b["input_ids"].shape[1] == max(sum(len(examples[k]) for k in r) for r in rows.rows)  # cut
     logits = model(**b).logits
     for r, members in enumerate(rows.rows):
         start = 0
@@ -303,3 +305,22 @@ def test_padding_takes_no_part_in_the_balance_losses(seq_aux):
     for got, ref in zip(padded, want):
         assert torch.allclose(got, ref, atol=1e-6)
     assert not torch.allclose(balance_losses(scores, topk, n_groups=2, seq_aux=seq_aux)[0], padded[0])
+
+
+def test_lora_can_train_embeddings_and_head_whole(base, tmp_path):
+    model = DeepseekForCausalLM.from_pretrained(base).train()
+    add_lora(model, LoRAConfig(2, 4.0, targets=("attention",), train_also=("embeddings", "head")))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= trainable
+    assert not any("norm" in n or "experts.w" in n or n.endswith("mlp.gate.weight") for n in trainable)
+    x = torch.randint(0, 384, (2, 12))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(x, labels=x).loss.backward()
+    opt.step()
+    model.eval()
+    want = model(x).logits.detach()
+    save_adapter(model, tmp_path / "a")
+    fresh = DeepseekForCausalLM.from_pretrained(base)
+    load_adapter(fresh, tmp_path / "a")  # the whole tensors come back with the adapters
+    assert torch.equal(fresh.lm_head.weight, model.lm_head.weight)
+    assert torch.equal(fresh(x).logits, want)
