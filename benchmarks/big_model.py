@@ -15,6 +15,16 @@ divided by the bandwidth of reading a 2 GiB buffer. Use the full-size random che
 
 Peak resident memory counts the checkpoint pages a process touched: memory-mapped weights that
 the kernel can drop again, besides what it allocated.
+
+The peer: llama.cpp through llama-cpp-python, on the same weights converted to GGUF
+(``benchmarks/gguf_convert.py``: Q8_0 with llama.cpp's converter, Q4_0 requantized from it),
+same threads, the same prompt token ids, the same measurements (``--gguf-q8``, ``--gguf-q4``,
+``--peer-python`` the interpreter that has llama_cpp). On a disk that cannot hold the GGUF files
+and the int8 / int4 checkpoints at once, measure them in turns and join the tables with
+``--also ROWS.json`` (the ``--json`` of an earlier invocation).
+
+    python benchmarks/big_model.py --gguf-q8 q8.gguf --gguf-q4 q4.gguf --peer-python VENV/bin/python --json peer.json
+    python benchmarks/big_model.py --bf16 DIR --int8 DIR --int4 DIR --also peer.json
 """
 
 from __future__ import annotations
@@ -32,6 +42,43 @@ GOAL_RSS_GIB = 20.0
 GOAL_INT4_BOUND = 0.5
 
 
+def prompts(prompt_len: int) -> tuple[list[int], list[int]]:
+    """(warm-up prompt, timed prompt): token ids, the same for every engine."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    warm, prompt = torch.randint(0, 100000, (2, prompt_len), generator=g).tolist()
+    return warm, prompt
+
+
+def peer_worker(path: str, prompt_len: int, new: int, threads: int, ids_file: str) -> dict:
+    """llama.cpp on a GGUF file, measured as ``worker`` measures this project."""
+    import llama_cpp
+
+    warm, prompt = json.loads(Path(ids_file).read_text())
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=path, n_ctx=prompt_len + new + 32, n_batch=prompt_len, n_threads=threads,
+                          n_threads_batch=threads, use_mmap=True, verbose=False)
+    load_s = time.perf_counter() - t0
+    llm.eval(warm)  # pages the weights in, as worker does
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(prompt)
+    prefill_s = time.perf_counter() - t0
+    llm.reset()
+    llm.eval(prompt[:16])
+    stamps: list[float] = []
+    t0 = time.perf_counter()
+    for _ in range(new):
+        tok = llm.sample(top_k=1, temp=0.0)
+        stamps.append(time.perf_counter() - t0)
+        llm.eval([tok])
+    decode_s = (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1)
+    return {"mode": f"llama.cpp {Path(path).stem.rsplit('-', 1)[-1].upper()}", "load_s": load_s,
+            "prefill_tok_s": prompt_len / prefill_s, "decode_tok_s": 1 / decode_s,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
 def worker(path: str, prompt_len: int, new: int, threads: int) -> dict:
     import torch
 
@@ -44,8 +91,7 @@ def worker(path: str, prompt_len: int, new: int, threads: int) -> dict:
     model = load_pretrained(path)
     load_s = time.perf_counter() - t0
     cfg = model.config
-    g = torch.Generator().manual_seed(0)
-    warm, prompt = torch.randint(0, min(cfg.vocab_size, 100000), (2, 1, prompt_len), generator=g)
+    warm, prompt = (torch.tensor([ids]) for ids in prompts(prompt_len))
     with torch.inference_mode():
         model(warm)  # pages the weights in (those that fit): the timed runs see a warm cache
         t0 = time.perf_counter()
@@ -90,8 +136,8 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def run_child(args: list[str]) -> dict:
-    r = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+def run_child(args: list[str], python: str = sys.executable) -> dict:
+    r = subprocess.run([python, __file__, *args], capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"{args}: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -110,6 +156,8 @@ def convert(src: str, out: str, bits: int) -> dict:
 
 
 def disk_gb(path: str) -> float:
+    if Path(path).is_file():
+        return Path(path).stat().st_size / 1e9
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors")) / 1e9
 
 
@@ -122,12 +170,22 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--gguf-q8", help="the peer: a Q8_0 GGUF of the same weights")
+    p.add_argument("--gguf-q4", help="the peer: a Q4_0 GGUF of the same weights")
+    p.add_argument("--peer-python", default=sys.executable, help="a Python with llama_cpp (llama-cpp-python)")
+    p.add_argument("--also", action="append", default=[], metavar="ROWS.json",
+                   help="rows measured by an earlier invocation (its --json), shown in the same table")
     p.add_argument("--json")
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--peer-worker", help=argparse.SUPPRESS)
+    p.add_argument("--ids", help=argparse.SUPPRESS)
     p.add_argument("--bandwidth", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.prompt_len, args.new, args.threads)))
+        return
+    if args.peer_worker:
+        print(json.dumps(peer_worker(args.peer_worker, args.prompt_len, args.new, args.threads, args.ids)))
         return
     if args.bandwidth:
         print(json.dumps({"gbs": bandwidth_gbs(args.threads)}))
@@ -143,33 +201,58 @@ def main() -> None:
             conversions[f"int{bits}"] = convert(args.bf16, out, bits)
             modes[f"int{bits}"] = out
     modes = {k: v for k, v in modes.items() if v}
-    if not modes:
+    peers = {k: v for k, v in (("q8", args.gguf_q8), ("q4", args.gguf_q4)) if v}
+    if not modes and not peers:
         p.error("give at least one checkpoint")
     bw = run_child(["--bandwidth", "--threads", str(args.threads)])["gbs"]
     rows = []
+    if peers:
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(prompts(args.prompt_len), f)
+        for path in peers.values():
+            r = run_child(["--peer-worker", path, "--ids", f.name, "--prompt-len", str(args.prompt_len),
+                           "--new", str(args.new), "--threads", str(args.threads)], python=args.peer_python)
+            r.update(disk_gb=disk_gb(path))
+            rows.append(r)
+        os.unlink(f.name)
     for mode, path in modes.items():
         r = run_child(["--worker", path, "--prompt-len", str(args.prompt_len), "--new", str(args.new),
                        "--threads", str(args.threads)])
         r.update(conversions.get(mode, {}), mode=mode, disk_gb=disk_gb(path),
                  bound_fraction=r["decode_tok_s"] * r["bytes_per_token"] / (bw * 1e9))
         rows.append(r)
-    print(f"{args.threads} threads; read bandwidth {bw:.1f} GB/s; prompt {args.prompt_len}, {args.new} decoded")
+    if args.json:  # this invocation's own rows
+        Path(args.json).write_text(json.dumps({"bandwidth_gbs": bw, "rows": rows}, indent=1))
+    for extra in args.also:
+        rows += [dict(r, earlier=True) for r in json.loads(Path(extra).read_text())["rows"]]
+    print(f"{args.threads} threads; read bandwidth {bw:.1f} GB/s; prompt {args.prompt_len}, {args.new} decoded"
+          + ("; * measured by an earlier invocation (--also)" if args.also else ""))
     head = ("mode", "disk GB", "convert s", "convert RSS GiB", "load s", "peak RSS GiB", "prefill tok/s",
             "decode tok/s", "GB/token", "of bound")
     print("  ".join(f"{h:>14}" for h in head))
     for r in rows:
-        cells = (r["mode"], f"{r['disk_gb']:.2f}", f"{r['convert_s']:.0f}" if "convert_s" in r else "-",
+        cells = (r["mode"] + ("*" if r.get("earlier") else ""), f"{r['disk_gb']:.2f}", f"{r['convert_s']:.0f}" if "convert_s" in r else "-",
                  f"{r['convert_rss_gib']:.1f}" if "convert_rss_gib" in r else "-", f"{r['load_s']:.1f}",
                  f"{r['peak_rss_gib']:.1f}", f"{r['prefill_tok_s']:.1f}", f"{r['decode_tok_s']:.2f}",
-                 f"{r['bytes_per_token'] / 1e9:.2f}", f"{r['bound_fraction']:.2f}")
+                 f"{r['bytes_per_token'] / 1e9:.2f}" if "bytes_per_token" in r else "-",
+                 f"{r['bound_fraction']:.2f}" if "bound_fraction" in r else "-")
         print("  ".join(f"{c:>14}" for c in cells))
+    by_mode = {r["mode"]: r for r in rows}
+    for ours, theirs in (("int8", "llama.cpp Q8_0"), ("int4", "llama.cpp Q4_0")):
+        if ours in by_mode and theirs in by_mode:
+            a, b = by_mode[ours], by_mode[theirs]
+            print(f"{ours} vs {theirs}: decode {a['decode_tok_s'] / b['decode_tok_s']:.2f}x (goal >= 1), "
+                  f"prefill {a['prefill_tok_s'] / b['prefill_tok_s']:.2f}x (goal >= 2), "
+                  f"peak RSS {a['peak_rss_gib']:.1f} / {b['peak_rss_gib']:.1f} GiB")
     for r in rows:
+        if r["mode"].startswith("llama.cpp"):
+            continue
         ok = r["peak_rss_gib"] <= GOAL_RSS_GIB
         print(f"{r['mode']}: peak RSS {r['peak_rss_gib']:.1f} GiB (goal <= {GOAL_RSS_GIB:.0f}: {'met' if ok else 'NOT met'})"
               + (f"; decode {r['bound_fraction']:.2f} of the bound (goal >= {GOAL_INT4_BOUND}: "
                  f"{'met' if r['bound_fraction'] >= GOAL_INT4_BOUND else 'NOT met'})" if r["mode"] == "int4" else ""))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"bandwidth_gbs": bw, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -415,6 +415,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     kw = {k: v for k, v in (("seeds", args.seeds), ("tokens", args.tokens), ("lr", args.lr),
                             ("data_dir", args.data_dir)) if v is not None}
     kw.update(scale=args.scale, progress=not args.no_progress, device=args.device, bf16_autocast=args.bf16)
+    if args.lr_sweep is not None:
+        kw["lr_sweep"] = tuple(args.lr_sweep or (0.5, 1.0, 2.0, 4.0))
+    if args.sweep_tokens is not None:
+        kw["sweep_tokens"] = args.sweep_tokens
     if args.sources is not None:
         kw["sources"] = tuple(args.sources)
     if args.text:
@@ -604,6 +608,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--scale", type=int, default=1, help="widths x S and tokens x S^2 (for a GPU)")
     sp.add_argument("--tokens", type=int, default=None, help="training tokens per run")
     sp.add_argument("--lr", type=float, default=None)
+    sp.add_argument("--lr-sweep", nargs="*", type=float, default=None, metavar="FACTOR",
+                    help="first sweep each model's rate over these factors of --lr (one seed, a shorter "
+                    "budget, validation loss), then run the experiment at the one rate and at each model's "
+                    "best; the report shows both (default factors: 0.5 1 2 4)")
+    sp.add_argument("--sweep-tokens", type=int, default=None, help="tokens per sweep run (default: a quarter "
+                    "of --tokens)")
     sp.add_argument("--data-dir", default=None, help="data folder (default OUT/data)")
     sp.add_argument("--device", default="cpu", help="cpu or cuda (the whole experiment runs there)")
     sp.add_argument("--bf16", action="store_true",

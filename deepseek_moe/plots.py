@@ -217,6 +217,29 @@ def plot_analysis(res: Any, out_dir: Path) -> list[Path]:
     return paths
 
 
+def plot_lr_sweep(exp: Any, sweep: dict[str, dict[float, float]], best: dict[str, float], lr: float,
+                  out: Path) -> Path:
+    """Validation loss against the learning rate, one line per model, its chosen rate ringed."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, _ in exp.models:
+        fs = sorted(sweep[label])
+        line, = ax.plot([lr * f for f in fs], [sweep[label][f] for f in fs], "o-", label=label)
+        ax.plot([lr * best[label]], [sweep[label][best[label]]], "o", ms=13, mfc="none", color=line.get_color())
+    ax.axvline(lr, color="grey", ls=":", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"peak learning rate (dotted: the paper's {lr:g})")
+    ax.set_ylabel("validation loss after the sweep's budget")
+    ax.set_title(f"{exp.title}: learning-rate sweep", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    p = out / f"{exp.name}-lr_sweep.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p
+
+
 def plot_experiment(exp: Any, results: dict[str, list[dict[str, Any]]],
                     analyses: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
     """The PNGs of a ``reproduce`` report in ``out`` (``exp``: a ``reproduce.Experiment``): the training-loss curves (mean over seeds),

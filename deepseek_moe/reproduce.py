@@ -11,6 +11,14 @@ of the models they have in common (runs/FAMILY-seedN), and each writes report-NA
 plots NAME-*.png. Two commands may run into one folder at once: each run is claimed with a lock
 file (``RunLock``), and a run that the other command holds is put off and waited for.
 
+With ``lr_sweep`` (``--lr-sweep 0.5 1 2 4``: factors of the learning rate) every model first
+trains with one seed (``sweep_seed``) and a shorter budget (``sweep_tokens``) at each rate, and
+its best rate is the one of the lowest validation loss (the validation split; the test split
+stays unseen). The experiment's runs are then made at the one recipe's rate (factor 1) and at
+each model's best, and the report gives both tables with their verdicts and a loss-vs-rate plot.
+A model whose best factor is 1 reuses its one-recipe runs (runs/FAMILY-seedN); other rates train
+into runs/FAMILY-lrFx-seedN, the sweep into runs/FAMILY-lrFx-sweep.
+
 A claim "A beats B" holds when A's mean held-out loss is lower by more than twice the standard
 error of the difference over seeds, does not hold when it is higher by that much, and is
 undecided otherwise (a single seed has no spread: undecided). A claim "A matches B" holds when
@@ -104,6 +112,9 @@ class Settings(TrainConfig):
     scale: int = 1  # multiplies hidden size and every FFN/expert width; tokens x scale^2
     eval_tokens: Optional[int] = 131072  # held-out tokens per domain for the final loss
     extra_overrides: dict[str, Any] = field(default_factory=dict)  # for tests: smaller models
+    lr_sweep: tuple[float, ...] = ()  # factors of lr to sweep (empty: no sweep)
+    sweep_tokens: Optional[int] = None  # per sweep run (default: a quarter of tokens)
+    sweep_seed: int = 0
     # TrainConfig's fields whose defaults differ for an experiment
     tokens: Optional[int] = 4_194_304  # per run: 1,024 steps of 16 x 256
     vocab_size: Optional[int] = 4096
@@ -118,17 +129,23 @@ class Settings(TrainConfig):
         base.update(kw)
         return cls(**base)
 
-    def run_config(self, run: Path, family: str, seed: int) -> TrainConfig:
+    def run_config(self, run: Path, family: str, seed: int, lr_factor: float = 1.0,
+                   sweep: bool = False) -> TrainConfig:
         """The ``TrainConfig`` of one run: these settings, with the run's own preset, folder, seed,
-        budget and bookkeeping."""
-        tokens = self.tokens * self.scale * self.scale
+        budget, learning rate (``lr`` x ``lr_factor``) and bookkeeping; ``sweep``: the sweep's
+        budget."""
+        tokens = (self.sweep_budget if sweep else self.tokens) * self.scale * self.scale
         shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)}
         shared.update(
             preset=f"{family}-tiny", out=str(run), model_overrides=preset_overrides(family, self),
             data_dir=self.data_dir or str(run.parent.parent / "data"), tokens=tokens, steps=None,
             minutes=None, seed=seed, ckpt_every=max(50, tokens // (self.seq_len * self.batch_size) // 4),
-            keep=1, eval_sequences=32, dtype=self.dtype_choice, bf16_autocast=False)
+            keep=1, eval_sequences=32, dtype=self.dtype_choice, bf16_autocast=False, lr=self.lr * lr_factor)
         return TrainConfig(**shared)
+
+    @property
+    def sweep_budget(self) -> int:
+        return self.sweep_tokens if self.sweep_tokens is not None else max(1, self.tokens // 4)
 
 
 def model_overrides(s: Settings) -> dict[str, Any]:
@@ -157,8 +174,13 @@ def preset_overrides(family: str, s: Settings) -> dict[str, Any]:
 
 
 # ---- runs ----------------------------------------------------------------------------------------------
-def run_dir(out: Path, family: str, seed: int) -> Path:
-    return out / "runs" / f"{family}-seed{seed}"
+def run_dir(out: Path, family: str, seed: int, lr_factor: float = 1.0, sweep: bool = False) -> Path:
+    """runs/FAMILY-seedN at the one recipe's rate; runs/FAMILY-lrFx-seedN at another;
+    runs/FAMILY-lrFx-sweep for a sweep run."""
+    if sweep:
+        return out / "runs" / f"{family}-lr{lr_factor:g}x-sweep"
+    rate = "" if lr_factor == 1 else f"-lr{lr_factor:g}x"
+    return out / "runs" / f"{family}{rate}-seed{seed}"
 
 
 def _finished(run: Path) -> Optional[dict[str, Any]]:
@@ -218,10 +240,12 @@ class RunLock:
             self.held = False
 
 
-def train_one(out: Path, family: str, seed: int, s: Settings) -> Optional[dict[str, Any]]:
-    """Train (or reuse, or resume) one model with one seed, then score it on the test split.
+def train_one(out: Path, family: str, seed: int, s: Settings, lr_factor: float = 1.0,
+              sweep: bool = False) -> Optional[dict[str, Any]]:
+    """Train (or reuse, or resume) one model with one seed at ``lr_factor`` x the rate, then score
+    it on the test split (a ``sweep`` run: its shorter budget, scored on the validation split).
     Returns None when another process is training this run right now (see ``RunLock``)."""
-    run = run_dir(out, family, seed)
+    run = run_dir(out, family, seed, lr_factor, sweep)
     done = _finished(run)
     if done is not None:
         return done
@@ -230,17 +254,18 @@ def train_one(out: Path, family: str, seed: int, s: Settings) -> Optional[dict[s
         return None
     try:
         done = _finished(run)  # finished between the first look and the lock
-        return done if done is not None else _train_and_score(run, family, seed, s)
+        return done if done is not None else _train_and_score(run, family, seed, s, lr_factor, sweep)
     finally:
         lock.release()
 
 
-def _train_and_score(run: Path, family: str, seed: int, s: Settings) -> dict[str, Any]:
+def _train_and_score(run: Path, family: str, seed: int, s: Settings, lr_factor: float = 1.0,
+                     sweep: bool = False) -> dict[str, Any]:
     from .evaluate import eval_cache, evaluate_splits
     from .runs import load_checkpoint
     from .train import train
 
-    cfg = s.run_config(run, family, seed)
+    cfg = s.run_config(run, family, seed, lr_factor, sweep)
     tokens = cfg.tokens
     # The run folder is this command's own: resume its newest whole checkpoint, else start it over.
     res = train(cfg, resume=True, force=True)
@@ -251,12 +276,14 @@ def _train_and_score(run: Path, family: str, seed: int, s: Settings) -> dict[str
     if cache.num_tokens("train") < tokens:
         raise ValueError(f"{tokens:,} tokens per run but the training split holds "
                          f"{cache.num_tokens('train'):,}: runs must see unique tokens only")
-    report = evaluate_splits(model, cache, ("test",), seq_len=s.seq_len, max_tokens=s.eval_tokens,
+    split = "validation" if sweep else "test"
+    report = evaluate_splits(model, cache, (split,), seq_len=s.seq_len, max_tokens=s.eval_tokens,
                              progress=False, checkpoint=str(ckpt))
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    result = {"family": family, "seed": seed, "test_loss": report.splits["test"]["all"].loss,
-              "test": {d: sc.loss for d, sc in report.splits["test"].items()},
-              "tokens": res.tokens, "steps": res.step,
+    scores = report.splits[split]
+    result = {"family": family, "seed": seed, f"{'val' if sweep else 'test'}_loss": scores["all"].loss,
+              split if sweep else "test": {d: sc.loss for d, sc in scores.items()},
+              "lr": cfg.lr, "lr_factor": lr_factor, "tokens": res.tokens, "steps": res.step,
               "curve": [(r["tokens"], r["lm_loss"]) for r in rows if "lm_loss" in r]}
     from .atomic import write_json_atomic
 
@@ -296,28 +323,65 @@ def reproduce(name: str, out: Path, s: Settings, poll_s: float = 30.0) -> Path:
         raise ValueError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}")
     if s.seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {s.seeds}")
+    if any(f <= 0 for f in s.lr_sweep):
+        raise ValueError(f"learning-rate factors must be positive, got {list(s.lr_sweep)}")
     exp = EXPERIMENTS[name]
     out.mkdir(parents=True, exist_ok=True)
-    # seed-major: a partial experiment already compares every model. A run that another process
-    # is training (a second experiment sharing OUT) is put off and waited for at the end.
-    todo = [(i, seed, label, family) for i, (seed, (label, family)) in
-            enumerate((seed, m) for seed in range(s.seeds) for m in exp.models)]
+    sweep: dict[str, dict[float, float]] = {}
+    best: dict[str, float] = {}
+    if s.lr_sweep:
+        jobs = [(label, family, s.sweep_seed, f, True) for label, family in exp.models for f in s.lr_sweep]
+        swept = _run_jobs(out, jobs, s, poll_s, "sweep")
+        for label, family in exp.models:
+            sweep[label] = {f: swept[(label, s.sweep_seed, f, True)]["val_loss"] for f in s.lr_sweep}
+            best[label] = best_factor(sweep[label])
+    # seed-major: a partial experiment already compares every model.
+    factors = {label: sorted({1.0, best.get(label, 1.0)}) for label, _ in exp.models}
+    jobs = [(label, family, seed, f, False) for seed in range(s.seeds) for label, family in exp.models
+            for f in factors[label]]
+    done = _run_jobs(out, jobs, s, poll_s)
+    results = {label: [done[(label, seed, 1.0, False)] for seed in range(s.seeds)] for label, _ in exp.models}
+    tuned = ({label: [done[(label, seed, best[label], False)] for seed in range(s.seeds)] for label, _ in exp.models}
+             if s.lr_sweep else None)
+    analyses = _analyses(exp, out, s) if exp.analysis else {}
+    text = report(exp, results, analyses, s, out, tuned=tuned, sweep=sweep, best=best)
+    path = out / f"report-{name}.md"
+    from .atomic import write_text_atomic
+
+    write_text_atomic(path, text)  # another command sharing OUT may write it too
+    print(text)
+    return path
+
+
+def best_factor(losses: dict[float, float]) -> float:
+    """The rate factor of the lowest validation loss (the smaller factor on a tie)."""
+    return min(sorted(losses), key=lambda f: losses[f])
+
+
+def _run_jobs(out: Path, jobs: list[tuple[str, str, int, float, bool]], s: Settings, poll_s: float,
+              what: str = "") -> dict[tuple[str, int, float, bool], dict[str, Any]]:
+    """Train (or reuse) every (label, family, seed, lr factor, sweep) job, in order. A run that
+    another process is training (a second experiment sharing OUT) is put off and waited for at
+    the end."""
+    todo = list(enumerate(jobs))
     n = len(todo)
-    done: dict[tuple[int, str], dict[str, Any]] = {}
+    done: dict[tuple[str, int, float, bool], dict[str, Any]] = {}
     waiting = False
     while todo:
         later = []
-        for i, seed, label, family in todo:
+        for i, (label, family, seed, f, sw) in todo:
             if not waiting:
-                print(f"[{i + 1}/{n}] {label} ({family}-tiny), seed {seed}", flush=True)
-            r = train_one(out, family, seed, s)
+                rate = "" if f == 1 and not s.lr_sweep else f", lr {s.lr * f:.3g} ({f:g}x)"
+                print(f"[{what + ' ' if what else ''}{i + 1}/{n}] {label} ({family}-tiny), seed {seed}{rate}",
+                      flush=True)
+            r = train_one(out, family, seed, s, f, sw)
             if r is None:
                 if not waiting:
-                    print(f"  {run_dir(out, family, seed)} is being trained by another process; later",
+                    print(f"  {run_dir(out, family, seed, f, sw)} is being trained by another process; later",
                           flush=True)
-                later.append((i, seed, label, family))
+                later.append((i, (label, family, seed, f, sw)))
             else:
-                done[(seed, label)] = r
+                done[(label, seed, f, sw)] = r
         if later and len(later) == len(todo):
             if not waiting:
                 print(f"waiting for {len(later)} run(s) that another process is training", flush=True)
@@ -326,15 +390,7 @@ def reproduce(name: str, out: Path, s: Settings, poll_s: float = 30.0) -> Path:
         else:
             waiting = False
         todo = later
-    results = {label: [done[(seed, label)] for seed in range(s.seeds)] for label, _ in exp.models}
-    analyses = _analyses(exp, out, s) if exp.analysis else {}
-    text = report(exp, results, analyses, s, out)
-    path = out / f"report-{name}.md"
-    from .atomic import write_text_atomic
-
-    write_text_atomic(path, text)  # another command sharing OUT may write it too
-    print(text)
-    return path
+    return done
 
 
 def _analyses(exp: Experiment, out: Path, s: Settings) -> dict[str, list[dict[str, Any]]]:
@@ -358,19 +414,15 @@ def _analyses(exp: Experiment, out: Path, s: Settings) -> dict[str, list[dict[st
     return res
 
 
-def report(exp: Experiment, results: dict[str, list[dict[str, Any]]], analyses: dict[str, list[dict[str, Any]]],
-           s: Settings, out: Path) -> str:
-    """The markdown report (and its PNGs in ``out``)."""
+def _results_table(exp: Experiment, results: dict[str, list[dict[str, Any]]], s: Settings,
+                   with_lr: bool = False) -> list[str]:
+    """The per-model table and the claims' verdicts for one set of runs."""
     from .params import count_parameters, human
-    from .plots import plot_experiment
     from .presets import get_config
 
-    lines = [f"# {exp.title}", "",
-             f"{s.seeds} seed(s); {s.tokens * s.scale ** 2:,} training tokens per run (unique: the "
-             f"runs never repeat data); seq {s.seq_len} x batch {s.batch_size}; peak lr {s.lr}; "
-             f"vocab {s.vocab_size}; width x{s.scale}. Loss: test split, all domains (nats/token).",
-             "", "| model | preset | total | activated | test loss (mean +- std) | per seed | paper (2B, Pile) |",
-             "|---|---|---|---|---|---|---|"]
+    lr_col = ("| lr ", "---|") if with_lr else ("", "")
+    lines = [f"| model | preset {lr_col[0]}| total | activated | test loss (mean +- std) | per seed | paper (2B, Pile) |",
+             f"|---|---|{lr_col[1]}---|---|---|---|---|"]
     for label, family in exp.models:
         rs = results[label]
         cfg = get_config(f"{family}-tiny", **preset_overrides(family, s))
@@ -380,16 +432,52 @@ def report(exp: Experiment, results: dict[str, list[dict[str, Any]]], analyses: 
         seeds = ", ".join(f"{r['test_loss']:.4f}" for r in rs)
         paper_s = "-" if paper is None else f"{paper:.3f}"
         spread = "(1 seed)" if math.isnan(sd) else f"+- {sd:.4f}"
-        lines.append(f"| {label} | {family}-tiny | {human(p.total)} | {human(p.active)} | {m:.4f} {spread} "
+        lr = f"| {rs[0].get('lr', s.lr):.3g} " if with_lr else ""
+        lines.append(f"| {label} | {family}-tiny {lr}| {human(p.total)} | {human(p.active)} | {m:.4f} {spread} "
                      f"| {seeds} | {paper_s} |")
     if exp.claims:
-        lines += ["", "## The paper's claims", "", "| claim | verdict | evidence |", "|---|---|---|"]
+        lines += ["", "| claim | verdict | evidence |", "|---|---|---|"]
         for c in exp.claims:
             v, why = verdict([r["test_loss"] for r in results[c.a]], [r["test_loss"] for r in results[c.b]], c.kind)
             lines.append(f"| {c.text} | **{v}** | {why} |")
+    return lines
+
+
+def report(exp: Experiment, results: dict[str, list[dict[str, Any]]], analyses: dict[str, list[dict[str, Any]]],
+           s: Settings, out: Path, tuned: Optional[dict[str, list[dict[str, Any]]]] = None,
+           sweep: Optional[dict[str, dict[float, float]]] = None, best: Optional[dict[str, float]] = None) -> str:
+    """The markdown report (and its PNGs in ``out``); with a learning-rate sweep, the runs at each
+    model's best rate (``tuned``), the sweep's validation losses and the chosen factors too."""
+    from .plots import plot_experiment, plot_lr_sweep
+
+    lines = [f"# {exp.title}", "",
+             f"{s.seeds} seed(s); {s.tokens * s.scale ** 2:,} training tokens per run (unique: the "
+             f"runs never repeat data); seq {s.seq_len} x batch {s.batch_size}; peak lr {s.lr}; "
+             f"vocab {s.vocab_size}; width x{s.scale}. Loss: test split, all domains (nats/token).", ""]
+    if tuned is None:
+        table = _results_table(exp, results, s)
+        if exp.claims:  # the claims under their heading, as before the sweep existed
+            k = table.index("| claim | verdict | evidence |")
+            table[k - 1:k - 1] = ["", "## The paper's claims"]
+        lines += table
+    else:
+        lines += [f"## One recipe: every model at lr {s.lr:g}", ""] + _results_table(exp, results, s)
+        lines += ["", "## Each model at its best rate (chosen by the sweep's validation loss)", ""]
+        lines += _results_table(exp, tuned, s, with_lr=True)
+        factors = sorted({f for v in sweep.values() for f in v})
+        lines += ["", f"## Learning-rate sweep: validation loss, seed {s.sweep_seed}, "
+                      f"{s.sweep_budget * s.scale ** 2:,} tokens per run (best in bold)", "",
+                  "| model | " + " | ".join(f"{f:g}x = {s.lr * f:.3g}" for f in factors) + " | best |",
+                  "|---|" + "---|" * (len(factors) + 1)]
+        for label, _ in exp.models:
+            cells = [(f"**{sweep[label][f]:.4f}**" if f == best[label] else f"{sweep[label][f]:.4f}")
+                     for f in factors]
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {best[label]:g}x |")
     if analyses:
         lines += _analysis_section(analyses)
     plots = plot_experiment(exp, results, analyses, out)
+    if sweep:
+        plots.append(plot_lr_sweep(exp, sweep, best, s.lr, out))
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     return "\n".join(lines) + "\n"
 

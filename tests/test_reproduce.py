@@ -137,3 +137,46 @@ def test_two_experiments_share_runs_and_wait_for_each_other(tiny, monkeypatch, c
     for name in ("fig3", "table1"):
         assert (shared / f"report-{name}.md").read_text().startswith(f"# {EXPERIMENTS[name].title}")
         assert (shared / f"{name}-test_loss.png").is_file()
+
+
+@pytest.mark.parametrize("factors", [(1.0, 8.0), (0.001, 1.0)])
+def test_lr_sweep_end_to_end(tiny, factors):
+    """--lr-sweep: each model's rate is the argmin of its sweep's validation losses, and the
+    report's two tables and the sweep table follow the runs' own numbers; where the best rate is
+    the one recipe's, its runs serve both tables."""
+    import dataclasses
+
+    out, s = tiny
+    s = dataclasses.replace(s, lr_sweep=factors, sweep_tokens=4 * 4 * 32)
+    exp = EXPERIMENTS["shared-ratio"]
+    out = out / f"sweep-{factors[0]:g}"
+    text = reproduce("shared-ratio", out / "sweep", s).read_text()
+    one, rest = text.split("## Each model at its best rate")
+    tuned_part, sweep_part = rest.split("## Learning-rate sweep")
+    for label, family in exp.models:
+        val = {f: json.loads((run_dir(out / "sweep", family, 0, f, sweep=True) / "result.json").read_text())["val_loss"]
+               for f in factors}
+        best = min(val, key=val.get)
+        assert best == 1.0 or factors[0] != 0.001  # 1/1000 of the rate learns nothing in this budget
+        row = next(r for r in sweep_part.splitlines() if r.startswith(f"| {label} |"))
+        assert row.endswith(f"| {best:g}x |") and f"**{val[best]:.4f}**" in row
+        for part, f in ((one, 1.0), (tuned_part, best)):
+            seeds = [json.loads((run_dir(out / "sweep", family, i, f) / "result.json").read_text())["test_loss"]
+                     for i in range(2)]
+            row = next(r for r in part.splitlines() if r.startswith(f"| {label} | {family}-tiny "))
+            assert f"{seeds[0]:.4f}, {seeds[1]:.4f}" in row
+        if best == 1.0:  # the tuned runs are the one recipe's: reused, not trained again
+            assert not list((out / "sweep" / "runs").glob(f"{family}-lr*-seed*"))
+        else:
+            assert json.loads((run_dir(out / "sweep", family, 0, best) / "result.json").read_text())["lr"] == s.lr * best
+    for c in exp.claims:  # a verdict per claim in each regime
+        assert sum(r.startswith(f"| {c.text} |") for r in text.splitlines()) == 2
+    assert (out / "sweep" / "shared-ratio-lr_sweep.png").stat().st_size > 5000
+    assert "](shared-ratio-lr_sweep.png)" in text
+
+
+def test_best_factor_is_the_argmin():
+    from deepseek_moe.reproduce import best_factor
+
+    assert best_factor({0.5: 3.1, 1.0: 3.0, 2.0: 2.9, 4.0: 3.3}) == 2.0
+    assert best_factor({0.5: 3.0, 1.0: 3.0}) == 0.5  # a tie: the smaller rate
