@@ -54,6 +54,9 @@ def eval_cache(ckpt: Path, run_dir: Optional[Path], tokenizer_path: Optional[Pat
             raise CheckpointError(f"{ckpt} has no {TOKENIZER_NAME}: pass the tokenizer the model "
                                   "was trained with (--tokenizer)")
     own = sources is None and paths is None
+    if own and settings is not None and not settings.sources and not settings.paths:
+        raise CheckpointError(f"{run_dir} records no text corpus (a fine-tuning run): evaluate it on "
+                              "--text FILE, or on --sources with --data-dir of the corpus you want")
     data_dir = data_dir or (settings.data_path if settings is not None else default_data_dir())
     kwargs: dict[str, Any] = {}
     if settings is not None:

@@ -271,6 +271,8 @@ def test_finetune_command(base, tmp_path, capsys):
     assert main(args[:3] + [str(bad), "--out", str(tmp_path / "r2")] + args[6:]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "line 2: needs" in err[0]
+    assert main(["eval", str(out), "--no-progress"]) == 2  # no pre-training corpus to default to
+    assert "records no text corpus (a fine-tuning run)" in capsys.readouterr().err
     assert main(["params", "deepseekmoe-16b", "--lora-rank", "8"]) == 0
     assert "LoRA rank 8 trains 150,460,928 of 16,375,728,128" in capsys.readouterr().out
 
