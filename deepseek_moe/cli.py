@@ -612,7 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="first sweep each model's rate over these factors of --lr (one seed, a shorter "
                     "budget, validation loss), then run the experiment at the one rate and at each model's "
                     "best; the report shows both (default factors: 0.5 1 2 4)")
-    sp.add_argument("--sweep-tokens", type=int, default=None, help="tokens per sweep run (default: a quarter "
+    sp.add_argument("--sweep-tokens", type=int, default=None, help="tokens per sweep run (default: half "
                     "of --tokens)")
     sp.add_argument("--data-dir", default=None, help="data folder (default OUT/data)")
     sp.add_argument("--device", default="cpu", help="cpu or cuda (the whole experiment runs there)")
