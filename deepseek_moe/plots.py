@@ -71,12 +71,7 @@ def plot_loss_curve(metrics: list[dict[str, Any]], path: Path, title: str = "",
     ax.set_title(title or "training loss")
     lo = min(y + [r["val_loss"] for r in val])
     ax.set_ylim(lo - 0.1, min(max(y), lo + 4))
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, path)
 
 
 def plot_expert_load(
@@ -217,6 +212,16 @@ def plot_analysis(res: Any, out_dir: Path) -> list[Path]:
     return paths
 
 
+def _finish(plt: Any, fig: Any, ax: Any, path: Path) -> Path:
+    """Grid, legend, layout; save ``fig`` to ``path`` and close it."""
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_lr_sweep(exp: Any, sweep: dict[str, dict[float, float]], best: dict[str, float], lr: float,
                   out: Path) -> Path:
     """Validation loss against the learning rate, one line per model, its chosen rate ringed."""
@@ -231,13 +236,7 @@ def plot_lr_sweep(exp: Any, sweep: dict[str, dict[float, float]], best: dict[str
     ax.set_xlabel(f"peak learning rate (dotted: the paper's {lr:g})")
     ax.set_ylabel("validation loss after the sweep's budget")
     ax.set_title(f"{exp.title}: learning-rate sweep", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    p = out / f"{exp.name}-lr_sweep.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return p
+    return _finish(plt, fig, ax, out / f"{exp.name}-lr_sweep.png")
 
 
 def plot_experiment(exp: Any, results: dict[str, list[dict[str, Any]]],
@@ -306,11 +305,5 @@ def plot_experiment(exp: Any, results: dict[str, list[dict[str, Any]]],
         ax.set_xlabel("ratio of disabled top routed experts")
         ax.set_ylabel("loss increase over r = 0 (nats)")
         ax.set_title("Fig. 4: disabling top routed experts", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        p = out / f"{exp.name}-disable_top_experts.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(_finish(plt, fig, ax, out / f"{exp.name}-disable_top_experts.png"))
     return paths
