@@ -38,22 +38,22 @@ def init_(module: torch.nn.Module, seed: int = 0) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
-BACKENDS = ["reference", "loop", "loop-unfused", "grouped_mm"]
+BACKENDS = ["reference", "loop", "loop-unfused", "padded", "padded-unfused", "grouped_mm"]
 
 
 def pipeline(layer: DeepseekMoE, x: torch.Tensor, backend: str):
     """The layer's routed output through the three stages with the chosen experts backend.
-    ``loop-unfused``: the CPU loop backend behind the plain stage interface (as expert
-    parallelism calls it), instead of its fused gather/experts/combine."""
+    ``loop-unfused`` / ``padded-unfused``: a CPU backend behind the plain stage interface (as
+    expert parallelism calls it), instead of its fused gather/experts/combine."""
     x_TD = x.view(-1, x.shape[-1])
     r = layer.gate(x_TD)
     cap = layer.capacity(x_TD.shape[0])
     layer.experts.backend = backend.removesuffix("-unfused")
-    if backend == "loop-unfused":
+    if backend.endswith("-unfused"):
         perm = permute(r.topk_ids_TK, r.topk_weights_TK, layer.n_routed_experts, cap)
         y = combine(layer.experts(x_TD.index_select(0, perm.token_M), perm.counts_E, perm.gate_M), perm)
     else:
-        assert layer.experts.fuses_dispatch(x_TD) == (backend == "loop")
+        assert layer.experts.fuses_dispatch(x_TD) == (backend in ("loop", "padded"))
         y, _ = dispatch(x_TD, r.topk_ids_TK, r.topk_weights_TK, layer.experts, cap)
     layer.experts.backend = "auto"
     y = y.view_as(x)
@@ -102,10 +102,11 @@ def test_every_backend_matches_reference(k, shared, backend, capacity):
 
 
 @pytest.mark.parametrize("min_block", [2, 4])
-@pytest.mark.parametrize("backend", ["loop", "loop-unfused"])
+@pytest.mark.parametrize("backend", ["loop", "loop-unfused", "padded", "padded-unfused"])
 def test_loop_with_row_blocks_matches_reference(monkeypatch, min_block, backend):
-    """The loop backend rounds GEMM row counts up to blocks in bf16 (stable oneDNN shapes): the
-    same rounding forced on fp32 leaves outputs and every gradient equal to the reference."""
+    """The loop and padded backends round GEMM row counts up to blocks in bf16 (stable oneDNN
+    shapes): the same rounding forced on fp32 leaves outputs and every gradient equal to the
+    reference."""
     from deepseek_moe.moe import experts as experts_mod
 
     monkeypatch.setattr(experts_mod, "ROUNDED_DTYPES", (torch.float32,))
@@ -125,7 +126,7 @@ def test_loop_with_row_blocks_matches_reference(monkeypatch, min_block, backend)
         torch.testing.assert_close(g_fast[name], g_ref[name], rtol=1e-5, atol=1e-5 * scale, msg=name)
 
 
-@pytest.mark.parametrize("backend", ["loop", "loop-unfused", "grouped_mm"])
+@pytest.mark.parametrize("backend", ["loop", "loop-unfused", "padded", "padded-unfused", "grouped_mm"])
 def test_bf16_backends_match_reference(backend):
     """In bf16 (row blocks of 32 in the loop backend) every backend stays within bf16 rounding of
     the fp32 reference, outputs and gradients."""
@@ -157,7 +158,7 @@ def test_fast_dispatch_with_idle_experts(backend):
     ids = torch.tensor([[0], [0], [3], [3]])
     w = torch.rand(4, 1)
     experts.backend = backend.removesuffix("-unfused")
-    if backend == "loop-unfused":
+    if backend.endswith("-unfused"):
         perm = permute(ids, w, 5)
         y = combine(experts(x.index_select(0, perm.token_M), perm.counts_E, perm.gate_M), perm)
     else:

@@ -19,6 +19,10 @@ same product as scaling the output, on I rather than D elements). Its backends:
   per call (one host synchronisation per layer, not per expert). On the CPU
   ``routed_forward`` runs it with the pipeline's gather, gate and combine fused in (as
   scattermoe does), behind the same inputs and result as the three stages.
+- ``padded``: the same, but experts of similar row counts are grouped into buckets and each
+  bucket runs as one batched GEMM over rows padded to a common count (``_PaddedGroupedSwiGLU``).
+  The CPU's choice for small experts, whose per-expert GEMMs cost more in call overhead than in
+  arithmetic; fused on the CPU like ``loop``.
 
 The stage computes in the autocast dtype when autocast is on (bf16 on a CPU that is faster in
 it), else in the input's dtype; the pipeline's sum over a token's experts is fp32 either way.
@@ -295,6 +299,138 @@ def _empty_grad(w: torch.Tensor, idle: list[int]) -> torch.Tensor:
     return g
 
 
+# Padded buckets: where an expert's GEMMs are small (the tiny presets: 128 x 88), one GEMM per
+# expert costs several times its arithmetic in call overhead, above all in bf16 (oneDNN: 63 calls
+# of 455 x 128 x 88 take 2.3x one batched call of the same work). Experts are then grouped into
+# buckets of similar row counts and each bucket runs as one batched GEMM over rows padded to the
+# bucket's largest count. The padding is bounded by BUCKET_TOLERANCE (the smallest count in a
+# bucket is at least this close to the largest) plus the bf16 row rounding.
+BUCKET_TOLERANCE = 0.125
+# Experts whose weights (I x D) have fewer elements run as padded buckets on the CPU (the tiny
+# presets, 11K-68K); bigger ones (the 2B's 1.1M) run a GEMM each (``loop``), as fast per FLOP as
+# a batched call and without padding or copies of the weights.
+PADDED_BELOW = 1 << 18
+
+
+def _buckets(counts: list[int], dtype: torch.dtype) -> tuple[list[tuple[int, int, list[int]]], list[int], int]:
+    """The padded layout: ``(buckets, first_E, P)``. Each bucket is ``(first padded row, C,
+    experts)``: experts with rows, largest count first, whose counts are within BUCKET_TOLERANCE
+    of the bucket's largest, each given C rows (that count, rounded up to its bf16 row block).
+    ``first_E[e]``: expert e's first padded row; P: padded rows in all."""
+    order = sorted((e for e, n in enumerate(counts) if n), key=lambda e: -counts[e])
+    groups: list[list[int]] = []
+    for e in order:
+        if groups and counts[e] >= counts[groups[-1][0]] * (1 - BUCKET_TOLERANCE):
+            groups[-1].append(e)
+        else:
+            groups.append([e])
+    buckets, first_E, P = [], [0] * len(counts), 0
+    for experts in groups:
+        C = _rounded(counts[experts[0]], dtype, 1 << 62)
+        buckets.append((P, C, experts))
+        for i, e in enumerate(experts):
+            first_E[e] = P + i * C
+        P += C * len(experts)
+    return buckets, first_E, P
+
+
+class _PaddedGroupedSwiGLU(torch.autograd.Function):
+    """The grouped SwiGLU as batched GEMMs over padded buckets of experts (``_buckets``).
+
+    The same two modes, inputs and result as ``_LoopGroupedSwiGLU``. Row p of the padded layout
+    reads row ``src_P[p]`` of ``x`` (``token_M`` of its assignment when routed, else the
+    assignment itself) and carries gate ``gate_P[p]`` (the assignment's gate, 1 without gates).
+    Padding rows read row 0 with gate 0: their gated activations are exactly 0, so they add 0 to
+    every output and every weight gradient, and their input gradients are 0. Each bucket's
+    weights are gathered (``index_select``) for its batched GEMMs; their gradients are written
+    into the stacked gradient, and experts without rows get zeros.
+    """
+
+    @staticmethod
+    def forward(ctx, x, token_M, weight_M, w1_EID, w3_EID, w2_EDI, counts):  # type: ignore[override]
+        routed = token_M is not None
+        dev, D, I = x.device, w1_EID.shape[2], w1_EID.shape[1]
+        buckets, first_E, P = _buckets(counts, x.dtype)
+        M = sum(counts)
+        counts_E = torch.tensor(counts, device=dev)
+        expert_M = torch.repeat_interleave(torch.arange(len(counts), device=dev), counts_E, output_size=M)
+        shift_E = torch.tensor(first_E, device=dev) - (torch.cumsum(counts_E, 0) - counts_E)
+        pos_M = torch.arange(M, device=dev) + shift_E.index_select(0, expert_M)  # padded row of each
+        src_M = token_M if routed else torch.arange(M, device=dev)
+        src_P = torch.zeros(P, dtype=torch.long, device=dev).index_copy_(0, pos_M, src_M)
+        gate_M = weight_M if weight_M is not None else torch.ones(M, device=dev)
+        gate_P = torch.zeros(P, dtype=x.dtype, device=dev).index_copy_(0, pos_M, gate_M.to(x.dtype))
+
+        xy_PD = x.index_select(0, src_P)  # the padded rows, then their outputs
+        g_PI, u_PI = x.new_empty(P, I), x.new_empty(P, I)
+        ws = [(w1_EID.index_select(0, idx), w3_EID.index_select(0, idx), w2_EDI.index_select(0, idx))
+              for idx in (torch.tensor(b[2], device=dev) for b in buckets)]
+        for (p0, C, experts), (w1, w3, _) in zip(buckets, ws):
+            rows, n = slice(p0, p0 + C * len(experts)), len(experts)
+            xb = xy_PD[rows].view(n, C, D)
+            torch.bmm(xb, w1.transpose(1, 2), out=g_PI[rows].view(n, C, I))
+            torch.bmm(xb, w3.transpose(1, 2), out=u_PI[rows].view(n, C, I))
+        h_PI = torch.mul(F.silu(g_PI), u_PI).mul_(gate_P.unsqueeze(1))  # gated, what w2 sees
+        for (p0, C, experts), (_, _, w2) in zip(buckets, ws):
+            rows, n = slice(p0, p0 + C * len(experts)), len(experts)
+            torch.bmm(h_PI[rows].view(n, C, I), w2.transpose(1, 2), out=xy_PD[rows].view(n, C, D))
+        if routed:
+            # Padding rows are exact zeros; CPU index_add_ runs sequentially: deterministic.
+            out = torch.zeros(x.shape[0], D, dtype=torch.float32, device=dev)
+            out.index_add_(0, src_P, xy_PD.float())
+        else:
+            out = xy_PD.index_select(0, pos_M)
+        ctx.save_for_backward(x, src_P, gate_P, pos_M, w1_EID, w3_EID, w2_EDI, g_PI, u_PI, h_PI)
+        ctx.layout = buckets, counts, weight_M is not None
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, src_P, gate_P, pos_M, w1_EID, w3_EID, w2_EDI, g_PI, u_PI, h_PI = ctx.saved_tensors
+        need_x, _, need_w, need_w1, need_w3, need_w2, _ = ctx.needs_input_grad
+        buckets, counts, gated = ctx.layout
+        dev, D = x.device, w1_EID.shape[2]
+        idle = [e for e, n in enumerate(counts) if n == 0]
+        gw1 = _empty_grad(w1_EID, idle) if need_w1 else None
+        gw3 = _empty_grad(w3_EID, idle) if need_w3 else None
+        gw2 = _empty_grad(w2_EDI, idle) if need_w2 else None
+        idxs = [torch.tensor(b[2], device=dev) for b in buckets]
+        ws = [(w1_EID.index_select(0, i), w3_EID.index_select(0, i), w2_EDI.index_select(0, i)) for i in idxs]
+        # The output gradient of every padded row (padding: row 0's, inert under gate 0).
+        buf_PD = grad_out.to(x.dtype).index_select(0, src_P)
+        dh_PI = torch.empty_like(h_PI)
+        for (p0, C, experts), idx, (_, _, w2) in zip(buckets, idxs, ws):
+            rows, n = slice(p0, p0 + C * len(experts)), len(experts)
+            dy = buf_PD[rows].view(n, C, D)
+            torch.bmm(dy, w2, out=dh_PI[rows].view(n, C, -1))
+            if gw2 is not None:
+                gw2.index_copy_(0, idx, torch.bmm(dy.transpose(1, 2), h_PI[rows].view(n, C, -1)))
+        # SwiGLU and gate, as in _LoopGroupedSwiGLU: with a = silu(g) and gated h = w * a * u,
+        # dL/dw = sum_i dh * a * u,   dL/du = dh * w * a,   dL/da = dh * w * u.
+        a_PI = F.silu(g_PI)
+        da_PI = torch.mul(dh_PI, u_PI)
+        gweight_M = None
+        if need_w and gated:
+            gweight_M = torch.mul(da_PI, a_PI).sum(1, dtype=torch.float32).index_select(0, pos_M)
+        w_P1 = gate_P.unsqueeze(1)
+        du_PI = dh_PI.mul_(w_P1).mul_(a_PI)
+        dg_PI = torch.ops.aten.silu_backward(da_PI.mul_(w_P1), g_PI)
+        del a_PI, da_PI
+        torch.index_select(x, 0, src_P, out=buf_PD)  # the padded input rows again
+        for (p0, C, experts), idx, (w1, w3, _) in zip(buckets, idxs, ws):
+            rows, n = slice(p0, p0 + C * len(experts)), len(experts)
+            xb, dg, du = buf_PD[rows].view(n, C, D), dg_PI[rows].view(n, C, -1), du_PI[rows].view(n, C, -1)
+            if gw1 is not None:
+                gw1.index_copy_(0, idx, torch.bmm(dg.transpose(1, 2), xb))
+            if gw3 is not None:
+                gw3.index_copy_(0, idx, torch.bmm(du.transpose(1, 2), xb))
+            if need_x:  # the input rows are dead once this bucket's weight gradients exist
+                torch.baddbmm(torch.bmm(dg, w1), du, w3, out=xb)
+        gx = torch.zeros_like(x).index_add_(0, src_P, buf_PD) if need_x else None
+        return gx, None, gweight_M, gw1, gw3, gw2, None
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the experts compute in: autocast's lower precision when autocast is on for
     ``x``'s device and ``x`` is a float of higher precision, else ``x``'s own dtype."""
@@ -339,7 +475,17 @@ def _grouped_mm_rows(x_MD, counts_E, gate_M, w1, w3, w2):
     return F.grouped_mm(h, w2.transpose(-2, -1), offs=offs)
 
 
-BACKENDS = {"reference": _reference_rows, "loop": _loop_rows, "grouped_mm": _grouped_mm_rows}
+def _padded_rows(x_MD, counts_E, gate_M, w1, w3, w2):
+    """Experts in buckets of similar row counts, each bucket zero-gated to a common count and run
+    as batched GEMMs (``_PaddedGroupedSwiGLU``); CPU's choice for small experts."""
+    counts = counts_E.tolist()  # the one host synchronisation of this backend
+    return _PaddedGroupedSwiGLU.apply(x_MD, None, gate_M, w1, w3, w2, counts)
+
+
+BACKENDS = {"reference": _reference_rows, "loop": _loop_rows, "grouped_mm": _grouped_mm_rows,
+            "padded": _padded_rows}
+# Backends whose autograd function also runs the gather and the combine (``routed_forward``).
+FUSED = {"loop": _LoopGroupedSwiGLU, "padded": _PaddedGroupedSwiGLU}
 
 
 class GroupedExperts(nn.Module):
@@ -348,7 +494,8 @@ class GroupedExperts(nn.Module):
     ``forward(x_MD, counts_E, gate_M)`` is the experts stage of the dispatch pipeline
     (``moe.dispatch``): rows sorted by expert in, gated rows out. Expert parallelism wraps exactly
     this call with forward hooks. ``backend`` picks its computation (``"auto"``: ``grouped_mm``
-    for bf16 on CUDA, else ``loop``; or ``"loop"``, ``"grouped_mm"``, ``"reference"``).
+    for bf16 on CUDA, ``padded`` for small experts on the CPU, else ``loop``; or any name of
+    ``BACKENDS``).
     """
 
     def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int, backend: str = "auto"):
@@ -374,10 +521,13 @@ class GroupedExperts(nn.Module):
         return w
 
     def resolve_backend(self, x: torch.Tensor) -> str:
-        """The backend this call uses (``auto``: ``grouped_mm`` for bf16 on CUDA, else ``loop``);
-        validates the name."""
+        """The backend this call uses (``auto``: ``grouped_mm`` for bf16 on CUDA; on the CPU
+        ``padded`` for small experts (``PADDED_BELOW``), else ``loop``); validates the name."""
         if self.backend == "auto":
-            return "grouped_mm" if x.is_cuda and compute_dtype(x) == torch.bfloat16 else "loop"
+            if x.is_cuda:
+                return "grouped_mm" if compute_dtype(x) == torch.bfloat16 else "loop"
+            E, I, D = self.w1.shape
+            return "padded" if I * D < PADDED_BELOW else "loop"
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown grouped-experts backend {self.backend!r}; "
                              f"choose from auto, {', '.join(BACKENDS)}")
@@ -400,14 +550,16 @@ class GroupedExperts(nn.Module):
             return BACKENDS[backend](x_MD.to(dtype), counts_E, gate_M, *self.local_weights(dtype))
 
     def fuses_dispatch(self, x_TD: torch.Tensor) -> bool:
-        """Whether ``routed_forward`` serves this call: the ``loop`` backend on the CPU, with
-        nothing wrapping the experts stage (expert parallelism's hooks need the plain stage)."""
-        return (x_TD.device.type == "cpu" and self.resolve_backend(x_TD) == "loop"
+        """Whether ``routed_forward`` serves this call: the ``loop`` or ``padded`` backend on the
+        CPU, with nothing wrapping the experts stage (expert parallelism's hooks need the plain
+        stage)."""
+        return (x_TD.device.type == "cpu" and self.resolve_backend(x_TD) in FUSED
                 and not self._forward_pre_hooks and not self._forward_hooks)
 
     def routed_forward(self, x_TD: torch.Tensor, token_M: torch.Tensor, gate_M: torch.Tensor,
                        counts_E: torch.Tensor) -> torch.Tensor:
-        """Gather, experts, gate and combine in one autograd node (the fused ``loop`` backend).
+        """Gather, experts, gate and combine in one autograd node (the fused ``loop`` and
+        ``padded`` backends).
 
         Row m (sorted by expert, ``counts_E[e]`` per expert) sends token ``token_M[m]`` with gate
         ``gate_M[m]``; returns fp32 [T, D] with
@@ -415,10 +567,10 @@ class GroupedExperts(nn.Module):
         The gate multiplies inside the expert (in the compute dtype); the sum is fp32.
         """
         dtype = compute_dtype(x_TD)
+        fn = FUSED[self.resolve_backend(x_TD)]
         counts = counts_E.tolist()  # the one host synchronisation of this path
         with torch.autocast(x_TD.device.type, enabled=False):
-            return _LoopGroupedSwiGLU.apply(x_TD.to(dtype), token_M, gate_M, *self.local_weights(dtype),
-                                            counts)
+            return fn.apply(x_TD.to(dtype), token_M, gate_M, *self.local_weights(dtype), counts)
 
     def extra_repr(self) -> str:
         E, I, D = self.w1.shape
