@@ -383,3 +383,24 @@ def test_layer_capacity_factor_reports_drops():
     _, aux = layer(x)
     want = int((aux.tokens_per_expert - 8).clamp(min=0).sum())
     assert aux.dropped_tokens.item() == want >= 32  # at most 4*8 of the 64 assignments fit
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_padded_buckets_bound_the_padding(dtype):
+    """The padded backend's layout gives every expert with rows its own slots, at least its count,
+    without overlap, and pads at most BUCKET_TOLERANCE (plus the bf16 row rounding, 1/16)."""
+    from deepseek_moe.moe import experts as experts_mod
+
+    g = torch.Generator().manual_seed(0)
+    counts = (torch.rand(63, generator=g) ** 3 * 900).long().tolist() + [0, 0]
+    buckets, first_E, P = experts_mod._buckets(counts, dtype)
+    slots = torch.zeros(P, dtype=torch.long)
+    for p0, C, experts in buckets:
+        assert all(counts[e] <= C for e in experts)
+        for i, e in enumerate(experts):
+            assert first_E[e] == p0 + i * C
+            slots[first_E[e]:first_E[e] + C] += 1
+    assert slots.eq(1).all()  # the buckets tile the layout
+    assert sorted(e for _, _, ex in buckets for e in ex) == [e for e, n in enumerate(counts) if n]
+    rounding = 1 + (1 / 16 if dtype == torch.bfloat16 else 0)
+    assert P <= sum(counts) / (1 - experts_mod.BUCKET_TOLERANCE) * rounding + 8 * len(counts)
