@@ -342,8 +342,8 @@ class _PaddedGroupedSwiGLU(torch.autograd.Function):
     assignment itself) and carries gate ``gate_P[p]`` (the assignment's gate, 1 without gates).
     Padding rows read row 0 with gate 0: their gated activations are exactly 0, so they add 0 to
     every output and every weight gradient, and their input gradients are 0. Each bucket's
-    weights are gathered (``index_select``) for its batched GEMMs; their gradients are written
-    into the stacked gradient, and experts without rows get zeros.
+    weights are gathered (``index_select``) once, for its batched GEMMs forward and backward;
+    their gradients are written into the stacked gradient, and experts without rows get zeros.
     """
 
     @staticmethod
@@ -363,16 +363,18 @@ class _PaddedGroupedSwiGLU(torch.autograd.Function):
 
         xy_PD = x.index_select(0, src_P)  # the padded rows, then their outputs
         g_PI, u_PI = x.new_empty(P, I), x.new_empty(P, I)
+        # Per bucket: its padded rows, experts and rows per expert, and its gathered weights
+        # (kept for backward).
+        parts = [(slice(p0, p0 + C * len(experts)), len(experts), C, torch.tensor(experts, device=dev))
+                 for p0, C, experts in buckets]
         ws = [(w1_EID.index_select(0, idx), w3_EID.index_select(0, idx), w2_EDI.index_select(0, idx))
-              for idx in (torch.tensor(b[2], device=dev) for b in buckets)]
-        for (p0, C, experts), (w1, w3, _) in zip(buckets, ws):
-            rows, n = slice(p0, p0 + C * len(experts)), len(experts)
+              for *_, idx in parts]
+        for (rows, n, C, _), (w1, w3, _) in zip(parts, ws):
             xb = xy_PD[rows].view(n, C, D)
             torch.bmm(xb, w1.transpose(1, 2), out=g_PI[rows].view(n, C, I))
             torch.bmm(xb, w3.transpose(1, 2), out=u_PI[rows].view(n, C, I))
         h_PI = torch.mul(F.silu(g_PI), u_PI).mul_(gate_P.unsqueeze(1))  # gated, what w2 sees
-        for (p0, C, experts), (_, _, w2) in zip(buckets, ws):
-            rows, n = slice(p0, p0 + C * len(experts)), len(experts)
+        for (rows, n, C, _), (_, _, w2) in zip(parts, ws):
             torch.bmm(h_PI[rows].view(n, C, I), w2.transpose(1, 2), out=xy_PD[rows].view(n, C, D))
         if routed:
             # Padding rows are exact zeros; CPU index_add_ runs sequentially: deterministic.
@@ -381,7 +383,7 @@ class _PaddedGroupedSwiGLU(torch.autograd.Function):
         else:
             out = xy_PD.index_select(0, pos_M)
         ctx.save_for_backward(x, src_P, gate_P, pos_M, w1_EID, w3_EID, w2_EDI, g_PI, u_PI, h_PI)
-        ctx.layout = buckets, counts, weight_M is not None
+        ctx.layout = parts, ws, counts, weight_M is not None
         return out
 
     @staticmethod
@@ -389,19 +391,16 @@ class _PaddedGroupedSwiGLU(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         x, src_P, gate_P, pos_M, w1_EID, w3_EID, w2_EDI, g_PI, u_PI, h_PI = ctx.saved_tensors
         need_x, _, need_w, need_w1, need_w3, need_w2, _ = ctx.needs_input_grad
-        buckets, counts, gated = ctx.layout
-        dev, D = x.device, w1_EID.shape[2]
+        parts, ws, counts, gated = ctx.layout
+        D = w1_EID.shape[2]
         idle = [e for e, n in enumerate(counts) if n == 0]
         gw1 = _empty_grad(w1_EID, idle) if need_w1 else None
         gw3 = _empty_grad(w3_EID, idle) if need_w3 else None
         gw2 = _empty_grad(w2_EDI, idle) if need_w2 else None
-        idxs = [torch.tensor(b[2], device=dev) for b in buckets]
-        ws = [(w1_EID.index_select(0, i), w3_EID.index_select(0, i), w2_EDI.index_select(0, i)) for i in idxs]
         # The output gradient of every padded row (padding: row 0's, inert under gate 0).
         buf_PD = grad_out.to(x.dtype).index_select(0, src_P)
         dh_PI = torch.empty_like(h_PI)
-        for (p0, C, experts), idx, (_, _, w2) in zip(buckets, idxs, ws):
-            rows, n = slice(p0, p0 + C * len(experts)), len(experts)
+        for (rows, n, C, idx), (_, _, w2) in zip(parts, ws):
             dy = buf_PD[rows].view(n, C, D)
             torch.bmm(dy, w2, out=dh_PI[rows].view(n, C, -1))
             if gw2 is not None:
@@ -418,8 +417,7 @@ class _PaddedGroupedSwiGLU(torch.autograd.Function):
         dg_PI = torch.ops.aten.silu_backward(da_PI.mul_(w_P1), g_PI)
         del a_PI, da_PI
         torch.index_select(x, 0, src_P, out=buf_PD)  # the padded input rows again
-        for (p0, C, experts), idx, (w1, w3, _) in zip(buckets, idxs, ws):
-            rows, n = slice(p0, p0 + C * len(experts)), len(experts)
+        for (rows, n, C, idx), (w1, w3, _) in zip(parts, ws):
             xb, dg, du = buf_PD[rows].view(n, C, D), dg_PI[rows].view(n, C, -1), du_PI[rows].view(n, C, -1)
             if gw1 is not None:
                 gw1.index_copy_(0, idx, torch.bmm(dg.transpose(1, 2), xb))
