@@ -337,6 +337,11 @@ def reproduce(name: str, out: Path, s: Settings, poll_s: float = 30.0) -> Path:
         for label, family in exp.models:
             sweep[label] = {f: swept[(label, s.sweep_seed, f, True)]["val_loss"] for f in s.lr_sweep}
             best[label] = best_factor(sweep[label])
+        # The chosen rates, before the long runs at them: printed, and the plot drawn now.
+        from .plots import plot_lr_sweep
+
+        print("\n".join(sweep_table(exp, sweep, best, s)), flush=True)
+        print(f"loss vs rate: {plot_lr_sweep(exp, sweep, best, s.lr, out)}", flush=True)
     # seed-major: a partial experiment already compares every model.
     factors = {label: sorted({1.0, best.get(label, 1.0)}) for label, _ in exp.models}
     jobs = [(label, family, seed, f, False) for seed in range(s.seeds) for label, family in exp.models
@@ -466,15 +471,7 @@ def report(exp: Experiment, results: dict[str, list[dict[str, Any]]], analyses: 
         lines += [f"## One recipe: every model at lr {s.lr:g}", ""] + _results_table(exp, results, s)
         lines += ["", "## Each model at its best rate (chosen by the sweep's validation loss)", ""]
         lines += _results_table(exp, tuned, s, with_lr=True)
-        factors = sorted({f for v in sweep.values() for f in v})
-        lines += ["", f"## Learning-rate sweep: validation loss, seed {s.sweep_seed}, "
-                      f"{s.sweep_budget * s.scale ** 2:,} tokens per run (best in bold)", "",
-                  "| model | " + " | ".join(f"{f:g}x = {s.lr * f:.3g}" for f in factors) + " | best |",
-                  "|---|" + "---|" * (len(factors) + 1)]
-        for label, _ in exp.models:
-            cells = [(f"**{sweep[label][f]:.4f}**" if f == best[label] else f"{sweep[label][f]:.4f}")
-                     for f in factors]
-            lines.append(f"| {label} | " + " | ".join(cells) + f" | {best[label]:g}x |")
+        lines += [""] + sweep_table(exp, sweep, best, s)
     if analyses:
         lines += _analysis_section(analyses)
     plots = plot_experiment(exp, results, analyses, out)
@@ -482,6 +479,21 @@ def report(exp: Experiment, results: dict[str, list[dict[str, Any]]], analyses: 
         plots.append(plot_lr_sweep(exp, sweep, best, s.lr, out))
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def sweep_table(exp: Experiment, sweep: dict[str, dict[float, float]], best: dict[str, float],
+                s: Settings) -> list[str]:
+    """The learning-rate sweep's validation losses per model and factor, the best in bold."""
+    factors = sorted({f for v in sweep.values() for f in v})
+    lines = [f"## Learning-rate sweep: validation loss, seed {s.sweep_seed}, "
+             f"{s.sweep_budget * s.scale ** 2:,} tokens per run (best in bold)", "",
+             "| model | " + " | ".join(f"{f:g}x = {s.lr * f:.3g}" for f in factors) + " | best |",
+             "|---|" + "---|" * (len(factors) + 1)]
+    for label, _ in exp.models:
+        cells = [(f"**{sweep[label][f]:.4f}**" if f == best[label] else f"{sweep[label][f]:.4f}")
+                 for f in factors]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {best[label]:g}x |")
+    return lines
 
 
 def _analysis_section(analyses: dict[str, list[dict[str, Any]]]) -> list[str]:

@@ -140,7 +140,7 @@ def test_two_experiments_share_runs_and_wait_for_each_other(tiny, monkeypatch, c
 
 
 @pytest.mark.parametrize("factors", [(1.0, 8.0), (0.001, 1.0)])
-def test_lr_sweep_end_to_end(tiny, factors):
+def test_lr_sweep_end_to_end(tiny, factors, capsys):
     """--lr-sweep: each model's rate is the argmin of its sweep's validation losses, and the
     report's two tables and the sweep table follow the runs' own numbers; where the best rate is
     the one recipe's, its runs serve both tables."""
@@ -151,6 +151,7 @@ def test_lr_sweep_end_to_end(tiny, factors):
     exp = EXPERIMENTS["shared-ratio"]
     out = out / f"sweep-{factors[0]:g}"
     text = reproduce("shared-ratio", out / "sweep", s).read_text()
+    printed = capsys.readouterr().out
     one, rest = text.split("## Each model at its best rate")
     tuned_part, sweep_part = rest.split("## Learning-rate sweep")
     for label, family in exp.models:
@@ -173,6 +174,11 @@ def test_lr_sweep_end_to_end(tiny, factors):
         assert sum(r.startswith(f"| {c.text} |") for r in text.splitlines()) == 2
     assert (out / "sweep" / "shared-ratio-lr_sweep.png").stat().st_size > 5000
     assert "](shared-ratio-lr_sweep.png)" in text
+    # the sweep's table is printed as the sweep ends, before the first run at the chosen rates
+    before = printed[:printed.index("[1/")]
+    for label, _ in exp.models:
+        row = next(r for r in sweep_part.splitlines() if r.startswith(f"| {label} |"))
+        assert row in before
 
 
 def test_best_factor_is_the_argmin():

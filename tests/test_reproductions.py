@@ -1,0 +1,39 @@
+"""The committed reproduction records (``reproductions/EXPERIMENT``: ``reproduce --out`` folders
+holding each run's ``result.json`` and ``train_config.json``) are what ``reproduce`` reuses: each
+run's folder is the one ``run_dir`` names for its result, and the result agrees with the settings
+it was trained with."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from deepseek_moe.reproduce import Settings, run_dir
+
+ROOT = Path(__file__).resolve().parent.parent / "reproductions"
+RESULTS = sorted(ROOT.glob("*/runs/*/result.json"))
+NAME = re.compile(r"^(?P<family>.+?)(-lr(?P<factor>[0-9.]+)x)?-(seed(?P<seed>\d+)|sweep)$")
+
+
+@pytest.mark.skipif(not RESULTS, reason="no reproduction records in this checkout")
+@pytest.mark.parametrize("path", RESULTS, ids=lambda p: f"{p.parts[-4]}/{p.parts[-2]}")
+def test_a_recorded_run_is_what_its_folder_says(path: Path):
+    run = path.parent
+    r = json.loads(path.read_text())
+    cfg = json.loads((run / "train_config.json").read_text())
+    m = NAME.match(run.name)
+    assert m, f"{run.name} is not a run folder name of reproduce"
+    sweep = m["seed"] is None
+    assert run_dir(run.parent.parent, r["family"], r["seed"], r["lr_factor"], sweep) == run
+    assert cfg["preset"] == f"{r['family']}-tiny" and cfg["seed"] == r["seed"]
+    assert math.isclose(cfg["lr"], r["lr"]) and math.isclose(r["lr"], Settings().lr * r["lr_factor"])
+    assert r["tokens"] == cfg["tokens"] and r["steps"] * cfg["seq_len"] * cfg["batch_size"] == r["tokens"]
+    loss = r["val_loss" if sweep else "test_loss"]
+    assert math.isfinite(loss) and 0 < loss < math.log(cfg["vocab_size"])
+    split = r["validation" if sweep else "test"]
+    assert math.isclose(split["all"], loss)
+    assert r["curve"] and r["curve"][-1][0] <= r["tokens"]
