@@ -455,6 +455,9 @@ def assemble_run(cfg: TrainConfig, run_plan: _RunPlan, out: Path, model_cfg: Dee
         if run.compute_dtype != torch.bfloat16:
             raise ValueError("--compile runs the experts on grouped_mm, which torch.compile takes in bf16 "
                              f"only, but this run computes in {dtype_name(run.compute_dtype)}: add --dtype bfloat16")
+        if run.device.type == "cpu":
+            say("note: --compile runs the experts on grouped_mm, which on the CPU is slower than "
+                "the default eager experts (it is for GPUs)")
         run.step_model = compile_model(model)
     return run
 

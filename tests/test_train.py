@@ -290,3 +290,18 @@ def test_a_non_finite_loss_stops_the_run_with_where_it_happened(tmp_path, corpus
     with pytest.raises(FloatingPointError, match=r"^the loss is nan at data position 12$"):
         train(config(tmp_path, corpus, steps=6, ckpt_every=2, dtype="float32"))
     assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step-00000002"
+
+
+def test_compile_on_the_cpu(tmp_path, corpus, monkeypatch, capsys):
+    """``--compile`` needs bf16 (grouped_mm under torch.compile); on the CPU it says that the
+    eager experts are faster there, then trains the compiled model (here a stand-in: compiling
+    takes minutes on two cores; ``tests/test_runtime.py`` compiles the real one)."""
+    import deepseek_moe.train as train_mod
+
+    with pytest.raises(ValueError, match="add --dtype bfloat16"):
+        train(config(tmp_path / "fp32", corpus, steps=1, dtype="float32", compile=True))
+    compiled = []
+    monkeypatch.setattr(train_mod, "compile_model", lambda m: compiled.append(m) or m)
+    r = train(config(tmp_path / "bf16", corpus, steps=1, dtype="bfloat16", compile=True))
+    assert r.step == 1 and len(compiled) == 1
+    assert "on the CPU is slower than the default eager experts" in capsys.readouterr().out
