@@ -27,6 +27,7 @@ the difference is within that margin.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -263,8 +264,11 @@ def train_one(out: Path, family: str, seed: int, s: Settings, lr_factor: float =
 
 def _train_and_score(run: Path, family: str, seed: int, s: Settings, lr_factor: float = 1.0,
                      sweep: bool = False) -> dict[str, Any]:
+    import torch
+
     from .evaluate import eval_cache, evaluate_splits
     from .runs import load_checkpoint
+    from .runtime import machine
     from .train import train
 
     cfg = s.run_config(run, family, seed, lr_factor, sweep)
@@ -286,7 +290,8 @@ def _train_and_score(run: Path, family: str, seed: int, s: Settings, lr_factor: 
     result = {"family": family, "seed": seed, f"{'val' if sweep else 'test'}_loss": scores["all"].loss,
               split if sweep else "test": {d: sc.loss for d, sc in scores.items()},
               "lr": cfg.lr, "lr_factor": lr_factor, "tokens": res.tokens, "steps": res.step,
-              "curve": [(r["tokens"], r["lm_loss"]) for r in rows if "lm_loss" in r]}
+              "curve": [(r["tokens"], r["lm_loss"]) for r in rows if "lm_loss" in r],
+              "machine": machine(torch.device(s.device))}
     from .atomic import write_json_atomic
 
     write_json_atomic(run / "result.json", result)
@@ -461,6 +466,9 @@ def report(exp: Experiment, results: dict[str, list[dict[str, Any]]], analyses: 
              f"{s.seeds} seed(s); {s.tokens * s.scale ** 2:,} training tokens per run (unique: the "
              f"runs never repeat data); seq {s.seq_len} x batch {s.batch_size}; peak lr {s.lr}; "
              f"vocab {s.vocab_size}; width x{s.scale}. Loss: test split, all domains (nats/token).", ""]
+    runs = [r for group in (results, tuned or {}) for rs in group.values() for r in rs]
+    where = collections.Counter(_where(r) for r in runs)
+    lines += ["Computed on " + "; ".join(f"{w} ({n} run{'s' * (n > 1)})" for w, n in where.most_common()) + ".", ""]
     if tuned is None:
         table = _results_table(exp, results, s)
         if exp.claims:  # the claims under their heading, as before the sweep existed
@@ -479,6 +487,11 @@ def report(exp: Experiment, results: dict[str, list[dict[str, Any]]], analyses: 
         plots.append(plot_lr_sweep(exp, sweep, best, s.lr, out))
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def _where(result: dict[str, Any]) -> str:
+    m = result.get("machine")
+    return f"{m['device']}, torch {m['torch']}, {m['threads']} threads" if m else "an unrecorded machine"
 
 
 def sweep_table(exp: Experiment, sweep: dict[str, dict[float, float]], best: dict[str, float],

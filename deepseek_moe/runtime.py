@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import platform
 import sys
 import time
 from typing import Optional
@@ -139,6 +140,24 @@ def autocast(dtype: Optional[torch.dtype], device: torch.device):
 
 def dtype_name(dtype: Optional[torch.dtype]) -> str:
     return "float32" if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def machine(device: Optional[torch.device] = None) -> dict[str, object]:
+    """Where a result was computed: torch's version, the processor (or GPU) and the threads.
+    Losses of the same run differ in their last digits between processors (their kernels sum in
+    different orders), so results kept for comparison say where they came from."""
+    info: dict[str, object] = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    if device is not None and device.type == "cuda":
+        info["device"] = torch.cuda.get_device_name(device)
+        return info
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info["device"] = cpu
+    return info
 
 
 def compile_model(model: torch.nn.Module) -> torch.nn.Module:

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from deepseek_moe.reproduce import EXPERIMENTS, RunLock, Settings, reproduce, run_dir, train_one, verdict
 
@@ -166,6 +167,9 @@ def test_lr_sweep_end_to_end(tiny, factors, capsys):
                      for i in range(2)]
             row = next(r for r in part.splitlines() if r.startswith(f"| {label} | {family}-tiny "))
             assert f"{seeds[0]:.4f}, {seeds[1]:.4f}" in row
+        machine = json.loads((run_dir(out / "sweep", family, 0, 1.0) / "result.json").read_text())["machine"]
+        assert machine["torch"] == torch.__version__ and machine["threads"] == torch.get_num_threads()
+        assert f"Computed on {machine['device']}, torch {torch.__version__}, " in text
         if best == 1.0:  # the tuned runs are the one recipe's: reused, not trained again
             assert not list((out / "sweep" / "runs").glob(f"{family}-lr*-seed*"))
         else:

@@ -37,3 +37,5 @@ def test_a_recorded_run_is_what_its_folder_says(path: Path):
     split = r["validation" if sweep else "test"]
     assert math.isclose(split["all"], loss)
     assert r["curve"] and r["curve"][-1][0] <= r["tokens"]
+    if "machine" in r:  # runs recorded before 2026-12-02 13:30 do not say where they ran
+        assert r["machine"]["torch"] and r["machine"]["device"] and r["machine"]["threads"] >= 1
