@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import textwrap
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -212,6 +213,11 @@ def plot_analysis(res: Any, out_dir: Path) -> list[Path]:
     return paths
 
 
+def _wrapped(title: str, width: int = 90) -> str:
+    """A long title on as many lines as it needs (one line is cut at the figure's edges)."""
+    return "\n".join(textwrap.wrap(title, width))
+
+
 def _finish(plt: Any, fig: Any, ax: Any, path: Path) -> Path:
     """Grid, legend, layout; save ``fig`` to ``path`` and close it."""
     ax.grid(alpha=0.3)
@@ -235,7 +241,7 @@ def plot_lr_sweep(exp: Any, sweep: dict[str, dict[float, float]], best: dict[str
     ax.set_xscale("log")
     ax.set_xlabel(f"peak learning rate (dotted: the paper's {lr:g})")
     ax.set_ylabel("validation loss after the sweep's budget")
-    ax.set_title(f"{exp.title}: learning-rate sweep", fontsize=9)
+    ax.set_title(_wrapped(f"{exp.title}: learning-rate sweep"), fontsize=9)
     return _finish(plt, fig, ax, out / f"{exp.name}-lr_sweep.png")
 
 
@@ -260,7 +266,7 @@ def plot_experiment(exp: Any, results: dict[str, list[dict[str, Any]]],
         top.append(y[n // 4])
     ax.set_xlabel("training tokens (millions)")
     ax.set_ylabel("training LM loss, mean over seeds (EMA)")
-    ax.set_title(exp.title, fontsize=9)
+    ax.set_title(_wrapped(exp.title), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     lo = min(statistics.fmean([r["test_loss"] for r in rs]) for rs in results.values()) - 0.3
@@ -287,7 +293,7 @@ def plot_experiment(exp: Any, results: dict[str, list[dict[str, Any]]],
     pad = max(0.02, (hi - lo) * 0.6, max(err) * 2)
     ax.set_ylim(lo - pad, hi + pad)
     ax.set_ylabel("test loss (nats), mean +- std; dots: seeds")
-    ax.set_title(exp.title, fontsize=9)
+    ax.set_title(_wrapped(exp.title), fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     p = out / f"{exp.name}-test_loss.png"
