@@ -419,6 +419,16 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         kw["lr_sweep"] = tuple(args.lr_sweep or (0.5, 1.0, 2.0, 4.0))
     if args.sweep_tokens is not None:
         kw["sweep_tokens"] = args.sweep_tokens
+    if args.sweep_seed is not None:
+        kw["sweep_seed"] = args.sweep_seed
+    if args.sweep_only:
+        kw["sweep_only"] = True
+    if args.models:
+        kw["models"] = tuple(args.models)
+    if args.set:
+        from .train_config import parse_overrides
+
+        kw["extra_overrides"] = parse_overrides(args.set)
     if args.sources is not None:
         kw["sources"] = tuple(args.sources)
     if args.text:
@@ -614,6 +624,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "best; the report shows both (default factors: 0.5 1 2 4)")
     sp.add_argument("--sweep-tokens", type=int, default=None, help="tokens per sweep run (default: half "
                     "of --tokens)")
+    sp.add_argument("--sweep-seed", type=int, default=None, help="the sweep's seed (default 0)")
+    sp.add_argument("--sweep-only", action="store_true",
+                    help="stop after the sweep: its table, report-EXPERIMENT-lr_sweep.md and plot")
+    sp.add_argument("--models", nargs="+", default=None, metavar="MODEL",
+                    help="only these of the experiment's models (families, e.g. gshard deepseekmoe)")
+    sp.add_argument("--set", action="append", default=None, metavar="FIELD=VALUE",
+                    help="override a model config field in every run, e.g. --set norm_topk_prob=false "
+                    "(a control; give it its own --out)")
     sp.add_argument("--data-dir", default=None, help="data folder (default OUT/data)")
     sp.add_argument("--device", default="cpu", help="cpu or cuda (the whole experiment runs there)")
     sp.add_argument("--bf16", action="store_true",

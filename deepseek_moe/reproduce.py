@@ -19,6 +19,12 @@ each model's best, and the report gives both tables with their verdicts and a lo
 A model whose best factor is 1 reuses its one-recipe runs (runs/FAMILY-seedN); other rates train
 into runs/FAMILY-lrFx-seedN, the sweep into runs/FAMILY-lrFx-sweep.
 
+Controls: ``--models`` keeps a subset of the experiment's models (and the claims between them),
+``--set FIELD=VALUE`` changes a model config field in every run, ``--sweep-seed`` the sweep's
+seed, and ``--sweep-only`` stops after the sweep (``report-NAME-lr_sweep.md``). A run folder
+records its settings (``train_config.json``); a run recorded with other settings than the
+command's is refused, never reused, so each control needs its own output folder.
+
 A claim "A beats B" holds when A's mean held-out loss is lower by more than twice the standard
 error of the difference over seeds, does not hold when it is higher by that much, and is
 undecided otherwise (a single seed has no spread: undecided). A claim "A matches B" holds when
@@ -112,8 +118,12 @@ class Settings(TrainConfig):
     seeds: int = 3
     scale: int = 1  # multiplies hidden size and every FFN/expert width; tokens x scale^2
     eval_tokens: Optional[int] = 131072  # held-out tokens per domain for the final loss
-    extra_overrides: dict[str, Any] = field(default_factory=dict)  # for tests: smaller models
+    # model config overrides of every run (``--set``: a control, e.g. norm_topk_prob=false; tests:
+    # smaller models). Recorded in each run's train_config.json; a folder holds one setting.
+    extra_overrides: dict[str, Any] = field(default_factory=dict)
+    models: tuple[str, ...] = ()  # a subset of the experiment's models, by family or label (empty: all)
     lr_sweep: tuple[float, ...] = ()  # factors of lr to sweep (empty: no sweep)
+    sweep_only: bool = False  # stop after the sweep: its table, report and plot
     # per sweep run (default: half the tokens). The best rate depends on the horizon: DeepSeekMoE
     # is best at 4x the paper's rate after 1M tokens but at 1x after 2M (tiny presets, 16 x 256)
     sweep_tokens: Optional[int] = None
@@ -186,6 +196,31 @@ def run_dir(out: Path, family: str, seed: int, lr_factor: float = 1.0, sweep: bo
     return out / "runs" / f"{family}{rate}-seed{seed}"
 
 
+# The settings that decide a run's result: a run recorded with others is never reused for these.
+# (Not: where it runs or writes, how often it checkpoints, whether it shows progress.)
+_NOT_COMPARED = frozenset({"out", "data_dir", "device", "progress", "compile", "stop_after", "ckpt_every",
+                           "keep", "eval_every", "minutes", "steps", "expert_parallel", "fsdp"})
+
+
+def check_recorded_settings(run: Path, cfg: TrainConfig) -> None:
+    """Raise ValueError when ``run`` holds a run (its ``train_config.json``) trained with other
+    settings than ``cfg``: another ``--set``, rate, budget, data or seed in the same output folder
+    must not be mixed into a comparison, nor resumed as if it were this one."""
+    f = run / "train_config.json"
+    if not f.is_file():
+        return
+    try:
+        old = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{f} is unreadable ({e}); move the run away to train it again") from None
+    new = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    diff = sorted(k for k in new if k in old and k not in _NOT_COMPARED and old[k] != new[k])
+    if diff:
+        shown = "; ".join(f"{k}: {old[k]!r} there, {new[k]!r} now" for k in diff)
+        raise ValueError(f"{run} was trained with other settings ({shown}); use another --out "
+                         "for these settings")
+
+
 def _finished(run: Path) -> Optional[dict[str, Any]]:
     f = run / "result.json"
     if f.is_file():
@@ -249,6 +284,7 @@ def train_one(out: Path, family: str, seed: int, s: Settings, lr_factor: float =
     it on the test split (a ``sweep`` run: its shorter budget, scored on the validation split).
     Returns None when another process is training this run right now (see ``RunLock``)."""
     run = run_dir(out, family, seed, lr_factor, sweep)
+    check_recorded_settings(run, s.run_config(run, family, seed, lr_factor, sweep))
     done = _finished(run)
     if done is not None:
         return done
@@ -332,7 +368,9 @@ def reproduce(name: str, out: Path, s: Settings, poll_s: float = 30.0) -> Path:
         raise ValueError(f"seeds must be >= 1, got {s.seeds}")
     if any(f <= 0 for f in s.lr_sweep):
         raise ValueError(f"learning-rate factors must be positive, got {list(s.lr_sweep)}")
-    exp = EXPERIMENTS[name]
+    if s.sweep_only and not s.lr_sweep:
+        raise ValueError("--sweep-only needs --lr-sweep")
+    exp = select_models(EXPERIMENTS[name], s.models)
     out.mkdir(parents=True, exist_ok=True)
     sweep: dict[str, dict[float, float]] = {}
     best: dict[str, float] = {}
@@ -345,8 +383,18 @@ def reproduce(name: str, out: Path, s: Settings, poll_s: float = 30.0) -> Path:
         # The chosen rates, before the long runs at them: printed, and the plot drawn now.
         from .plots import plot_lr_sweep
 
-        print("\n".join(sweep_table(exp, sweep, best, s)), flush=True)
-        print(f"loss vs rate: {plot_lr_sweep(exp, sweep, best, s.lr, out)}", flush=True)
+        table = sweep_table(exp, sweep, best, s)
+        print("\n".join(table), flush=True)
+        png = plot_lr_sweep(exp, sweep, best, s.lr, out)
+        print(f"loss vs rate: {png}", flush=True)
+        if s.sweep_only:
+            path = out / f"report-{name}-lr_sweep.md"
+            from .atomic import write_text_atomic
+
+            write_text_atomic(path, "\n".join([f"# {exp.title}", "", _settings_line(s, sweep_only=True), "",
+                                               _where_line(swept.values()), ""] + table
+                                              + ["", f"![{png.stem}]({png.name})"]) + "\n")
+            return path
     # seed-major: a partial experiment already compares every model.
     factors = {label: sorted({1.0, best.get(label, 1.0)}) for label, _ in exp.models}
     jobs = [(label, family, seed, f, False) for seed in range(s.seeds) for label, family in exp.models
@@ -363,6 +411,23 @@ def reproduce(name: str, out: Path, s: Settings, poll_s: float = 30.0) -> Path:
     write_text_atomic(path, text)  # another command sharing OUT may write it too
     print(text)
     return path
+
+
+def select_models(exp: Experiment, names: Sequence[str]) -> Experiment:
+    """``exp`` with only the models named (by family, e.g. ``gshard``, or label), its claims those
+    between two kept models; all of them when ``names`` is empty."""
+    if not names:
+        return exp
+    known = {n.lower(): label for label, family in exp.models for n in (label, family)}
+    unknown = [n for n in names if n.lower() not in known]
+    if unknown:
+        raise ValueError(f"{exp.name} has no model {', '.join(map(repr, unknown))}; its models: "
+                         + ", ".join(f"{family} ({label})" for label, family in exp.models))
+    keep = {known[n.lower()] for n in names}
+    return dataclasses.replace(
+        exp, models=tuple(m for m in exp.models if m[0] in keep),
+        paper={k: v for k, v in exp.paper.items() if k in keep},
+        claims=tuple(c for c in exp.claims if c.a in keep and c.b in keep))
 
 
 def best_factor(losses: dict[float, float]) -> float:
@@ -462,13 +527,9 @@ def report(exp: Experiment, results: dict[str, list[dict[str, Any]]], analyses: 
     model's best rate (``tuned``), the sweep's validation losses and the chosen factors too."""
     from .plots import plot_experiment, plot_lr_sweep
 
-    lines = [f"# {exp.title}", "",
-             f"{s.seeds} seed(s); {s.tokens * s.scale ** 2:,} training tokens per run (unique: the "
-             f"runs never repeat data); seq {s.seq_len} x batch {s.batch_size}; peak lr {s.lr}; "
-             f"vocab {s.vocab_size}; width x{s.scale}. Loss: test split, all domains (nats/token).", ""]
+    lines = [f"# {exp.title}", "", _settings_line(s), ""]
     runs = [r for group in (results, tuned or {}) for rs in group.values() for r in rs]
-    where = collections.Counter(_where(r) for r in runs)
-    lines += ["Computed on " + "; ".join(f"{w} ({n} run{'s' * (n > 1)})" for w, n in where.most_common()) + ".", ""]
+    lines += [_where_line(runs), ""]
     if tuned is None:
         table = _results_table(exp, results, s)
         if exp.claims:  # the claims under their heading, as before the sweep existed
@@ -487,6 +548,25 @@ def report(exp: Experiment, results: dict[str, list[dict[str, Any]]], analyses: 
         plots.append(plot_lr_sweep(exp, sweep, best, s.lr, out))
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def _settings_line(s: Settings, sweep_only: bool = False) -> str:
+    if sweep_only:
+        head = (f"Learning-rate sweep only: seed {s.sweep_seed}; {s.sweep_budget * s.scale ** 2:,} training "
+                "tokens per run")
+    else:
+        head = f"{s.seeds} seed(s); {s.tokens * s.scale ** 2:,} training tokens per run"
+    line = (f"{head} (unique: the runs never repeat data); seq {s.seq_len} x batch {s.batch_size}; peak lr "
+            f"{s.lr}; vocab {s.vocab_size}; width x{s.scale}. Loss: "
+            f"{'validation' if sweep_only else 'test'} split, all domains (nats/token).")
+    if s.extra_overrides:
+        line += " Every model with " + ", ".join(f"{k}={json.dumps(v)}" for k, v in s.extra_overrides.items()) + "."
+    return line
+
+
+def _where_line(runs: Any) -> str:
+    where = collections.Counter(_where(r) for r in runs)
+    return "Computed on " + "; ".join(f"{w} ({n} run{'s' * (n > 1)})" for w, n in where.most_common()) + "."
 
 
 def _where(result: dict[str, Any]) -> str:

@@ -190,3 +190,52 @@ def test_best_factor_is_the_argmin():
 
     assert best_factor({0.5: 3.1, 1.0: 3.0, 2.0: 2.9, 4.0: 3.3}) == 2.0
     assert best_factor({0.5: 3.0, 1.0: 3.0}) == 0.5  # a tie: the smaller rate
+
+
+def test_sweep_only_a_subset_under_a_control(tiny, capsys):
+    """--sweep-only --models gshard dense --set norm_topk_prob=false --sweep-seed 1: only those
+    models' sweep runs, with that seed and override, and a sweep report; the same folder refuses
+    other settings instead of reusing runs trained under these."""
+    import dataclasses
+
+    from deepseek_moe.cli import main
+
+    out, s = tiny
+    out = out / "control"
+    s = dataclasses.replace(s, lr_sweep=(1.0, 2.0), sweep_tokens=4 * 4 * 32, sweep_only=True,
+                            models=("gshard", "Dense"), sweep_seed=1,
+                            extra_overrides={**s.extra_overrides, "norm_topk_prob": False})
+    path = reproduce("table1", out, s)
+    assert path == out / "report-table1-lr_sweep.md"
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert runs == ["dense-lr1x-sweep", "dense-lr2x-sweep", "gshard-lr1x-sweep", "gshard-lr2x-sweep"]
+    for run in runs:
+        cfg = json.loads((out / "runs" / run / "train_config.json").read_text())
+        assert cfg["seed"] == 1 and cfg["model_overrides"]["norm_topk_prob"] is False
+    text = path.read_text()
+    for label, family in (("Dense", "dense"), ("GShard", "gshard")):
+        val = {f: json.loads((run_dir(out, family, 1, f, sweep=True) / "result.json").read_text())["val_loss"]
+               for f in (1.0, 2.0)}
+        row = next(r for r in text.splitlines() if r.startswith(f"| {label} |"))
+        assert f"{val[1.0]:.4f}" in row and f"{val[2.0]:.4f}" in row
+    assert "| Switch |" not in text and re.search(r"Every model with [^\n]*norm_topk_prob=false\.", text)
+    assert "seed 1" in text and (out / "table1-lr_sweep.png").stat().st_size > 5000
+    assert "[1/" not in capsys.readouterr().out  # no run after the sweep
+    # another control into the same folder: refused by name, nothing trained
+    other = dataclasses.replace(s, extra_overrides={**s.extra_overrides, "norm_topk_prob": True})
+    with pytest.raises(ValueError, match=r"dense-lr1x-sweep was trained with other settings \(model_overrides"):
+        reproduce("table1", out, other)
+    with pytest.raises(ValueError, match="table1 has no model 'mixtral'; its models: dense \\(Dense\\)"):
+        reproduce("table1", out, dataclasses.replace(s, models=("mixtral",)))
+    assert main(["reproduce", "table1", "--out", str(out), "--sweep-only"]) == 2
+    assert "error: --sweep-only needs --lr-sweep" in capsys.readouterr().err
+
+
+def test_a_subset_keeps_the_claims_between_its_models():
+    from deepseek_moe.reproduce import select_models
+
+    exp = select_models(EXPERIMENTS["table1"], ("gshard", "deepseekmoe", "Dense"))
+    assert [f for _, f in exp.models] == ["dense", "gshard", "deepseekmoe"]
+    assert {(c.a, c.b) for c in exp.claims} == {("GShard", "Dense"), ("DeepSeekMoE", "GShard")}
+    assert set(exp.paper) == {"Dense", "GShard", "DeepSeekMoE"}
+    assert select_models(exp, ()) is exp
