@@ -5,6 +5,11 @@
 * ``top_k``: evaluate with k routed experts per token instead of the trained k (Fig. 5).
 * ``shared``: drop the shared expert(s) and route one more expert instead (section 4.5).
 * ``load``: which experts each domain's tokens go to, the load balance and the routing entropy.
+* ``paths``: how much each MoE layer adds to the residual stream through its shared experts and
+  through its gated routed experts (eq. 9's two sums, root mean square over tokens), beside the
+  stream itself, the top-k gate values (eq. 10-11) and the size of the router's centroids e_i.
+  Not one of the paper's analyses: it shows whether the shared path or the routed path carries
+  the layer, which the gate scale decides (raw softmax scores sum to about K/E at the start).
 
 All of them are the unmodified model evaluated under ``routing_options``, which sets the MoE
 layers' inference options (``moe.layer.RoutingOptions``); with the defaults it is plain evaluation.
@@ -26,7 +31,7 @@ from .moe.layer import DeepseekMoE, RoutingOptions, moe_layers
 from .tables import format_table
 
 DISABLE_RATIOS = (0.0, 1 / 16, 2 / 16, 3 / 16, 4 / 16)  # the x axis of the paper's Fig. 4
-ANALYSES = ("disable_top", "top_k", "shared", "load")
+ANALYSES = ("disable_top", "top_k", "shared", "load", "paths")
 
 
 def check_moe(model: DeepseekForCausalLM) -> list[DeepseekMoE]:
@@ -88,13 +93,14 @@ class Analysis:
     top_k_sweep: list[dict[str, Any]] = field(default_factory=list)
     shared: Optional[dict[str, Any]] = None
     load: Optional[dict[str, Any]] = None
+    paths: Optional[dict[str, Any]] = None
     skipped: dict[str, str] = field(default_factory=dict)
     plots: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("model", "n_routed", "top_k", "n_shared", "eval_tokens",
                                                "baseline", "disable_top", "top_k_sweep", "shared",
-                                               "load", "skipped", "plots")}
+                                               "load", "paths", "skipped", "plots")}
 
     def format(self) -> str:
         out = [f"{self.model}: {self.n_shared} shared + top-{self.top_k} of {self.n_routed} routed "
@@ -127,6 +133,18 @@ class Analysis:
             rows = [("domain", "tokens", "loss")] + [
                 (d, f"{ld['domain_tokens'][d]:,}", f"{ld['domain_loss'][d]:.4f}") for d in ld["domains"]]
             out.append(format_table(rows))
+        if self.paths:
+            pa = self.paths
+            rows = [("MoE layer", "residual rms", "shared out rms", "routed out rms", "routed / shared",
+                     "top-k gate sum", "largest gate", "router |e_i|")]
+            for i, layer in enumerate(pa["layers"]):
+                ratio = pa["routed_rms"][i] / pa["shared_rms"][i] if pa["shared_rms"][i] > 0 else float("inf")
+                rows.append((str(layer), f"{pa['residual_rms'][i]:.4f}", f"{pa['shared_rms'][i]:.4f}",
+                             f"{pa['routed_rms'][i]:.4f}", "-" if math.isinf(ratio) else f"{ratio:.3f}",
+                             f"{pa['gate_sum'][i]:.3f}", f"{pa['gate_max'][i]:.3f}",
+                             "-" if pa["router_norm"][i] is None else f"{pa['router_norm'][i]:.3f}"))
+            out.append("what each MoE layer adds to the residual stream, shared vs routed (eq. 9)\n"
+                       + format_table(rows))
         for name, why in self.skipped.items():
             out.append(f"{name}: skipped ({why})")
         return "\n\n".join(out)
@@ -213,8 +231,11 @@ def analyze(model: DeepseekForCausalLM, cache, *, analyses: Sequence[str] = ANAL
     losses: dict[str, float] = {}
     try:
         for name, opts in settings:
-            with routing_options(model, **opts):
+            probe = _PathProbe(model) if name == "plain" and "paths" in analyses else contextlib.nullcontext()
+            with routing_options(model, **opts), probe:
                 losses[name] = evaluate_tokens(model, sample, seq_len, batch_size, None, bar).loss
+            if isinstance(probe, _PathProbe):
+                res.paths = probe.summary([cfg.moe_layers[i] for i in range(len(layers))])
         per_domain: dict[str, EvalStats] = {}
         for d, toks, _ in load_plan:
             per_domain[d] = evaluate_tokens(model, toks, seq_len, batch_size, max_tokens, bar)
@@ -232,6 +253,70 @@ def analyze(model: DeepseekForCausalLM, cache, *, analyses: Sequence[str] = ANAL
     if per_domain:
         res.load = _load_summary(per_domain, [cfg.moe_layers[i] for i in range(len(layers))])
     return res
+
+
+class _PathProbe:
+    """Forward hooks that measure, per MoE layer and over every token fed, the residual stream
+    entering the layer's FFN sublayer, the shared experts' output and the gated routed output
+    (the layer's output minus the shared part), the top-k gates' sum and largest value, and the
+    mean norm of the router's centroids. A context manager; the model's outputs are unchanged."""
+
+    def __init__(self, model: DeepseekForCausalLM):
+        self.model = model
+        self.hooks: list[Any] = []
+        self.sums: list[dict[str, float]] = []
+
+    def __enter__(self) -> "_PathProbe":
+        import torch
+
+        blocks = [b for b in self.model.model.layers if isinstance(b.mlp, DeepseekMoE)]
+        for block in blocks:
+            acc = dict(n=0.0, resid=0.0, shared=0.0, routed=0.0, gsum=0.0, gmax=0.0)
+            self.sums.append(acc)
+            seen: dict[str, Any] = {}
+
+            def resid_hook(mod, args, acc=acc):
+                x = args[0].detach().float()
+                acc["resid"] += float(x.pow(2).mean(-1).sum())
+
+            def moe_pre(mod, args, seen=seen):
+                seen["h"], seen["ids"] = args[0], (args[1] if len(args) > 1 else None)
+
+            def moe_post(mod, args, out, acc=acc, seen=seen):
+                with torch.no_grad():
+                    h = seen.pop("h")
+                    ids = seen.pop("ids")
+                    h_TD = h.reshape(-1, h.shape[-1])
+                    y_TD = out[0].reshape(h_TD.shape).float()
+                    shared = (mod.shared_experts(h_TD).float() if mod.shared_experts is not None
+                              and not mod.routing.disable_shared else torch.zeros_like(y_TD))
+                    r = mod.gate(h_TD, None if ids is None else ids.reshape(-1))
+                    acc["n"] += h_TD.shape[0]
+                    acc["shared"] += float(shared.pow(2).mean(-1).sum())
+                    acc["routed"] += float((y_TD - shared).pow(2).mean(-1).sum())
+                    acc["gsum"] += float(r.topk_weights_TK.float().sum(-1).sum())
+                    acc["gmax"] += float(r.topk_weights_TK.float().max(-1).values.sum())
+
+            self.hooks += [block.post_attention_layernorm.register_forward_pre_hook(resid_hook),
+                           block.mlp.register_forward_pre_hook(moe_pre),
+                           block.mlp.register_forward_hook(moe_post)]
+        self.layers = [b.mlp for b in blocks]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+
+    def summary(self, layer_ids: list[int]) -> dict[str, Any]:
+        def rms(key: str) -> list[float]:
+            return [math.sqrt(a[key] / max(a["n"], 1)) for a in self.sums]
+
+        norms = [float(m.gate.weight.detach().float().norm(dim=-1).mean()) if hasattr(m.gate, "weight") else None
+                 for m in self.layers]
+        return {"layers": layer_ids, "residual_rms": rms("resid"), "shared_rms": rms("shared"),
+                "routed_rms": rms("routed"), "gate_sum": [a["gsum"] / max(a["n"], 1) for a in self.sums],
+                "gate_max": [a["gmax"] / max(a["n"], 1) for a in self.sums], "router_norm": norms}
 
 
 def _load_summary(per_domain: dict[str, EvalStats], layer_ids: list[int]) -> dict[str, Any]:

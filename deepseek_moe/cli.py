@@ -601,8 +601,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("analyze", help="the paper's expert analyses, with plots",
                         description=cmd_analyze.__doc__)
     sp.add_argument("checkpoint", help="a run directory, its checkpoints/ folder, or a checkpoint")
-    sp.add_argument("--analyses", nargs="*", default=["disable_top", "top_k", "shared", "load"],
-                    choices=["disable_top", "top_k", "shared", "load"])
+    sp.add_argument("--analyses", nargs="*", default=["disable_top", "top_k", "shared", "load", "paths"],
+                    choices=["disable_top", "top_k", "shared", "load", "paths"],
+                    help="paths: the shared and the routed experts' share of each MoE layer's output")
     sp.add_argument("--k", type=int, nargs="*", default=None,
                     help="routed k values for the Fig. 5 sweep (default 1 .. trained k + 2)")
     sp.add_argument("--split", default="validation")

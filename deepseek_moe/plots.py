@@ -209,6 +209,27 @@ def plot_analysis(res: Any, out_dir: Path) -> list[Path]:
         a2.set_title("routing entropy (1 = uniform scores)", fontsize=10)
         fig.suptitle(title, fontsize=10)
         save(fig, "routing_stats.png")
+    if res.paths:
+        pa = res.paths
+        fig, ax = plt.subplots(figsize=(9, 4.2))
+        x = np.arange(len(pa["layers"]))
+        w = 0.38
+        if res.n_shared:
+            ax.bar(x - w / 2, pa["shared_rms"], w, color="tab:green", label="shared experts' output")
+        ax.bar(x + (w / 2 if res.n_shared else 0), pa["routed_rms"], w, color="tab:blue",
+               label="gated routed experts' output")
+        ax.plot(x, pa["residual_rms"], "k_", ms=28, mew=2, label="residual stream (input)")
+        for i, g in enumerate(pa["gate_sum"]):
+            ax.annotate(f"gates {g:.2f}", (x[i] + (w / 2 if res.n_shared else 0), pa["routed_rms"][i]),
+                        textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7, color="tab:blue")
+        ax.set_yscale("log")
+        ax.set_xticks(x, [str(v) for v in pa["layers"]])
+        ax.set_xlabel("MoE layer (annotated: mean sum of a token's top-k gates)")
+        ax.set_ylabel("root mean square over tokens")
+        ax.set_title(f"what each MoE layer adds to the residual stream\n{title}", fontsize=10)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        save(fig, "moe_paths.png")
     res.plots = [str(p) for p in paths]
     return paths
 

@@ -290,11 +290,57 @@ def test_analysis_at_r0_and_trained_k_reproduces_plain_evaluation(run, tmp_path)
     assert all(0 <= j <= 1 for j in ld["domain_js"])
     paths = plot_analysis(res, tmp_path)
     assert sorted(p.name for p in paths) == ["activated_experts.png", "disable_top_experts.png",
-                                             "expert_load_by_domain.png", "routing_stats.png",
-                                             "shared_expert.png"]
+                                             "expert_load_by_domain.png", "moe_paths.png",
+                                             "routing_stats.png", "shared_expert.png"]
     assert all(p.stat().st_size > 10_000 for p in paths)
     text = res.format()
     assert "Fig. 4" in text and "Fig. 5" in text and "shared off, k=4" in text
+
+
+@pytest.mark.parametrize("preset,norm", [("deepseekmoe-tiny", False), ("gshard-tiny", True),
+                                         ("deepseekmoe-tiny", True), ("hash-tiny", False)])
+def test_paths_analysis_against_a_direct_computation(preset, norm):
+    """``paths``: the residual stream (the block's input plus its attention output), the shared
+    experts' output and the gated routed output (by the readable reference dispatch), measured
+    by hand on the same batch; the gates' sum is 1 exactly when they are renormalised."""
+    from deepseek_moe.analyze import Analysis, _PathProbe
+    from deepseek_moe.moe.dispatch import dispatch_reference
+
+    model = small_model(preset, norm_topk_prob=norm)
+    blocks = [b for b in model.model.layers if b.is_moe]
+    seen: dict = {}
+    hooks = []
+    for i, b in enumerate(blocks):
+        hooks.append(b.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(("x", i), a[0])))
+        hooks.append(b.self_attn.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(("a", i), o)))
+        hooks.append(b.mlp.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(("h", i), a[0])))
+    ids = torch.randint(0, 512, (3, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), _PathProbe(model) as probe:
+        model(ids)
+    for h in hooks:
+        h.remove()
+    got = probe.summary(list(range(len(blocks))))
+
+    def rms(t):
+        return float(t.float().pow(2).mean().sqrt())
+
+    assert len(got["layers"]) == len(blocks) == 2
+    with torch.no_grad():
+        for i, b in enumerate(blocks):
+            h = seen[("h", i)].reshape(-1, 64)
+            assert got["residual_rms"][i] == pytest.approx(rms(seen[("x", i)] + seen[("a", i)]), rel=1e-5)
+            shared = b.mlp.shared_experts(h) if b.mlp.shared_experts is not None else torch.zeros_like(h)
+            assert got["shared_rms"][i] == pytest.approx(rms(shared), rel=1e-5)
+            r = b.mlp.gate(h, ids.reshape(-1))
+            routed, _ = dispatch_reference(h, r.topk_ids_TK, r.topk_weights_TK, b.mlp.experts, None)
+            assert got["routed_rms"][i] == pytest.approx(rms(routed), rel=1e-4)
+            assert got["gate_sum"][i] == pytest.approx(float(r.topk_weights_TK.sum(-1).mean()), rel=1e-5)
+            hashed = preset.startswith("hash")
+            assert (got["gate_sum"][i] == pytest.approx(1.0)) == (norm or hashed)
+            norm_e = None if hashed else pytest.approx(float(b.mlp.gate.weight.norm(dim=-1).mean()))
+            assert got["router_norm"][i] == norm_e
+    assert (got["shared_rms"][0] == 0) == preset.startswith(("gshard", "hash"))
+    assert "shared vs routed" in Analysis("m", 15, 3, 1, 51, 1.0, paths=got).format()
 
 
 def test_js_divergence():
