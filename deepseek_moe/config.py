@@ -60,6 +60,10 @@ class DeepseekMoEConfig:
     device_aux_loss_alpha: float = 0.0  # alpha_2, device-level balance (eq. 15)
     n_device_groups: int = 1  # D: routed experts split into D contiguous groups (eq. 15-17)
     dispatch: str = "fast"  # "fast" (sorted grouped GEMM) or "reference" (per-expert loop)
+    # Multiplies the routed experts' gates (eq. 9's g_i,t; DeepSeek-V2's field of this name). 1 is
+    # DeepSeekMoE as published: raw softmax gates sum to about K/E at the start, against the
+    # shared experts' implicit gate of 1. A control for the learning-rate study (README).
+    routed_scaling_factor: float = 1.0
     name: str = ""  # preset name, informational
 
     def __post_init__(self) -> None:
@@ -131,6 +135,8 @@ class DeepseekMoEConfig:
             bad("aux_loss_alpha", "must be >= 0")
         if self.device_aux_loss_alpha < 0:
             bad("device_aux_loss_alpha", "must be >= 0")
+        if not (isinstance(self.routed_scaling_factor, (int, float)) and self.routed_scaling_factor > 0):
+            bad("routed_scaling_factor", f"must be > 0, got {self.routed_scaling_factor!r}")
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             bad("capacity_factor", f"must be > 0 or None (dropless), got {self.capacity_factor}")
         if self.has_moe:

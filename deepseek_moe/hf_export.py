@@ -48,6 +48,9 @@ def qwen2_moe_refusal(cfg: DeepseekMoEConfig) -> Union[str, None]:
                 "dropless")
     if cfg.scoring_func != "softmax":
         return f"its scoring function {cfg.scoring_func!r} is not Qwen2-MoE's softmax"
+    if cfg.routed_scaling_factor != 1:
+        return (f"it scales its routed gates by routed_scaling_factor={cfg.routed_scaling_factor:g}, "
+                "which Qwen2-MoE cannot express")
     return None
 
 

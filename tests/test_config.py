@@ -26,6 +26,7 @@ from deepseek_moe.presets import get_config, preset_names
         (dict(num_hidden_layers=0), "num_hidden_layers"),
         (dict(scoring_func="sigmoid"), "scoring_func"),
         (dict(dispatch="magic"), "dispatch"),
+        (dict(routed_scaling_factor=0.0), "routed_scaling_factor"),
         (dict(vocab_size=1.5), "vocab_size"),
     ],
 )

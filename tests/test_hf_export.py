@@ -73,6 +73,7 @@ def test_trained_run_exports_exactly(run, tmp_path):
 @pytest.mark.parametrize("overrides, why", [
     (dict(router="hash", n_shared_experts=0, num_experts_per_tok=1), "hashing the token id"),
     (dict(capacity_factor=1.25), "capacity factor of 1.25"),
+    (dict(routed_scaling_factor=9.0), "routed_scaling_factor=9"),
 ])
 def test_what_qwen2_moe_cannot_express_is_refused(tmp_path, overrides, why):
     model = DeepseekForCausalLM(get_config("deepseekmoe-tiny", **{**SMALL, **overrides}))

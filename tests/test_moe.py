@@ -248,6 +248,32 @@ def test_topk_weights_not_renormalised_unless_asked():
     torch.testing.assert_close(layer.gate(x).topk_weights_TK.sum(-1), torch.ones(10))
 
 
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_routed_scaling_factor_scales_the_routed_path_only(norm):
+    """routed_scaling_factor s multiplies each token's top-k gates (after any renormalisation):
+    the same experts are chosen, the routed output is s times as large, the shared experts' output
+    and the balance losses (which use the scores, not the gates) are unchanged; gradients too."""
+    base = DeepseekMoE(moe_config(num_experts_per_tok=3, norm_topk_prob=norm))
+    init_(base)
+    scaled = DeepseekMoE(moe_config(num_experts_per_tok=3, norm_topk_prob=norm, routed_scaling_factor=2.5))
+    scaled.load_state_dict(base.state_dict())
+    x = torch.randn(2, 5, 100, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    r1, r2 = base.gate(x.reshape(10, 100)), scaled.gate(x.reshape(10, 100))
+    assert torch.equal(r1.topk_ids_TK, r2.topk_ids_TK)
+    torch.testing.assert_close(r2.topk_weights_TK, 2.5 * r1.topk_weights_TK)
+    y1, a1 = base(x)
+    y2, a2 = scaled(x2)
+    shared = base.shared_experts(x)
+    torch.testing.assert_close(y2 - shared, 2.5 * (y1 - shared), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a2.expert_balance_loss, a1.expert_balance_loss)
+    (y1 - shared).sum().backward()
+    (y2 - shared.detach()).sum().backward()
+    torch.testing.assert_close(scaled.experts.w1.grad, 2.5 * base.experts.w1.grad, rtol=1e-5, atol=1e-5)
+    assert "routed_scaling_factor=2.5" in repr(scaled.gate) and "routed_scaling" not in repr(base.gate)
+
+
 # --- balance losses ---------------------------------------------------------------------------
 
 def hand_losses(scores, ids, groups, seq_aux):

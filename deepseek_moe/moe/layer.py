@@ -59,7 +59,8 @@ class DeepseekMoE(nn.Module):
         if config.router == "hash":
             self.gate: nn.Module = HashRouter(E, layer_idx)
         else:
-            self.gate = TopKRouter(config.hidden_size, E, self.top_k, config.norm_topk_prob)
+            self.gate = TopKRouter(config.hidden_size, E, self.top_k, config.norm_topk_prob,
+                                   config.routed_scaling_factor)
         self.experts = GroupedExperts(E, config.hidden_size, config.moe_intermediate_size)
         self.shared_experts: Optional[SwiGLU] = None
         if config.n_shared_experts > 0:

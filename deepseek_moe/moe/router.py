@@ -28,14 +28,16 @@ class TopKRouter(nn.Module):
 
     ``weight`` holds the expert centroids e_i, stored as ``mlp.gate.weight`` [E, D] in the
     released checkpoint. Top-k weights are the raw softmax scores (no renormalisation) unless
-    ``norm_topk_prob``.
+    ``norm_topk_prob``, times ``routed_scaling_factor`` (1: as published).
     """
 
-    def __init__(self, hidden_size: int, n_experts: int, top_k: int, norm_topk_prob: bool):
+    def __init__(self, hidden_size: int, n_experts: int, top_k: int, norm_topk_prob: bool,
+                 routed_scaling_factor: float = 1.0):
         super().__init__()
         self.n_experts = n_experts
         self.top_k = top_k
         self.norm_topk_prob = norm_topk_prob
+        self.routed_scaling_factor = routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(n_experts, hidden_size))
 
     def forward(
@@ -63,10 +65,13 @@ class TopKRouter(nn.Module):
             topk_weights_TK, topk_ids_TK = torch.topk(scores_TE, k, dim=-1)
         if self.norm_topk_prob and k > 1:
             topk_weights_TK = topk_weights_TK / (topk_weights_TK.sum(-1, keepdim=True) + 1e-20)
+        if self.routed_scaling_factor != 1:
+            topk_weights_TK = topk_weights_TK * self.routed_scaling_factor
         return RouterOutput(topk_ids_TK, topk_weights_TK, scores_TE)
 
     def extra_repr(self) -> str:
-        return f"experts={self.n_experts}, top_k={self.top_k}, norm_topk_prob={self.norm_topk_prob}"
+        scale = "" if self.routed_scaling_factor == 1 else f", routed_scaling_factor={self.routed_scaling_factor:g}"
+        return f"experts={self.n_experts}, top_k={self.top_k}, norm_topk_prob={self.norm_topk_prob}{scale}"
 
 
 class HashRouter(nn.Module):
