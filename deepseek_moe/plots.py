@@ -260,6 +260,15 @@ def plot_lr_sweep(exp: Any, sweep: dict[str, dict[float, float]], best: dict[str
         ax.plot([lr * best[label]], [sweep[label][best[label]]], "o", ms=13, mfc="none", color=line.get_color())
     ax.axvline(lr, color="grey", ls=":", lw=1)
     ax.set_xscale("log")
+    factors = sorted({f for v in sweep.values() for f in v})
+    ax.set_xticks([lr * f for f in factors], [f"{f:g}x\n{lr * f:.3g}" for f in factors])
+    ax.minorticks_off()
+    # no offset notation, and at least 0.05 nats of range: a flat curve must look flat
+    ax.ticklabel_format(axis="y", useOffset=False)
+    lo, hi = ax.get_ylim()
+    if hi - lo < 0.05:
+        mid = (hi + lo) / 2
+        ax.set_ylim(mid - 0.025, mid + 0.025)
     ax.set_xlabel(f"peak learning rate (dotted: the paper's {lr:g})")
     ax.set_ylabel("validation loss after the sweep's budget")
     ax.set_title(_wrapped(f"{exp.title}: learning-rate sweep"), fontsize=9)

@@ -424,8 +424,9 @@ def select_models(exp: Experiment, names: Sequence[str]) -> Experiment:
         raise ValueError(f"{exp.name} has no model {', '.join(map(repr, unknown))}; its models: "
                          + ", ".join(f"{family} ({label})" for label, family in exp.models))
     keep = {known[n.lower()] for n in names}
+    models = tuple(m for m in exp.models if m[0] in keep)
     return dataclasses.replace(
-        exp, models=tuple(m for m in exp.models if m[0] in keep),
+        exp, models=models, title=f"{exp.title}; only {', '.join(label for label, _ in models)}",
         paper={k: v for k, v in exp.paper.items() if k in keep},
         claims=tuple(c for c in exp.claims if c.a in keep and c.b in keep))
 

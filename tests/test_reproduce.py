@@ -218,6 +218,8 @@ def test_sweep_only_a_subset_under_a_control(tiny, capsys):
                for f in (1.0, 2.0)}
         row = next(r for r in text.splitlines() if r.startswith(f"| {label} |"))
         assert f"{val[1.0]:.4f}" in row and f"{val[2.0]:.4f}" in row
+    assert text.startswith("# Table 1: DeepSeekMoE vs the MoE baselines and Dense (equal total and activated "
+                           "parameters); only Dense, GShard\n")
     assert "| Switch |" not in text and re.search(r"Every model with [^\n]*norm_topk_prob=false\.", text)
     assert "seed 1" in text and (out / "table1-lr_sweep.png").stat().st_size > 5000
     assert "[1/" not in capsys.readouterr().out  # no run after the sweep
