@@ -1,0 +1,87 @@
+"""The learning-rate study's controls in one figure: validation loss at 1x and 4x the paper's rate,
+published routed gates against scaled ones, per model, every recorded seed (README, "Why
+DeepSeekMoE degrades above the paper's rate"). Reads the ``reproduce --lr-sweep 1 4`` folders
+of ``reproductions/`` and prints the table it draws.
+
+    .venv/bin/python scripts/gate_scale_plot.py [--out reproductions/gate-scale.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent / "reproductions"
+
+# panel -> [(variant, family, folders whose runs are its seeds)]
+PANELS = {
+    "GShard (0 shared + 2 of 16)": [
+        ("renormalised gates (GShard's)", "gshard", ["table1", "fig3-seed1", "fig3-seed2"]),
+        ("raw gates", "gshard", ["gshard-raw-gates"]),
+        ("raw gates x 8", "gshard", ["gshard-raw-gates-x8"]),
+    ],
+    "1 shared + 1 of 15": [
+        ("raw gate (published)", "moe-1+1of15", ["table1", "fig3-seed1", "fig3-seed2"]),
+        ("raw gate x 15", "moe-1+1of15", ["fig3-routed-x15", "fig3-routed-x15-seed1", "fig3-routed-x15-seed2"]),
+    ],
+    "DeepSeekMoE (1 shared + 7 of 63)": [
+        ("raw gates (published)", "deepseekmoe", ["table1", "fig3-seed1", "fig3-seed2"]),
+        ("raw gates x 9", "deepseekmoe", ["fig3-routed-x9", "fig3-routed-x9-seed1", "fig3-routed-x9-seed2"]),
+    ],
+}
+FACTORS = (1.0, 4.0)
+
+
+def losses(family: str, folders: list[str]) -> dict[float, list[float]]:
+    """Validation loss per rate factor, one entry per folder (seed) that holds both rates."""
+    out: dict[float, list[float]] = {f: [] for f in FACTORS}
+    for folder in folders:
+        runs = [ROOT / folder / "runs" / f"{family}-lr{f:g}x-sweep" / "result.json" for f in FACTORS]
+        if all(r.is_file() for r in runs):
+            for f, r in zip(FACTORS, runs):
+                out[f].append(json.loads(r.read_text())["val_loss"])
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(ROOT / "gate-scale.png"))
+    args = p.parse_args()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(13, 4.4), sharey=True)
+    print("| model | routed gates | seeds | 1x | 4x | 4x - 1x (per seed) |")
+    print("|---|---|---:|---:|---:|---|")
+    for ax, (panel, variants) in zip(axes, PANELS.items()):
+        for variant, family, folders in variants:
+            ls = losses(family, folders)
+            n = len(ls[1.0])
+            if not n:
+                continue
+            means = [statistics.fmean(ls[f]) for f in FACTORS]
+            line, = ax.plot([1, 2], means, "o-", lw=2, label=f"{variant} ({n} seed{'s' * (n > 1)})")
+            for i in range(n):
+                ax.plot([1, 2], [ls[f][i] for f in FACTORS], "-", lw=0.8, alpha=0.35, color=line.get_color())
+            deltas = ", ".join(f"{b - a:+.3f}" for a, b in zip(ls[1.0], ls[4.0]))
+            print(f"| {panel} | {variant} | {n} | {means[0]:.3f} | {means[1]:.3f} | "
+                  f"{means[1] - means[0]:+.3f} ({deltas}) |")
+        ax.set_xticks([1, 2], ["1x = 1.08e-3", "4x = 4.32e-3"])
+        ax.set_xlim(0.8, 2.2)
+        ax.set_title(panel, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("validation loss after 2.1M tokens")
+    fig.suptitle("Routed gates' scale and the learning rate (thick: mean over seeds; thin: each seed)",
+                 fontsize=11)
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
