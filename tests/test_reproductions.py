@@ -39,3 +39,24 @@ def test_a_recorded_run_is_what_its_folder_says(path: Path):
     assert r["curve"] and r["curve"][-1][0] <= r["tokens"]
     if "machine" in r:  # runs recorded before 2026-12-02 13:30 do not say where they ran
         assert r["machine"]["torch"] and r["machine"]["device"] and r["machine"]["threads"] >= 1
+
+
+@pytest.mark.skipif(not RESULTS, reason="no reproduction records in this checkout")
+def test_gate_scale_figure_follows_the_records(tmp_path):
+    """scripts/gate_scale_plot.py: each row's means are the recorded seeds' validation losses."""
+    import statistics
+    import subprocess
+    import sys
+
+    script = ROOT.parent / "scripts" / "gate_scale_plot.py"
+    r = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "g.png")],
+                       capture_output=True, text=True, check=True)
+    row = "| DeepSeekMoE (1 shared + 7 of 63) | raw gates (published) |"
+    rows = [line for line in r.stdout.splitlines() if line.startswith(row)]
+    assert len(rows) == 1
+    runs = [ROOT / d / "runs" / "deepseekmoe-lr1x-sweep" for d in ("table1", "fig3-seed1", "fig3-seed2")]
+    seeds = [json.loads((run / "result.json").read_text())["val_loss"] for run in runs
+             if (run / "result.json").is_file() and (run.parent / "deepseekmoe-lr4x-sweep" / "result.json").is_file()]
+    cells = [c.strip() for c in rows[0].split("|")]
+    assert int(cells[3]) == len(seeds) and cells[4] == f"{statistics.fmean(seeds):.3f}"
+    assert (tmp_path / "g.png").stat().st_size > 20_000
