@@ -421,6 +421,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         kw["sweep_tokens"] = args.sweep_tokens
     if args.sweep_seed is not None:
         kw["sweep_seed"] = args.sweep_seed
+    if args.warmup_steps is not None:
+        kw["warmup_steps"] = args.warmup_steps
     if args.sweep_only:
         kw["sweep_only"] = True
     if args.models:
@@ -626,6 +628,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--sweep-tokens", type=int, default=None, help="tokens per sweep run (default: half "
                     "of --tokens)")
     sp.add_argument("--sweep-seed", type=int, default=None, help="the sweep's seed (default 0)")
+    sp.add_argument("--warmup-steps", type=int, default=None,
+                    help="linear warmup steps of every run (default: train's, about 10%% of the run)")
     sp.add_argument("--sweep-only", action="store_true",
                     help="stop after the sweep: its table, report-EXPERIMENT-lr_sweep.md and plot")
     sp.add_argument("--models", nargs="+", default=None, metavar="MODEL",

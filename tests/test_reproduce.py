@@ -241,3 +241,20 @@ def test_a_subset_keeps_the_claims_between_its_models():
     assert {(c.a, c.b) for c in exp.claims} == {("GShard", "Dense"), ("DeepSeekMoE", "GShard")}
     assert set(exp.paper) == {"Dense", "GShard", "DeepSeekMoE"}
     assert select_models(exp, ()) is exp
+
+
+def test_reproduce_command_passes_the_control_options(monkeypatch, tmp_path):
+    import deepseek_moe.reproduce as rep
+    from deepseek_moe.cli import main
+
+    seen = {}
+    monkeypatch.setattr(rep, "reproduce", lambda name, out, s: seen.update(name=name, out=out, s=s))
+    assert main(["reproduce", "fig3", "--out", str(tmp_path), "--lr-sweep", "1", "4", "--sweep-only",
+                 "--sweep-seed", "3", "--models", "gshard", "deepseekmoe", "--set", "norm_topk_prob=false",
+                 "--set", "routed_scaling_factor=9", "--warmup-steps", "7"]) == 0
+    s = seen["s"]
+    assert seen["name"] == "fig3" and s.lr_sweep == (1.0, 4.0) and s.sweep_only and s.sweep_seed == 3
+    assert s.models == ("gshard", "deepseekmoe") and s.warmup_steps == 7
+    assert s.extra_overrides == {"norm_topk_prob": False, "routed_scaling_factor": 9}
+    cfg = s.run_config(tmp_path / "runs" / "x", "gshard", 3, 4.0, sweep=True)
+    assert cfg.warmup_steps == 7 and cfg.model_overrides["routed_scaling_factor"] == 9
