@@ -29,18 +29,21 @@ PANELS = {
     "DeepSeekMoE (1 shared + 7 of 63)": [
         ("raw gates (published)", "deepseekmoe", ["table1", "fig3-seed1", "fig3-seed2"]),
         ("raw gates x 9", "deepseekmoe", ["fig3-routed-x9", "fig3-routed-x9-seed1", "fig3-routed-x9-seed2"]),
+        ("raw gates, 200-step warmup (4x only)", "deepseekmoe", ["fig3-warmup200-seed0", "fig3-warmup200-seed1"]),
     ],
 }
 FACTORS = (1.0, 4.0)
 
 
 def losses(family: str, folders: list[str]) -> dict[float, list[float]]:
-    """Validation loss per rate factor, one entry per folder (seed) that holds both rates."""
+    """Validation loss per rate factor, one entry per folder (seed) that holds every rate the
+    variant's folders record (both, or 4x alone for a 4x-only control)."""
     out: dict[float, list[float]] = {f: [] for f in FACTORS}
+    recorded = [f for f in FACTORS if any((ROOT / d / "runs" / f"{family}-lr{f:g}x-sweep").is_dir() for d in folders)]
     for folder in folders:
-        runs = [ROOT / folder / "runs" / f"{family}-lr{f:g}x-sweep" / "result.json" for f in FACTORS]
-        if all(r.is_file() for r in runs):
-            for f, r in zip(FACTORS, runs):
+        runs = [ROOT / folder / "runs" / f"{family}-lr{f:g}x-sweep" / "result.json" for f in recorded]
+        if recorded and all(r.is_file() for r in runs):
+            for f, r in zip(recorded, runs):
                 out[f].append(json.loads(r.read_text())["val_loss"])
     return out
 
@@ -60,16 +63,24 @@ def main() -> None:
     for ax, (panel, variants) in zip(axes, PANELS.items()):
         for variant, family, folders in variants:
             ls = losses(family, folders)
-            n = len(ls[1.0])
-            if not n:
+            fs = [f for f in FACTORS if ls[f]]
+            if not fs:
                 continue
-            means = [statistics.fmean(ls[f]) for f in FACTORS]
-            line, = ax.plot([1, 2], means, "o-", lw=2, label=f"{variant} ({n} seed{'s' * (n > 1)})")
+            n = len(ls[fs[0]])
+            xs = [FACTORS.index(f) + 1 for f in fs]
+            means = {f: statistics.fmean(ls[f]) for f in fs}
+            line, = ax.plot(xs, [means[f] for f in fs], "o-" if len(fs) > 1 else "D", lw=2, ms=7,
+                            label=f"{variant} ({n} seed{'s' * (n > 1)})")
             for i in range(n):
-                ax.plot([1, 2], [ls[f][i] for f in FACTORS], "-", lw=0.8, alpha=0.35, color=line.get_color())
-            deltas = ", ".join(f"{b - a:+.3f}" for a, b in zip(ls[1.0], ls[4.0]))
-            print(f"| {panel} | {variant} | {n} | {means[0]:.3f} | {means[1]:.3f} | "
-                  f"{means[1] - means[0]:+.3f} ({deltas}) |")
+                ax.plot(xs, [ls[f][i] for f in fs], "-" if len(fs) > 1 else ".", lw=0.8, alpha=0.35,
+                        color=line.get_color())
+            cell = {f: f"{means[f]:.3f}" if f in means else "-" for f in FACTORS}
+            if len(fs) == 2:
+                deltas = ", ".join(f"{b - a:+.3f}" for a, b in zip(ls[1.0], ls[4.0]))
+                change = f"{means[4.0] - means[1.0]:+.3f} ({deltas})"
+            else:
+                change = "-"
+            print(f"| {panel} | {variant} | {n} | {cell[1.0]} | {cell[4.0]} | {change} |")
         ax.set_xticks([1, 2], ["1x = 1.08e-3", "4x = 4.32e-3"])
         ax.set_xlim(0.8, 2.2)
         ax.set_title(panel, fontsize=10)
