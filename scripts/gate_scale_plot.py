@@ -1,7 +1,11 @@
-"""The learning-rate study's controls in one figure: validation loss at 1x and 4x the paper's rate,
-published routed gates against scaled ones, per model, every recorded seed (README, "Why
-DeepSeekMoE degrades above the paper's rate"). Reads the ``reproduce --lr-sweep 1 4`` folders
-of ``reproductions/`` and prints the table it draws.
+"""The learning-rate study's controls in two figures (README, "Why DeepSeekMoE degrades above the
+paper's rate"), from the ``reproduce --lr-sweep`` folders of ``reproductions/``:
+
+* ``gate-scale.png``: validation loss at 1x and 4x the paper's rate, published routed gates
+  against scaled ones, per model, every recorded seed; the table is printed.
+* ``early-escape.png``: every recorded sweep run's final validation loss against the step at
+  which its training loss (8-step mean) first fell below 6 nats, i.e. left the early plateau;
+  the correlation per rate is printed.
 
     .venv/bin/python scripts/gate_scale_plot.py [--out reproductions/gate-scale.png]
 """
@@ -33,6 +37,49 @@ PANELS = {
     ],
 }
 FACTORS = (1.0, 4.0)
+PLATEAU = 6.0  # nats: the early plateau lies above (6.1-6.7)
+
+
+def escape_step(result: dict, window: int = 8) -> int | None:
+    """The first step at which the mean training loss of the last ``window`` steps (the run's
+    recorded curve, one point per step) is below ``PLATEAU``; None: never."""
+    per_step = result["tokens"] // result["steps"]
+    curve = result["curve"]
+    for i in range(window, len(curve) + 1):
+        if statistics.fmean(loss for _, loss in curve[i - window:i]) < PLATEAU:
+            return curve[i - 1][0] // per_step
+    return None
+
+
+def escapes() -> dict[float, list[tuple[int, float]]]:
+    """(escape step, validation loss) of every recorded sweep run, per rate factor."""
+    out: dict[float, list[tuple[int, float]]] = {}
+    for res in sorted(ROOT.glob("*/runs/*-sweep/result.json")):
+        r = json.loads(res.read_text())
+        step = escape_step(r)
+        if step is not None:
+            out.setdefault(float(r["lr_factor"]), []).append((step, r["val_loss"]))
+    return out
+
+
+def plot_escapes(plt, path: Path) -> None:
+    data = escapes()
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    for f in sorted(data):
+        xs, ys = zip(*data[f])
+        r = statistics.correlation(xs, ys) if len(xs) > 2 else float("nan")
+        ax.plot(xs, ys, "o", alpha=0.75, label=f"{f:g}x the rate: {len(xs)} runs, r = {r:.2f}")
+        print(f"{f:g}x: {len(xs)} runs, escape step {min(xs)}-{max(xs)}, validation loss "
+              f"{min(ys):.3f}-{max(ys):.3f}, correlation {r:.2f}")
+    ax.set_xlabel(f"step at which the training loss first falls below {PLATEAU:g} nats (8-step mean)")
+    ax.set_ylabel("validation loss after 2.1M tokens")
+    ax.set_title("Leaving the early plateau late costs the run: every sweep run in reproductions/",
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 
 def losses(family: str, folders: list[str]) -> dict[float, list[float]]:
@@ -92,6 +139,7 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out}")
+    plot_escapes(plt, Path(args.out).with_name("early-escape.png"))
 
 
 if __name__ == "__main__":

@@ -60,3 +60,15 @@ def test_gate_scale_figure_follows_the_records(tmp_path):
     cells = [c.strip() for c in rows[0].split("|")]
     assert int(cells[3]) == len(seeds) and cells[4] == f"{statistics.fmean(seeds):.3f}"
     assert (tmp_path / "g.png").stat().st_size > 20_000
+
+
+def test_escape_step_is_where_the_smoothed_loss_leaves_the_plateau():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gsp", ROOT.parent / "scripts" / "gate_scale_plot.py")
+    gsp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gsp)
+    curve = [(4 * step, 7.0 if step <= 12 else 5.0) for step in range(1, 21)]
+    # the 8-step mean first falls below 6 nats when 5 of its 8 steps are past step 12
+    assert gsp.escape_step({"tokens": 80, "steps": 20, "curve": curve}) == 17
+    assert gsp.escape_step({"tokens": 80, "steps": 20, "curve": [(4 * s, 6.5) for s in range(1, 21)]}) is None
