@@ -51,30 +51,33 @@ def escape_step(result: dict, window: int = 8) -> int | None:
     return None
 
 
-def escapes() -> dict[float, list[tuple[int, float]]]:
-    """(escape step, validation loss) of every recorded sweep run, per rate factor."""
-    out: dict[float, list[tuple[int, float]]] = {}
+def escapes() -> dict[str, list[tuple[int, float]]]:
+    """(escape step, validation loss) of every recorded sweep run, per rate factor and warmup."""
+    out: dict[str, list[tuple[int, float]]] = {}
     for res in sorted(ROOT.glob("*/runs/*-sweep/result.json")):
         r = json.loads(res.read_text())
+        warmup = json.loads((res.parent / "train_config.json").read_text()).get("warmup_steps")
         step = escape_step(r)
         if step is not None:
-            out.setdefault(float(r["lr_factor"]), []).append((step, r["val_loss"]))
+            key = f"{r['lr_factor']:g}x the rate" + ("" if warmup is None else f", {warmup}-step warmup")
+            out.setdefault(key, []).append((step, r["val_loss"]))
     return out
 
 
 def plot_escapes(plt, path: Path) -> None:
     data = escapes()
     fig, ax = plt.subplots(figsize=(7, 4.6))
-    for f in sorted(data):
-        xs, ys = zip(*data[f])
+    for key in sorted(data, key=lambda k: (float(k.split("x")[0]), k)):
+        xs, ys = zip(*data[key])
         r = statistics.correlation(xs, ys) if len(xs) > 2 else float("nan")
-        ax.plot(xs, ys, "o", alpha=0.75, label=f"{f:g}x the rate: {len(xs)} runs, r = {r:.2f}")
-        print(f"{f:g}x: {len(xs)} runs, escape step {min(xs)}-{max(xs)}, validation loss "
-              f"{min(ys):.3f}-{max(ys):.3f}, correlation {r:.2f}")
-    ax.set_xlabel(f"step at which the training loss first falls below {PLATEAU:g} nats (8-step mean)")
+        label = f"{key}: {len(xs)} run{'s' * (len(xs) > 1)}" + ("" if r != r else f", r = {r:.2f}")
+        ax.plot(xs, ys, "o" if "warmup" not in key else "D", alpha=0.75, label=label)
+        print(f"{key}: {len(xs)} runs, escape step {min(xs)}-{max(xs)}, validation loss "
+              f"{min(ys):.3f}-{max(ys):.3f}" + ("" if r != r else f", correlation {r:.2f}"))
+    ax.set_xlabel(f"step at which the training loss (8-step mean) first falls below {PLATEAU:g} nats")
     ax.set_ylabel("validation loss after 2.1M tokens")
-    ax.set_title("Leaving the early plateau late costs the run: every sweep run in reproductions/",
-                 fontsize=10)
+    ax.set_title("Leaving the early plateau late costs the run: every sweep run in reproductions/\n"
+                 "(512 steps; warmup 51 steps unless marked)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
