@@ -137,7 +137,8 @@ def main() -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[0].set_ylabel("validation loss after 2.1M tokens")
-    fig.suptitle("Routed gates' scale and the learning rate (thick: mean over seeds; thin: each seed)",
+    fig.suptitle("Routed gates' scale, warmup and the learning rate (512 steps, 51-step warmup unless said; "
+                 "thick: mean over seeds; thin: each seed)",
                  fontsize=11)
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
