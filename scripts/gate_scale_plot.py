@@ -33,7 +33,8 @@ PANELS = {
     "DeepSeekMoE (1 shared + 7 of 63)": [
         ("raw gates (published)", "deepseekmoe", ["table1", "fig3-seed1", "fig3-seed2"]),
         ("raw gates x 9", "deepseekmoe", ["fig3-routed-x9", "fig3-routed-x9-seed1", "fig3-routed-x9-seed2"]),
-        ("raw gates, 200-step warmup (4x only)", "deepseekmoe", ["fig3-warmup200-seed0", "fig3-warmup200-seed1"]),
+        ("raw gates, 200-step warmup (4x only)", "deepseekmoe",
+         ["fig3-warmup200-seed0", "fig3-warmup200-seed1", "fig3-warmup200-seed2"], (4.0,)),
     ],
 }
 FACTORS = (1.0, 4.0)
@@ -85,11 +86,10 @@ def plot_escapes(plt, path: Path) -> None:
     print(f"wrote {path}")
 
 
-def losses(family: str, folders: list[str]) -> dict[float, list[float]]:
-    """Validation loss per rate factor, one entry per folder (seed) that holds every rate the
-    variant's folders record (both, or 4x alone for a 4x-only control)."""
+def losses(family: str, folders: list[str], recorded: tuple[float, ...] = FACTORS) -> dict[float, list[float]]:
+    """Validation loss per rate factor, one entry per folder (seed) that holds every rate of
+    ``recorded`` (both, or 4x alone for a 4x-only control)."""
     out: dict[float, list[float]] = {f: [] for f in FACTORS}
-    recorded = [f for f in FACTORS if any((ROOT / d / "runs" / f"{family}-lr{f:g}x-sweep").is_dir() for d in folders)]
     for folder in folders:
         runs = [ROOT / folder / "runs" / f"{family}-lr{f:g}x-sweep" / "result.json" for f in recorded]
         if recorded and all(r.is_file() for r in runs):
@@ -111,8 +111,8 @@ def main() -> None:
     print("| model | routed gates | seeds | 1x | 4x | 4x - 1x (per seed) |")
     print("|---|---|---:|---:|---:|---|")
     for ax, (panel, variants) in zip(axes, PANELS.items()):
-        for variant, family, folders in variants:
-            ls = losses(family, folders)
+        for variant, family, folders, *rates in variants:
+            ls = losses(family, folders, *rates)
             fs = [f for f in FACTORS if ls[f]]
             if not fs:
                 continue
