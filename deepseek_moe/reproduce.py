@@ -558,11 +558,26 @@ def _settings_line(s: Settings, sweep_only: bool = False) -> str:
     else:
         head = f"{s.seeds} seed(s); {s.tokens * s.scale ** 2:,} training tokens per run"
     line = (f"{head} (unique: the runs never repeat data); seq {s.seq_len} x batch {s.batch_size}; peak lr "
-            f"{s.lr}; vocab {s.vocab_size}; width x{s.scale}. Loss: "
+            f"{s.lr}; {_warmup_words(s, sweep_only)}; vocab {s.vocab_size}; width x{s.scale}. Loss: "
             f"{'validation' if sweep_only else 'test'} split, all domains (nats/token).")
     if s.extra_overrides:
         line += " Every model with " + ", ".join(f"{k}={json.dumps(v)}" for k, v in s.extra_overrides.items()) + "."
     return line
+
+
+def _warmup_words(s: Settings, sweep_only: bool = False) -> str:
+    """The warmup of the report's runs: it decides how high a rate a short run can take."""
+    from .train import default_warmup
+
+    if s.warmup_steps is not None:
+        return f"warmup {s.warmup_steps} steps"
+    steps = {name: tokens * s.scale ** 2 // (s.seq_len * s.batch_size) for name, tokens in
+             (("sweep", s.sweep_budget), ("full runs", s.tokens))
+             if name == "sweep" and (s.lr_sweep or sweep_only) or name != "sweep" and not sweep_only}
+    if len(steps) == 1:
+        return f"warmup 10% of each run ({default_warmup(next(iter(steps.values())))} steps)"
+    return "warmup 10% of each run (" + ", ".join(f"{default_warmup(n)} steps in the {name}"
+                                                 for name, n in steps.items()) + ")"
 
 
 def _where_line(runs: Any) -> str:

@@ -176,6 +176,10 @@ def test_lr_sweep_end_to_end(tiny, factors, capsys):
             assert json.loads((run_dir(out / "sweep", family, 0, best) / "result.json").read_text())["lr"] == s.lr * best
     for c in exp.claims:  # a verdict per claim in each regime
         assert sum(r.startswith(f"| {c.text} |") for r in text.splitlines()) == 2
+    # the settings line states the warmup the runs had: the sweep's own, the full runs' own
+    sweep_w = _warmup_of(run_dir(out / "sweep", "deepseekmoe", 0, factors[0], sweep=True))
+    full_w = _warmup_of(run_dir(out / "sweep", "deepseekmoe", 0, 1.0))
+    assert f"warmup 10% of each run ({sweep_w} steps in the sweep, {full_w} steps in the full runs)" in text
     assert (out / "sweep" / "shared-ratio-lr_sweep.png").stat().st_size > 5000
     assert "](shared-ratio-lr_sweep.png)" in text
     # the sweep's table is printed as the sweep ends, before the first run at the chosen rates
@@ -183,6 +187,13 @@ def test_lr_sweep_end_to_end(tiny, factors, capsys):
     for label, _ in exp.models:
         row = next(r for r in sweep_part.splitlines() if r.startswith(f"| {label} |"))
         assert row in before
+
+
+def _warmup_of(run: Path) -> int:
+    """The warmup a run trained with, read from its logged learning rates: the first step at the peak."""
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    peak = json.loads((run / "train_config.json").read_text())["lr"]
+    return next(r["step"] for r in rows if r["lr"] >= peak * (1 - 1e-9))
 
 
 def test_best_factor_is_the_argmin():
@@ -203,7 +214,7 @@ def test_sweep_only_a_subset_under_a_control(tiny, capsys):
     out, s = tiny
     out = out / "control"
     s = dataclasses.replace(s, lr_sweep=(1.0, 2.0), sweep_tokens=4 * 4 * 32, sweep_only=True,
-                            models=("gshard", "Dense"), sweep_seed=1,
+                            models=("gshard", "Dense"), sweep_seed=1, warmup_steps=3,
                             extra_overrides={**s.extra_overrides, "norm_topk_prob": False})
     path = reproduce("table1", out, s)
     assert path == out / "report-table1-lr_sweep.md"
@@ -222,6 +233,7 @@ def test_sweep_only_a_subset_under_a_control(tiny, capsys):
                            "parameters); only Dense, GShard\n")
     assert "| Switch |" not in text and re.search(r"Every model with [^\n]*norm_topk_prob=false\.", text)
     assert "seed 1" in text and (out / "table1-lr_sweep.png").stat().st_size > 5000
+    assert "; warmup 3 steps;" in text and _warmup_of(out / "runs" / "gshard-lr2x-sweep") == 3
     assert "[1/" not in capsys.readouterr().out  # no run after the sweep
     # another control into the same folder: refused by name, nothing trained
     other = dataclasses.replace(s, extra_overrides={**s.extra_overrides, "norm_topk_prob": True})
