@@ -602,6 +602,11 @@ def sweep_table(exp: Experiment, sweep: dict[str, dict[float, float]], best: dic
         cells = [(f"**{sweep[label][f]:.4f}**" if f == best[label] else f"{sweep[label][f]:.4f}")
                  for f in factors]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {best[label]:g}x |")
+    edge = [f"{label} ({best[label]:g}x)" for label, _ in exp.models
+            if len(factors) > 1 and best[label] in (factors[0], factors[-1])]
+    if edge:
+        lines += ["", "At the edge of the sweep, so the best rate may lie beyond it: " + ", ".join(edge)
+                  + ". A wider sweep (`--lr-sweep` with more factors, into the same folder) reuses these runs."]
     return lines
 
 

@@ -203,6 +203,23 @@ def test_best_factor_is_the_argmin():
     assert best_factor({0.5: 3.0, 1.0: 3.0}) == 0.5  # a tie: the smaller rate
 
 
+def test_sweep_table_flags_a_best_rate_at_the_edge():
+    """A model whose best rate is the sweep's largest or smallest factor is named under the table:
+    its optimum may lie outside the sweep."""
+    from deepseek_moe.reproduce import best_factor, sweep_table
+
+    exp = EXPERIMENTS["shared-ratio"]
+    (a, _), (b, _), (c, _) = exp.models
+    sweep = {a: {0.5: 3.0, 1.0: 3.1, 2.0: 3.2}, b: {0.5: 3.2, 1.0: 3.0, 2.0: 3.1},
+             c: {0.5: 3.3, 1.0: 3.2, 2.0: 3.1}}
+    best = {label: best_factor(v) for label, v in sweep.items()}
+    text = "\n".join(sweep_table(exp, sweep, best, Settings()))
+    assert f"At the edge of the sweep, so the best rate may lie beyond it: {a} (0.5x), {c} (2x)." in text
+    sweep[a], sweep[c] = sweep[b], sweep[b]
+    best = {label: best_factor(v) for label, v in sweep.items()}
+    assert "edge" not in "\n".join(sweep_table(exp, sweep, best, Settings()))
+
+
 def test_sweep_only_a_subset_under_a_control(tiny, capsys):
     """--sweep-only --models gshard dense --set norm_topk_prob=false --sweep-seed 1: only those
     models' sweep runs, with that seed and override, and a sweep report; the same folder refuses
