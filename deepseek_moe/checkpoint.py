@@ -461,6 +461,11 @@ def load_pretrained(
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:  # e.g. a non-persistent buffer no checkpoint can provide
         raise CheckpointError(f"{path}: still on the meta device after loading: {_few(left)}")
+    if device.type == "cpu" and experts == "per-expert":  # weights mapped from the files, not copied
+        from .mapped import RESIDENT_FRACTION, ResidentLimit
+
+        model._resident_limit = ResidentLimit(model, files, RESIDENT_FRACTION * budget_bytes(max_memory))
+        model._resident_limit.check()  # what loading touched
     return model
 
 
