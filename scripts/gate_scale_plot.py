@@ -65,12 +65,19 @@ def escapes() -> dict[str, list[tuple[int, float]]]:
     return out
 
 
+def correlation(xs, ys) -> float:
+    """Pearson's r, or NaN where it is undefined (fewer than three points, or a constant side)."""
+    if len(xs) < 3 or len(set(xs)) < 2 or len(set(ys)) < 2:
+        return float("nan")
+    return statistics.correlation(xs, ys)
+
+
 def plot_escapes(plt, path: Path) -> None:
     data = escapes()
     fig, ax = plt.subplots(figsize=(7, 4.6))
     for key in sorted(data, key=lambda k: (float(k.split("x")[0]), k)):
         xs, ys = zip(*data[key])
-        r = statistics.correlation(xs, ys) if len(xs) > 2 else float("nan")
+        r = correlation(xs, ys)
         label = f"{key}: {len(xs)} run{'s' * (len(xs) > 1)}" + ("" if r != r else f", r = {r:.2f}")
         ax.plot(xs, ys, "o" if "warmup" not in key else "D", alpha=0.75, label=label)
         print(f"{key}: {len(xs)} runs, escape step {min(xs)}-{max(xs)}, validation loss "

@@ -72,3 +72,6 @@ def test_escape_step_is_where_the_smoothed_loss_leaves_the_plateau():
     # the 8-step mean first falls below 6 nats when 5 of its 8 steps are past step 12
     assert gsp.escape_step({"tokens": 80, "steps": 20, "curve": curve}) == 17
     assert gsp.escape_step({"tokens": 80, "steps": 20, "curve": [(4 * s, 6.5) for s in range(1, 21)]}) is None
+    # runs that all leave the plateau at one step have no correlation, not an error
+    assert gsp.correlation([120, 120, 120], [4.1, 4.2, 4.0]) != gsp.correlation([120, 120, 120], [4.1, 4.2, 4.0])
+    assert abs(gsp.correlation([1, 2, 3], [2.0, 4.0, 6.0]) - 1.0) < 1e-12
