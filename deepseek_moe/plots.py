@@ -250,8 +250,10 @@ def _finish(plt: Any, fig: Any, ax: Any, path: Path) -> Path:
 
 
 def plot_lr_sweep(exp: Any, sweep: dict[str, dict[float, float]], best: dict[str, float], lr: float,
-                  out: Path) -> Path:
-    """Validation loss against the learning rate, one line per model, its chosen rate ringed."""
+                  out: Path, recipe: str = "") -> Path:
+    """Validation loss against the learning rate, one line per model, its chosen rate ringed;
+    ``recipe`` (say the sweep's warmup, which decides how high a rate a short run can take)
+    goes into the title."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, _ in exp.models:
@@ -271,7 +273,7 @@ def plot_lr_sweep(exp: Any, sweep: dict[str, dict[float, float]], best: dict[str
         ax.set_ylim(mid - 0.025, mid + 0.025)
     ax.set_xlabel(f"peak learning rate (dotted: the paper's {lr:g})")
     ax.set_ylabel("validation loss after the sweep's budget")
-    ax.set_title(_wrapped(f"{exp.title}: learning-rate sweep"), fontsize=9)
+    ax.set_title(_wrapped(f"{exp.title}: learning-rate sweep" + (f" ({recipe})" if recipe else "")), fontsize=9)
     return _finish(plt, fig, ax, out / f"{exp.name}-lr_sweep.png")
 
 

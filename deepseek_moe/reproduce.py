@@ -385,7 +385,7 @@ def reproduce(name: str, out: Path, s: Settings, poll_s: float = 30.0) -> Path:
 
         table = sweep_table(exp, sweep, best, s)
         print("\n".join(table), flush=True)
-        png = plot_lr_sweep(exp, sweep, best, s.lr, out)
+        png = plot_lr_sweep(exp, sweep, best, s.lr, out, _warmup_words(s, sweep_only=True))
         print(f"loss vs rate: {png}", flush=True)
         if s.sweep_only:
             path = out / f"report-{name}-lr_sweep.md"
@@ -546,7 +546,7 @@ def report(exp: Experiment, results: dict[str, list[dict[str, Any]]], analyses: 
         lines += _analysis_section(analyses)
     plots = plot_experiment(exp, results, analyses, out)
     if sweep:
-        plots.append(plot_lr_sweep(exp, sweep, best, s.lr, out))
+        plots.append(plot_lr_sweep(exp, sweep, best, s.lr, out, _warmup_words(s, sweep_only=True)))
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     return "\n".join(lines) + "\n"
 

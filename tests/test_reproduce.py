@@ -220,7 +220,7 @@ def test_sweep_table_flags_a_best_rate_at_the_edge():
     assert "edge" not in "\n".join(sweep_table(exp, sweep, best, Settings()))
 
 
-def test_sweep_only_a_subset_under_a_control(tiny, capsys):
+def test_sweep_only_a_subset_under_a_control(tiny, capsys, monkeypatch):
     """--sweep-only --models gshard dense --set norm_topk_prob=false --sweep-seed 1: only those
     models' sweep runs, with that seed and override, and a sweep report; the same folder refuses
     other settings instead of reusing runs trained under these."""
@@ -233,8 +233,14 @@ def test_sweep_only_a_subset_under_a_control(tiny, capsys):
     s = dataclasses.replace(s, lr_sweep=(1.0, 2.0), sweep_tokens=4 * 4 * 32, sweep_only=True,
                             models=("gshard", "Dense"), sweep_seed=1, warmup_steps=3,
                             extra_overrides={**s.extra_overrides, "norm_topk_prob": False})
+    import deepseek_moe.plots as plots
+
+    titles = []
+    plot_lr_sweep = plots.plot_lr_sweep
+    monkeypatch.setattr(plots, "plot_lr_sweep", lambda *a, **k: titles.append(a[5:]) or plot_lr_sweep(*a, **k))
     path = reproduce("table1", out, s)
     assert path == out / "report-table1-lr_sweep.md"
+    assert titles == [("warmup 3 steps",)]  # the plot's title states the sweep's warmup
     runs = sorted(p.name for p in (out / "runs").iterdir())
     assert runs == ["dense-lr1x-sweep", "dense-lr2x-sweep", "gshard-lr1x-sweep", "gshard-lr2x-sweep"]
     for run in runs:
