@@ -74,7 +74,7 @@ def correlation(xs, ys) -> float:
 
 def plot_escapes(plt, path: Path) -> None:
     data = escapes()
-    fig, ax = plt.subplots(figsize=(7, 4.6))
+    fig, ax = plt.subplots(figsize=(10.5, 4.6))
     for key in sorted(data, key=lambda k: (float(k.split("x")[0]), k)):
         xs, ys = zip(*data[key])
         r = correlation(xs, ys)
@@ -87,7 +87,7 @@ def plot_escapes(plt, path: Path) -> None:
     ax.set_title("Leaving the early plateau late costs the run: every sweep run in reproductions/\n"
                  "(512 steps; warmup 51 steps unless marked)", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: no point hidden
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
