@@ -37,6 +37,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 GOAL_RSS_GIB = 20.0
 GOAL_INT4_BOUND = 0.5
@@ -136,8 +137,9 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def run_child(args: list[str], python: str = sys.executable) -> dict:
-    r = subprocess.run([python, __file__, *args], capture_output=True, text=True)
+def run_child(args: list[str], python: str = sys.executable, env: Optional[dict] = None) -> dict:
+    r = subprocess.run([python, __file__, *args], capture_output=True, text=True,
+                       env=None if env is None else {**os.environ, **env})
     if r.returncode:
         raise SystemExit(f"{args}: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -173,6 +175,9 @@ def main() -> None:
     p.add_argument("--gguf-q8", help="the peer: a Q8_0 GGUF of the same weights")
     p.add_argument("--gguf-q4", help="the peer: a Q4_0 GGUF of the same weights")
     p.add_argument("--peer-python", default=sys.executable, help="a Python with llama_cpp (llama-cpp-python)")
+    p.add_argument("--torch-kernels", action="store_true",
+                   help="also measure int8 / int4 with torch's own kernels (DEEPSEEK_MOE_KERNELS=0) beside "
+                        "this package's")
     p.add_argument("--also", action="append", default=[], metavar="ROWS.json",
                    help="rows measured by an earlier invocation (its --json), shown in the same table")
     p.add_argument("--json")
@@ -217,9 +222,13 @@ def main() -> None:
             r.update(disk_gb=disk_gb(path))
             rows.append(r)
         os.unlink(f.name)
-    for mode, path in modes.items():
+    runs = [(mode, path, None) for mode, path in modes.items()]
+    if args.torch_kernels:
+        runs += [(f"{mode} (torch's kernels)", path, {"DEEPSEEK_MOE_KERNELS": "0"})
+                 for mode, path in modes.items() if mode != "bf16"]
+    for mode, path, env in runs:
         r = run_child(["--worker", path, "--prompt-len", str(args.prompt_len), "--new", str(args.new),
-                       "--threads", str(args.threads)])
+                       "--threads", str(args.threads)], env=env)
         r.update(conversions.get(mode, {}), mode=mode, disk_gb=disk_gb(path),
                  bound_fraction=r["decode_tok_s"] * r["bytes_per_token"] / (bw * 1e9))
         rows.append(r)

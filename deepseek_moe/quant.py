@@ -15,12 +15,16 @@ Stored tensors, for a weight ``W`` [N, K] named ``X.weight``:
   configured group size, or the largest smaller one that divides K (``group_for``); the stored
   scales' shape says which.
 
-Products use torch's CPU kernels for weight-only int8 and int4 (``_weight_int8pack_mm``,
+Products of a few rows (decoding: one row per token) use this package's kernel
+(``deepseek_moe.kernels.quant_gemv``: int8 activations per block of 32, integer dot products,
+every weight read once per call) where it is available (x86-64 with AVX512-VNNI), and a mixture
+of experts hands it all of a token's experts in two calls (``moe.experts.ExpertList``). Elsewhere they
+use torch's CPU kernels for weight-only int8 and int4 (``_weight_int8pack_mm``,
 ``_weight_int4pack_mm_for_cpu``) with bf16 activations, whose cost grows with the rows; past a
 number of rows measured on the development machine (2 cores; the dequantization costs about 0.5
 ms for int8 and 1.3 ms for int4 at 1408 x 2048, one row of the kernels about 17 us), the weight
-is dequantized to bf16 and multiplied as a dense GEMM instead. Decoding (one row) uses the
-kernels; prefill of the dense and shared layers (all the tokens) the GEMM.
+is dequantized to bf16 and multiplied as a dense GEMM instead. Prefill of the dense and shared
+layers (all the tokens) takes the GEMM.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ INT4_OUT_MULTIPLE = 16  # the int4 kernel's packing needs N divisible by 16
 ALIGN = 64  # bytes; torch allocates so, and quantize aligns the weights in its files
 INT8_KERNEL_ROWS = 40  # fewer rows: the int8 kernel; more: dequantize and a bf16 GEMM
 INT4_KERNEL_ROWS = 120
+GEMV_ROWS = 8  # at most this many rows per weight: this package's kernel (where available)
 _ROUTER = "mlp.gate.weight"
 
 
@@ -164,7 +169,9 @@ class QuantLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
         rows = x2.shape[0]
-        if x2.device.type == "cpu" and self.bits == 8 and rows < INT8_KERNEL_ROWS and self.in_features % 16 == 0:
+        if gemv_usable([self], rows, x2):
+            y = gemv([self], x2, [0], [rows]).to(torch.bfloat16)
+        elif x2.device.type == "cpu" and self.bits == 8 and rows < INT8_KERNEL_ROWS and self.in_features % 16 == 0:
             y = torch.ops.aten._weight_int8pack_mm(x2, self._int8_kernel_weight(), self.weight_scale)
         elif x2.device.type == "cpu" and self.bits == 4 and rows < INT4_KERNEL_ROWS:
             packed, sz = self._int4_kernel_weight()
@@ -176,6 +183,38 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.bits == 4 else ""
         return f"in={self.in_features}, out={self.out_features}, int{self.bits}{g}"
+
+
+def gemv_usable(layers: list[QuantLinear], rows_per_layer: int, x: torch.Tensor) -> bool:
+    """Whether ``gemv`` serves these layers (one scheme and shape, on the CPU) for this many rows
+    each: the package's kernel is available and takes their shape (inputs a multiple of 32; int4
+    groups a multiple of 64)."""
+    first = layers[0]
+    if x.device.type != "cpu" or rows_per_layer > GEMV_ROWS or first.in_features % 32:
+        return False
+    if first.bits == 4 and first.group_size % 64:
+        return False
+    if any((m.bits, m.group_size, m.in_features, m.out_features) !=
+           (first.bits, first.group_size, first.in_features, first.out_features) for m in layers):
+        return False
+    from . import kernels
+
+    return kernels.available()
+
+
+def gemv(layers: list[QuantLinear], x: torch.Tensor, starts: list[int], counts: list[int]) -> torch.Tensor:
+    """``layers[i]`` applied to the rows ``x[starts[i] : starts[i] + counts[i]]``, in one call of
+    the package's kernel: fp32 [sum(counts), out_features], the layers' results in their order.
+    Check ``gemv_usable`` first."""
+    from . import kernels
+
+    first = layers[0]
+    if first.bits == 8:
+        weights, zeros = [m.weight for m in layers], []
+    else:
+        weights, zeros = [m.weight_packed for m in layers], [m.weight_zero for m in layers]
+    return kernels.quant_gemv(x, weights, [m.weight_scale for m in layers], zeros, starts, counts,
+                              first.bits, first.group_size)
 
 
 def quantized_layers(model: nn.Module) -> list["QuantLinear"]:

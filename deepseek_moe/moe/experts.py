@@ -610,9 +610,15 @@ class ExpertList(nn.ModuleList):
                 gate_M: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Rows sorted by expert (``counts_E[e]`` rows for expert ``e``), optional fp32 gates ->
         ``gate * expert(row)`` [M, D]. Each expert's modules compute as they do alone (autocast
-        applies to plain linear layers; quantized ones compute in bf16)."""
+        applies to plain linear layers; quantized ones compute in bf16), except that quantized
+        experts given few rows each (decoding) run as two calls of the package's kernel for all
+        of them: gate and up projections, then the down projections (fp32 result)."""
+        counts = counts_E.tolist()  # one host synchronisation
+        fused = self._quantized_few_rows(x_MD, counts, gate_M)
+        if fused is not None:
+            return fused
         out, s = [], 0
-        for e, n in enumerate(counts_E.tolist()):  # one host synchronisation
+        for e, n in enumerate(counts):
             if n:
                 m, rows = self[e], x_MD[s:s + n]
                 h = F.silu(m.gate_proj(rows)) * m.up_proj(rows)
@@ -623,6 +629,31 @@ class ExpertList(nn.ModuleList):
         if not out:
             return x_MD.new_zeros(0, self[0].down_proj.out_features)
         return torch.cat(out) if len(out) > 1 else out[0]
+
+    def _quantized_few_rows(self, x_MD: torch.Tensor, counts: list[int],
+                            gate_M: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """``forward`` through ``quant.gemv`` (None where it does not serve: unquantized experts,
+        many rows, or no kernel)."""
+        from ..quant import QuantLinear, gemv, gemv_usable
+
+        used = [e for e, n in enumerate(counts) if n]
+        if not used or torch.is_grad_enabled() or not isinstance(self[0].gate_proj, QuantLinear):
+            return None
+        ins = [p for e in used for p in (self[e].gate_proj, self[e].up_proj)]
+        outs = [self[e].down_proj for e in used]
+        if not all(isinstance(m, QuantLinear) for m in ins + outs):
+            return None
+        if not (gemv_usable(ins, max(counts), x_MD) and gemv_usable(outs, max(counts), x_MD)):
+            return None
+        ns = [counts[e] for e in used]
+        starts = [sum(ns[:i]) for i in range(len(ns))]
+        pairs = [s for s in starts for _ in range(2)], [n for n in ns for _ in range(2)]
+        gu = gemv(ins, x_MD, *pairs)  # per expert: its rows' gate projection, then their up projection
+        gu = torch.cat([gu[2 * s:2 * s + 2 * n].view(2, n, -1) for s, n in zip(starts, ns)], 1)
+        h = F.silu(gu[0]) * gu[1]
+        if gate_M is not None:
+            h = h * gate_M.float().unsqueeze(1)
+        return gemv(outs, h, starts, ns)
 
     def extra_repr(self) -> str:
         m = self[0]

@@ -1,0 +1,119 @@
+"""Compiled CPU kernels of this package, built on first use with the system's C++ compiler.
+
+``quant_gemv`` (``quant_gemv.cpp``): the few-row product of weight-only quantized weights that
+decoding spends its time in, for many weights in one call (see the source for the arithmetic).
+The library is compiled once per source, torch version and compiler into
+``$DEEPSEEK_MOE_CACHE/kernels`` (default ``~/.cache/deepseek_moe/kernels``), about 30 s, and loaded
+with ``torch.ops.load_library``. Where it cannot be (no compiler, another processor than x86-64
+with AVX512-VNNI, or ``DEEPSEEK_MOE_KERNELS=0``), ``available()`` is False and callers use torch's
+own kernels; the reason is logged once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("quant_gemv.cpp")
+_state: dict[str, object] = {}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("DEEPSEEK_MOE_CACHE") or os.path.join(Path.home(), ".cache", "deepseek_moe")
+    return Path(root) / "kernels"
+
+
+def _compile_command(src: Path, out: Path) -> list[str]:
+    from torch.utils import cpp_extension
+
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or "c++"
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+           "-DTORCH_API_INCLUDE_EXTENSION_H"]
+    cmd += [f"-I{p}" for p in cpp_extension.include_paths()]
+    cmd += [f"-I{p}" for p in _python_include()]
+    cmd += [str(src), "-o", str(out)]
+    cmd += [f"-L{p}" for p in cpp_extension.library_paths()]
+    cmd += [f"-Wl,-rpath,{p}" for p in cpp_extension.library_paths()]
+    cmd += ["-lc10", "-ltorch_cpu", "-ltorch"]
+    return cmd
+
+
+def _python_include() -> list[str]:
+    import sysconfig
+
+    return [p for p in {sysconfig.get_paths().get("include")} if p]
+
+
+def _library_path() -> Path:
+    src = _SOURCE.read_bytes()
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or "c++"
+    key = hashlib.sha256(src + torch.__version__.encode() + cxx.encode() + sys.version.encode()).hexdigest()[:16]
+    return cache_dir() / f"quant_gemv-{key}.so"
+
+
+def _build(lib: Path) -> None:
+    """Compile into a temporary file beside ``lib`` and rename it (another process may build the
+    same library at the same time; the rename makes either result whole)."""
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+    os.close(fd)
+    try:
+        r = subprocess.run(_compile_command(_SOURCE, Path(tmp)), capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"compiling {_SOURCE.name} failed: {(r.stderr or r.stdout).strip()[-2000:]}")
+        os.replace(tmp, lib)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load() -> Optional[str]:
+    """Build (once) and load the library; None when it is usable, else why not."""
+    if "reason" in _state:
+        return _state["reason"]  # type: ignore[return-value]
+    reason: Optional[str] = None
+    if os.environ.get("DEEPSEEK_MOE_KERNELS", "1") == "0":
+        reason = "DEEPSEEK_MOE_KERNELS=0"
+    elif platform.machine().lower() not in ("x86_64", "amd64"):
+        reason = f"the kernels are written for x86-64, this is {platform.machine()}"
+    else:
+        try:
+            lib = _library_path()
+            if not lib.exists():
+                log.info("compiling %s (once, about 30 s) into %s", _SOURCE.name, lib.parent)
+                _build(lib)
+            torch.ops.load_library(str(lib))
+            if not torch.ops.deepseek_moe.quant_gemv_supported():
+                reason = "this processor lacks AVX512-VNNI"
+        except Exception as e:  # no compiler, a failed build, a library that does not load
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if reason is not None:
+        log.info("quantized products use torch's kernels: %s", reason)
+    _state["reason"] = reason
+    return reason
+
+
+def available() -> bool:
+    """Whether ``quant_gemv`` can be called (builds and loads the library on first call)."""
+    return load() is None
+
+
+def quant_gemv(x: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.Tensor],
+               zeros: list[torch.Tensor], starts: list[int], counts: list[int], bits: int,
+               group: int) -> torch.Tensor:
+    """``out[o_i + r] = W_i x[starts[i] + r]`` for every weight ``i`` and ``r < counts[i]``
+    (``o_i`` the sum of the earlier counts): fp32 [sum(counts), N]. See ``quant_gemv.cpp``."""
+    return torch.ops.deepseek_moe.quant_gemv(x, weights, scales, zeros, starts, counts, bits, group)

@@ -1,0 +1,317 @@
+// Few-row products with weight-only quantized weights (int8 per output channel, int4 in groups
+// of the input), for decoding: every weight of a call is read from memory once, whatever the
+// number of rows it multiplies, and one call serves many weights (all of a token's experts).
+//
+//   deepseek_moe::quant_gemv(x, weights, scales, zeros, starts, counts, bits, group) -> out
+//
+// x [M, K] (fp32 or bf16). For weight i (int8 [N, K], or int4 packed uint8 [N, K/2]: element 2j
+// in the low nibble of byte j), the rows x[starts[i] : starts[i] + counts[i]] are multiplied by
+// it: out[o_i + r] = W_i x[starts[i] + r], where o_i = counts[0] + ... + counts[i-1]; out is fp32
+// [sum(counts), N]. scales: int8 bf16 [N] (W = q * s); int4 bf16 [N, K/group] with zeros of the
+// same shape (W = q * s + z, q in [0, 15]).
+//
+// The activations are quantized per block of 32 inputs to int8 (symmetric, the block's largest
+// magnitude as 127), as llama.cpp quantizes them for its Q8_0 / Q4_0 products, and the dot
+// products run on integers (AVX512-VNNI vpdpbusd on 256-bit vectors), with one fp32 fused
+// multiply-add per 32 weights for the block's scale. The int4 zero term uses the group sums of
+// the quantized activations, so that the result is the product with the dequantized weight of
+// the quantized activations, as for int8 (the unquantized sums would not cancel the zeros'
+// share of the quantized dot products: about twice the error).
+//
+// The kernels need AVX512-VNNI (and AVX512-VL/BW, AVX2, FMA); `quant_gemv_supported()` says
+// whether this processor has them. The file is compiled without those flags (only the kernel
+// functions carry them), so the library loads on any x86-64 processor.
+
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlock = 32;  // inputs per activation scale
+constexpr int64_t kChunk = 64;  // inputs of one 32-byte vector of packed int4 weights
+constexpr int64_t kPrefetch = 4096;  // bytes ahead of the int8 weights read
+constexpr int64_t kRowsPerTask = 32;  // output channels per parallel task
+#define KERNEL_TARGET __attribute__((target("avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni")))
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+KERNEL_TARGET inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// The activations of one call, quantized: per row, K int8 values (for int4, each chunk of 64
+// inputs reordered as its 32 even-numbered inputs then its 32 odd-numbered ones, to meet the
+// nibbles), their magnitudes (int8: the unsigned operand of vpdpbusd), K/32 block scales, and
+// (int4) the K/group sums of the quantized inputs.
+struct QuantizedRows {
+  int64_t M, K, blocks, groups;
+  std::vector<int8_t> q;
+  std::vector<uint8_t> mag;
+  std::vector<float> scale;
+  std::vector<float> group_sum;
+};
+
+QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, int bits, int64_t group) {
+  QuantizedRows r;
+  r.M = M;
+  r.K = K;
+  r.blocks = K / kBlock;
+  r.groups = bits == 4 ? K / group : 0;
+  r.q.resize(M * K);
+  r.scale.resize(M * r.blocks);
+  if (bits == 8) r.mag.resize(M * K);
+  if (bits == 4) r.group_sum.assign(M * r.groups, 0.f);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * K;
+    for (int64_t b = 0; b < r.blocks; ++b) {
+      const float* xb = xr + b * kBlock;
+      float amax = 0.f;
+      for (int64_t k = 0; k < kBlock; ++k) amax = std::max(amax, std::fabs(xb[k]));
+      const float s = amax / 127.f;
+      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      r.scale[m * r.blocks + b] = s;
+      int32_t sum = 0;
+      for (int64_t k = 0; k < kBlock; ++k) {
+        const int8_t v = static_cast<int8_t>(std::nearbyint(xb[k] * inv));
+        const int64_t i = b * kBlock + k;  // input index in the row
+        const int64_t at = bits == 4 ? (i / kChunk) * kChunk + (i % 2) * (kChunk / 2) + (i % kChunk) / 2 : i;
+        r.q[m * K + at] = v;
+        if (bits == 8) r.mag[m * K + i] = static_cast<uint8_t>(v < 0 ? -v : v);
+        sum += v;
+      }
+      if (bits == 4) r.group_sum[m * r.groups + (b * kBlock) / group] += s * static_cast<float>(sum);
+    }
+  }
+  return r;
+}
+
+// y[r][n] = W[n] . x[row0 + r] for the output channels n0 <= n < n0 + C of one int8 weight and
+// `rows` rows: C independent accumulators, so that the fused multiply-adds overlap, and each
+// block of the activations loaded once for the C channels.
+template <int C>
+KERNEL_TARGET inline void int8_tile(const int8_t* w, const uint16_t* w_scale, const QuantizedRows& x,
+                                    int64_t row0, int64_t rows, int64_t n0, int64_t N, float* out) {
+  const int64_t K = x.K;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t m = row0 + r;
+    const int8_t* xq = x.q.data() + m * K;
+    const uint8_t* xm = x.mag.data() + m * K;
+    const float* xs = x.scale.data() + m * x.blocks;
+    __m256 acc[C];
+    for (int c = 0; c < C; ++c) acc[c] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < x.blocks; ++b) {
+      const int64_t k = b * kBlock;
+      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k));
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + k));
+      const __m256 s = _mm256_set1_ps(xs[b]);
+      for (int c = 0; c < C; ++c) {
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (n0 + c) * K + k));
+        // |x| * (w * sign(x)) = x * w: vpdpbusd multiplies unsigned by signed bytes.
+        const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, _mm256_sign_epi8(wv, q));
+        acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[c]);
+      }
+    }
+    for (int c = 0; c < C; ++c) out[r * N + n0 + c] = hsum(acc[c]) * bf16_to_float(w_scale[n0 + c]);
+  }
+}
+
+KERNEL_TARGET void int8_channels(const int8_t* w, const uint16_t* w_scale, const QuantizedRows& x,
+                                 int64_t row0, int64_t rows, int64_t n0, int64_t n1, int64_t N,
+                                 float* out) {
+  const int64_t K = x.K;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* wn = w + n * K;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t m = row0 + r;
+      const int8_t* xq = x.q.data() + m * K;
+      const uint8_t* xm = x.mag.data() + m * K;
+      const float* xs = x.scale.data() + m * x.blocks;
+      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      int64_t b = 0;
+      for (; b + 4 <= x.blocks; b += 4) {
+        // Two cache lines, 4 KiB ahead of the weight row read now (measured: faster than 0.5-2 KiB
+        // ahead, or none, on a 2-core machine).
+        _mm_prefetch(reinterpret_cast<const char*>(wn + b * kBlock + kPrefetch), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(wn + b * kBlock + kPrefetch + 64), _MM_HINT_T0);
+        for (int u = 0; u < 4; ++u) {
+          const int64_t k = (b + u) * kBlock;
+          const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wn + k));
+          const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k));
+          const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + k));
+          const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, _mm256_sign_epi8(wv, q));
+          acc[u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(xs[b + u]), acc[u]);
+        }
+      }
+      for (; b < x.blocks; ++b) {
+        const int64_t k = b * kBlock;
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wn + k));
+        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k));
+        const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + k));
+        const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, _mm256_sign_epi8(wv, q));
+        acc[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(xs[b]), acc[0]);
+      }
+      const __m256 sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+      out[r * N + n] = hsum(sum) * bf16_to_float(w_scale[n]);
+    }
+  }
+}
+
+// The same for an int4 weight (packed [N, K/2], scales and zeros [N, K/group]). Per chunk of 64
+// inputs (32 packed bytes): the low nibbles times the chunk's even inputs and the high nibbles
+// times its odd ones; lanes 0-3 of the sum hold inputs 0-31 (activation block 2c), lanes 4-7
+// inputs 32-63 (block 2c + 1), so the blocks' scales multiply the lanes (`lane_scale`). The
+// group's sum is scaled once by the group's weight scale.
+template <int C>
+KERNEL_TARGET inline void int4_tile(const uint8_t* w, const uint16_t* w_scale, const uint16_t* w_zero,
+                                    int64_t group, const QuantizedRows& x, const float* lane_scale,
+                                    int64_t row0, int64_t rows, int64_t n0, int64_t N, float* out) {
+  const int64_t K = x.K;
+  const int64_t groups = K / group;
+  const int64_t chunks_per_group = group / kChunk;
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t m = row0 + r;
+    const int8_t* xq = x.q.data() + m * K;
+    const float* ls = lane_scale + m * (K / kChunk) * 8;
+    const float* xg = x.group_sum.data() + m * groups;
+    __m256 acc[C];
+    float zero_term[C];
+    for (int c = 0; c < C; ++c) {
+      acc[c] = _mm256_setzero_ps();
+      zero_term[c] = 0.f;
+    }
+    for (int64_t g = 0; g < groups; ++g) {
+      __m256 gacc[C];
+      for (int c = 0; c < C; ++c) gacc[c] = _mm256_setzero_ps();
+      for (int64_t j = 0; j < chunks_per_group; ++j) {
+        const int64_t ch = g * chunks_per_group + j;
+        const __m256i even = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + ch * kChunk));
+        const __m256i odd = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + ch * kChunk + 32));
+        const __m256 s = _mm256_loadu_ps(ls + ch * 8);
+        for (int c = 0; c < C; ++c) {
+          const __m256i p = _mm256_loadu_si256(
+              reinterpret_cast<const __m256i*>(w + (n0 + c) * (K / 2) + ch * (kChunk / 2)));
+          const __m256i lo = _mm256_and_si256(p, low);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(p, 4), low);
+          __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, even);
+          dot = _mm256_dpbusd_epi32(dot, hi, odd);
+          gacc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, gacc[c]);
+        }
+      }
+      for (int c = 0; c < C; ++c) {
+        const int64_t at = (n0 + c) * groups + g;
+        acc[c] = _mm256_fmadd_ps(gacc[c], _mm256_set1_ps(bf16_to_float(w_scale[at])), acc[c]);
+        zero_term[c] += bf16_to_float(w_zero[at]) * xg[g];
+      }
+    }
+    for (int c = 0; c < C; ++c) out[r * N + n0 + c] = hsum(acc[c]) + zero_term[c];
+  }
+}
+
+KERNEL_TARGET void int4_channels(const uint8_t* w, const uint16_t* w_scale, const uint16_t* w_zero,
+                                 int64_t group, const QuantizedRows& x, const float* lane_scale,
+                                 int64_t row0, int64_t rows, int64_t n0, int64_t n1, int64_t N,
+                                 float* out) {
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) int4_tile<4>(w, w_scale, w_zero, group, x, lane_scale, row0, rows, n, N, out);
+  for (; n < n1; ++n) int4_tile<1>(w, w_scale, w_zero, group, x, lane_scale, row0, rows, n, N, out);
+}
+
+bool cpu_supported() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
+}
+
+bool quant_gemv_supported() { return cpu_supported(); }
+
+at::Tensor quant_gemv(const at::Tensor& x, at::TensorList weights, at::TensorList scales,
+                      at::TensorList zeros, at::IntArrayRef starts, at::IntArrayRef counts,
+                      int64_t bits, int64_t group) {
+  TORCH_CHECK(cpu_supported(), "quant_gemv needs a processor with AVX512-VNNI");
+  TORCH_CHECK(bits == 8 || bits == 4, "bits must be 8 or 4, got ", bits);
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "x must be a 2-D CPU tensor");
+  const int64_t W = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(W > 0 && static_cast<int64_t>(scales.size()) == W &&
+                  static_cast<int64_t>(starts.size()) == W && static_cast<int64_t>(counts.size()) == W &&
+                  (bits == 8 || static_cast<int64_t>(zeros.size()) == W),
+              "one scale, start and count (and for int4 one zero) per weight");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(K % kBlock == 0, "the inputs (", K, ") must be a multiple of ", kBlock);
+  TORCH_CHECK(bits == 8 || (group % kChunk == 0 && K % group == 0),
+              "the int4 group (", group, ") must be a multiple of 64 that divides ", K);
+  const int64_t N = weights[0].size(0);
+  std::vector<int64_t> offset(W + 1, 0);
+  for (int64_t i = 0; i < W; ++i) {
+    const at::Tensor& w = weights[i];
+    TORCH_CHECK(w.dim() == 2 && w.size(0) == N && w.size(1) == (bits == 8 ? K : K / 2) && w.is_contiguous() &&
+                    w.scalar_type() == (bits == 8 ? at::kChar : at::kByte),
+                "weight ", i, " must be a contiguous ", bits == 8 ? "int8" : "uint8", " [", N, ", ",
+                bits == 8 ? K : K / 2, "] tensor");
+    TORCH_CHECK(scales[i].scalar_type() == at::kBFloat16 && scales[i].is_contiguous() &&
+                    scales[i].numel() == (bits == 8 ? N : N * (K / group)),
+                "scale ", i, " must be a contiguous bf16 tensor of the weight's channels (and groups)");
+    if (bits == 4)
+      TORCH_CHECK(zeros[i].scalar_type() == at::kBFloat16 && zeros[i].is_contiguous() &&
+                      zeros[i].numel() == N * (K / group),
+                  "zero ", i, " must be a contiguous bf16 [N, K/group] tensor");
+    TORCH_CHECK(starts[i] >= 0 && counts[i] >= 0 && starts[i] + counts[i] <= M,
+                "rows ", starts[i], " + ", counts[i], " out of the ", M, " rows of x");
+    offset[i + 1] = offset[i] + counts[i];
+  }
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const QuantizedRows q = quantize_rows(xf.data_ptr<float>(), M, K, static_cast<int>(bits), group);
+  // int4: per row and chunk of 64 inputs, the scales of its two blocks, each for four lanes.
+  std::vector<float> lane_scale;
+  if (bits == 4) {
+    lane_scale.resize(M * (K / kChunk) * 8);
+    for (int64_t i = 0; i < M * (K / kChunk); ++i)
+      for (int l = 0; l < 8; ++l) lane_scale[i * 8 + l] = q.scale[2 * i + l / 4];
+  }
+  at::Tensor out = at::empty({offset[W], N}, x.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  const int64_t chunks = (N + kRowsPerTask - 1) / kRowsPerTask;
+  at::parallel_for(0, W * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t i = t / chunks, c = t % chunks;
+      if (counts[i] == 0) continue;
+      const int64_t n0 = c * kRowsPerTask, n1 = std::min(N, n0 + kRowsPerTask);
+      const uint16_t* s = reinterpret_cast<const uint16_t*>(scales[i].data_ptr<at::BFloat16>());
+      if (bits == 8) {
+        int8_channels(weights[i].data_ptr<int8_t>(), s, q, starts[i], counts[i], n0, n1, N,
+                      o + offset[i] * N);
+      } else {
+        const uint16_t* z = reinterpret_cast<const uint16_t*>(zeros[i].data_ptr<at::BFloat16>());
+        int4_channels(weights[i].data_ptr<uint8_t>(), s, z, group, q, lane_scale.data(), starts[i], counts[i], n0, n1, N,
+                      o + offset[i] * N);
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(deepseek_moe, m) {
+  m.def("quant_gemv(Tensor x, Tensor[] weights, Tensor[] scales, Tensor[] zeros, int[] starts, "
+        "int[] counts, int bits, int group) -> Tensor");
+  m.def("quant_gemv_supported() -> bool", &quant_gemv_supported);
+}
+
+TORCH_LIBRARY_IMPL(deepseek_moe, CPU, m) { m.impl("quant_gemv", &quant_gemv); }

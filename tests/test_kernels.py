@@ -1,0 +1,172 @@
+"""The compiled few-row quantized product (``deepseek_moe.kernels.quant_gemv``) against a readable
+reference of its arithmetic, and the quantized experts' fused decode path against the per-expert
+loop."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from deepseek_moe import kernels
+from deepseek_moe.moe.experts import ExpertList
+from deepseek_moe.quant import QuantLinear, dequantize, gemv, gemv_usable, quantize_weight
+
+needs_kernel = pytest.mark.skipif(not kernels.available(), reason=f"no kernel here: {kernels.load()}")
+BLOCK = 32  # inputs per activation scale
+
+
+def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 activations per block of 32 inputs (symmetric, the block's largest magnitude as 127):
+    (q as float64 [M, K], scales float64 [M, K/32])."""
+    M, K = x.shape
+    xb = x.float().view(M, K // BLOCK, BLOCK)
+    amax = xb.abs().amax(-1)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127) / amax, torch.zeros_like(amax))  # not 127 / amax: a reciprocal
+    q = torch.round(xb * inv[..., None])  # to nearest, ties to even, in fp32 as the kernel
+    scale = amax / 127
+    return q.double().view(M, K), scale.double()
+
+
+def gemv_reference(x, stored, bits, group, starts, counts):
+    """The kernel's result spelt out: weight i times its rows' quantized activations, exact
+    integer dot products per block, scaled by the block's scale and the weight's scales."""
+    q, xs = quantize_rows_reference(x.float())
+    out = []
+    for t, s0, n in zip(stored, starts, counts):
+        for r in range(s0, s0 + n):
+            xq = q[r].view(-1, BLOCK)  # blocks
+            if bits == 8:
+                w = t["weight"].double().view(t["weight"].shape[0], -1, BLOCK)
+                dots = (w * xq).sum(-1)  # [N, blocks], exact integers
+                out.append((dots * xs[r]).sum(-1) * t["weight_scale"].double())
+            else:
+                p = t["weight_packed"]
+                N = p.shape[0]
+                wq = torch.stack([p & 15, p >> 4], -1).view(N, -1).double().view(N, -1, BLOCK)
+                dots = (wq * xq).sum(-1)  # [N, blocks]
+                per_group = (dots * xs[r]).view(N, -1, group // BLOCK).sum(-1)  # [N, groups]
+                xsum = (xq * xs[r][:, None]).view(-1, group).sum(-1)  # the quantized inputs' sums
+                scale, zero = t["weight_scale"].double(), t["weight_zero"].double()
+                out.append((per_group * scale).sum(-1) + (zero * xsum).sum(-1))
+    return torch.stack(out).float()
+
+
+def _stored(bits, group, n_weights, N, K, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [quantize_weight(torch.randn(N, K, generator=g) * 0.02, bits, group) for _ in range(n_weights)]
+
+
+def _call(x, stored, bits, group, starts, counts):
+    key = "weight" if bits == 8 else "weight_packed"
+    return kernels.quant_gemv(x, [t[key] for t in stored], [t["weight_scale"] for t in stored],
+                              [t["weight_zero"] for t in stored] if bits == 4 else [],
+                              starts, counts, bits, group)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits, group, K", [(8, 0, 96), (8, 0, 2080), (4, 64, 192), (4, 128, 384), (4, 256, 512)])
+def test_quant_gemv_equals_its_arithmetic(bits, group, K):
+    """Odd numbers of channels (tiles of 4 and a remainder), several weights, spans of 0-3 rows
+    that overlap and skip rows; fp32 and bf16 activations; a block of zeros (scale 0)."""
+    N = 37 if bits == 8 else 48
+    stored = _stored(bits, group or 128, 4, N, K)
+    torch.manual_seed(1)
+    x = torch.randn(6, K)
+    x[2, :BLOCK] = 0
+    x[4] *= 50  # large activations: the scales follow
+    starts, counts = [0, 1, 5, 3], [2, 3, 0, 3]
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = x.to(dtype)
+        out = _call(xd, stored, bits, group, starts, counts)
+        ref = gemv_reference(xd, stored, bits, group, starts, counts)
+        assert out.shape == (sum(counts), N) and out.dtype == torch.float32
+        assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quant_gemv_is_close_to_the_dequantized_product(bits):
+    """What quantizing the activations costs: about 0.5% of the output's norm for Gaussian inputs
+    (int8 per block of 32), the same for both weight schemes."""
+    stored = _stored(bits, 128, 2, 256, 1024)
+    x = torch.randn(3, 1024)
+    out = _call(x, stored, bits, 128, [0, 1], [3, 2])
+    ref = torch.cat([x[s:s + n] @ dequantize(t, bits, 128, torch.float32).T for t, s, n in zip(stored, [0, 1], [3, 2])])
+    assert ((out - ref).norm() / ref.norm()).item() < 0.01
+
+
+@needs_kernel
+def test_quant_gemv_refuses_what_it_cannot_compute():
+    stored = _stored(8, 128, 2, 16, 64)
+    x = torch.randn(2, 64)
+    with pytest.raises(RuntimeError, match="out of the 2 rows"):
+        _call(x, stored, 8, 0, [0, 1], [1, 2])
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        _call(torch.randn(2, 48), _stored(8, 128, 1, 16, 48), 8, 0, [0], [1])
+    with pytest.raises(RuntimeError, match="one scale, start and count"):
+        _call(x, stored, 8, 0, [0], [1])
+    with pytest.raises(RuntimeError, match="int4 group"):
+        _call(x, _stored(4, 32, 1, 16, 64), 4, 32, [0], [1])
+
+
+def test_the_kernels_can_be_switched_off():
+    code = ("from deepseek_moe import kernels; import sys; "
+            "sys.exit(0 if kernels.load() == 'DEEPSEEK_MOE_KERNELS=0' and not kernels.available() else 1)")
+    env = dict(os.environ, DEEPSEEK_MOE_KERNELS="0")
+    assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
+
+
+def _quantized_experts(bits, group, n_experts=5, hidden=64, inter=128):
+    torch.manual_seed(0)
+    experts = ExpertList(n_experts, hidden, inter)
+    for m in experts:
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            lin = getattr(m, name)
+            q = QuantLinear(lin.in_features, lin.out_features, bits, group)
+            for k, v in quantize_weight(lin.weight * 10, bits, group).items():
+                getattr(q, k).copy_(v)
+            setattr(m, name, q)
+    return experts
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits, group", [(8, 128), (4, 64)])
+def test_quantized_experts_decode_in_two_calls(bits, group):
+    """ExpertList with quantized experts and a few rows each: the two fused calls equal the
+    arithmetic of the kernel applied expert by expert (gate and up, SwiGLU in fp32, gate, down),
+    whatever experts are idle; many rows take the per-expert path."""
+    experts = _quantized_experts(bits, group)
+    counts = torch.tensor([2, 0, 1, 3, 0])
+    x = torch.randn(6, 64)
+    gate = torch.rand(6)
+    calls = []
+    real = kernels.quant_gemv
+
+    def counting(*a, **k):
+        calls.append(len(a[1]))
+        return real(*a, **k)
+
+    with torch.no_grad():
+        kernels.quant_gemv = counting
+        try:
+            y = experts(x, counts, gate)
+        finally:
+            kernels.quant_gemv = real
+    assert calls == [6, 3]  # gate and up of the 3 busy experts, then their down projections
+    expected, s = [], 0
+    with torch.no_grad():
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                m, rows = experts[e], x[s:s + n]
+                g = gemv([m.gate_proj], rows, [0], [n])
+                u = gemv([m.up_proj], rows, [0], [n])
+                h = torch.nn.functional.silu(g) * u * gate[s:s + n, None]
+                expected.append(gemv([m.down_proj], h, [0], [n]))
+            s += n
+    assert y.dtype == torch.float32
+    assert torch.allclose(y, torch.cat(expected), rtol=1e-5, atol=1e-6)
+    assert not gemv_usable([experts[0].gate_proj], 9, x)  # more rows per expert: the GEMM paths
