@@ -12,6 +12,8 @@ divided by the bandwidth of reading a 2 GiB buffer. Use the full-size random che
 
     python benchmarks/big_model.py --bf16 /work/big/deepseek-moe-16b-random --convert /work/big
     python benchmarks/big_model.py --int8 DIR --int4 DIR --json out.json
+    python benchmarks/big_model.py --int8 DIR --int4 DIR --torch-kernels      # rows with torch's kernels too
+    python benchmarks/big_model.py --int8 DIR --int4 DIR --kernel-ab 4 --new 16   # the kernels, A/B in one process
 
 Peak resident memory counts the checkpoint pages a process touched: memory-mapped weights that
 the kernel can drop again, besides what it allocated.
@@ -121,6 +123,42 @@ def worker(path: str, prompt_len: int, new: int, threads: int) -> dict:
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
+def kernel_ab(path: str, new: int, threads: int, rounds: int) -> dict:
+    """Decode tokens/s of one loaded quantized checkpoint with this package's kernel and with
+    torch's (``quant.gemv_usable`` answering no), alternating ``rounds`` times in one process, so
+    that both see the same machine: a fairer ratio than separate processes on a shared machine."""
+    import statistics
+
+    import torch
+
+    from deepseek_moe import quant
+    from deepseek_moe.checkpoint import load_pretrained
+    from deepseek_moe.generate import generate
+
+    torch.set_num_threads(threads)
+    model = load_pretrained(path)
+    warm, prompt = prompts(512)
+    usable = quant.gemv_usable
+
+    def rate(ours: bool) -> float:
+        quant.gemv_usable = usable if ours else (lambda *a, **k: False)
+        stamps: list[float] = []
+        t0 = time.perf_counter()
+        generate(model, [prompt[:32]], new + 1, greedy=True,
+                 stream=lambda row, tok: stamps.append(time.perf_counter() - t0))
+        return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+    runs: dict[str, list[float]] = {"ours": [], "torch": []}
+    with torch.inference_mode():
+        model(torch.tensor([warm]))  # pages the weights in
+        rate(True), rate(False)
+        for _ in range(rounds):
+            runs["ours"].append(rate(True))
+            runs["torch"].append(rate(False))
+    quant.gemv_usable = usable
+    return {k: statistics.median(v) for k, v in runs.items()} | {"runs": runs}
+
+
 def bandwidth_gbs(threads: int) -> float:
     """Read bandwidth: summing a 2 GiB buffer, best of 3."""
     import torch
@@ -178,6 +216,9 @@ def main() -> None:
     p.add_argument("--torch-kernels", action="store_true",
                    help="also measure int8 / int4 with torch's own kernels (DEEPSEEK_MOE_KERNELS=0) beside "
                         "this package's")
+    p.add_argument("--kernel-ab", type=int, default=0, metavar="ROUNDS",
+                   help="instead of the table: decode tokens/s of each quantized checkpoint with this "
+                        "package's kernel and with torch's, alternating ROUNDS times in one process")
     p.add_argument("--also", action="append", default=[], metavar="ROWS.json",
                    help="rows measured by an earlier invocation (its --json), shown in the same table")
     p.add_argument("--json")
@@ -194,6 +235,14 @@ def main() -> None:
         return
     if args.bandwidth:
         print(json.dumps({"gbs": bandwidth_gbs(args.threads)}))
+        return
+    if args.kernel_ab:
+        for mode, path in (("int8", args.int8), ("int4", args.int4)):
+            if path:
+                r = kernel_ab(path, args.new, args.threads, args.kernel_ab)
+                runs = "; ".join(f"{k} " + " ".join(f"{x:.2f}" for x in v) for k, v in r["runs"].items())
+                print(f"{mode}: decode {r['ours']:.2f} tok/s with this package's kernel, {r['torch']:.2f} with "
+                      f"torch's: {r['ours'] / r['torch']:.2f}x (medians of {args.kernel_ab}; {runs})")
         return
     modes = {"bf16": args.bf16, "int8": args.int8, "int4": args.int4}
     conversions: dict[str, dict] = {}

@@ -36,7 +36,7 @@ namespace {
 
 constexpr int64_t kBlock = 32;  // inputs per activation scale
 constexpr int64_t kChunk = 64;  // inputs of one 32-byte vector of packed int4 weights
-constexpr int64_t kPrefetch = 4096;  // bytes ahead of the int8 weights read
+constexpr int64_t kPrefetch = 4096;  // bytes ahead of the weights read (software prefetch)
 constexpr int64_t kRowsPerTask = 32;  // output channels per parallel task
 #define KERNEL_TARGET __attribute__((target("avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni")))
 
@@ -54,8 +54,8 @@ KERNEL_TARGET inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// The activations of one call, quantized: per row, K int8 values (for int4, each chunk of 64
-// inputs reordered as its 32 even-numbered inputs then its 32 odd-numbered ones, to meet the
+// The activations of one call, quantized: per row, K int8 values (for int4, each chunk of 64 or
+// 128 inputs reordered as its even-numbered inputs then its odd-numbered ones, to meet the
 // nibbles), their magnitudes (int8: the unsigned operand of vpdpbusd), K/32 block scales, and
 // (int4) the K/group sums of the quantized inputs.
 struct QuantizedRows {
@@ -66,7 +66,7 @@ struct QuantizedRows {
   std::vector<float> group_sum;
 };
 
-QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, int bits, int64_t group) {
+QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, int bits, int64_t group, int64_t chunk) {
   QuantizedRows r;
   r.M = M;
   r.K = K;
@@ -89,7 +89,7 @@ QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, int bits, int6
       for (int64_t k = 0; k < kBlock; ++k) {
         const int8_t v = static_cast<int8_t>(std::nearbyint(xb[k] * inv));
         const int64_t i = b * kBlock + k;  // input index in the row
-        const int64_t at = bits == 4 ? (i / kChunk) * kChunk + (i % 2) * (kChunk / 2) + (i % kChunk) / 2 : i;
+        const int64_t at = bits == 4 ? (i / chunk) * chunk + (i % 2) * (chunk / 2) + (i % chunk) / 2 : i;
         r.q[m * K + at] = v;
         if (bits == 8) r.mag[m * K + i] = static_cast<uint8_t>(v < 0 ? -v : v);
         sum += v;
@@ -197,11 +197,67 @@ KERNEL_TARGET inline void int4_tile(const uint8_t* w, const uint16_t* w_scale, c
   }
 }
 
+// The same with 512-bit vectors for groups of a multiple of 128 inputs: per step, 64 packed bytes
+// (128 inputs, four activation blocks: lanes 4j to 4j + 3 hold block j) and its chunk of the
+// activations reordered as 64 even-numbered inputs then 64 odd-numbered ones. Half the
+// instructions per weight of the 256-bit kernel, which its arithmetic limits (measured).
+template <int C>
+KERNEL_TARGET inline void int4_tile_512(const uint8_t* w, const uint16_t* w_scale, const uint16_t* w_zero,
+                                        int64_t group, const QuantizedRows& x, const float* lane_scale,
+                                        int64_t row0, int64_t rows, int64_t n0, int64_t N, float* out) {
+  const int64_t K = x.K;
+  const int64_t groups = K / group;
+  const int64_t steps_per_group = group / 128;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  const __m512i zero = _mm512_setzero_si512();
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t m = row0 + r;
+    const int8_t* xq = x.q.data() + m * K;
+    const float* ls = lane_scale + m * (K / 128) * 16;
+    const float* xg = x.group_sum.data() + m * groups;
+    __m512 acc[C];
+    float zero_term[C];
+    for (int c = 0; c < C; ++c) {
+      acc[c] = _mm512_setzero_ps();
+      zero_term[c] = 0.f;
+    }
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512 sv[C];
+      for (int c = 0; c < C; ++c) {
+        const int64_t at = (n0 + c) * groups + g;
+        sv[c] = _mm512_set1_ps(bf16_to_float(w_scale[at]));
+        zero_term[c] += bf16_to_float(w_zero[at]) * xg[g];
+      }
+      for (int64_t j = 0; j < steps_per_group; ++j) {
+        const int64_t st = g * steps_per_group + j;
+        const __m512i even = _mm512_loadu_si512(xq + st * 128);
+        const __m512i odd = _mm512_loadu_si512(xq + st * 128 + 64);
+        const __m512 s = _mm512_loadu_ps(ls + st * 16);
+        for (int c = 0; c < C; ++c) {
+          const uint8_t* wp = w + (n0 + c) * (K / 2) + st * 64;
+          _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetch), _MM_HINT_T0);
+          const __m512i p = _mm512_loadu_si512(wp);
+          const __m512i lo = _mm512_and_si512(p, low);
+          const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(p, 4), low);
+          const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, even), hi, odd);
+          acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s, sv[c]), acc[c]);
+        }
+      }
+    }
+    for (int c = 0; c < C; ++c) out[r * N + n0 + c] = _mm512_reduce_add_ps(acc[c]) + zero_term[c];
+  }
+}
+
 KERNEL_TARGET void int4_channels(const uint8_t* w, const uint16_t* w_scale, const uint16_t* w_zero,
                                  int64_t group, const QuantizedRows& x, const float* lane_scale,
                                  int64_t row0, int64_t rows, int64_t n0, int64_t n1, int64_t N,
                                  float* out) {
   int64_t n = n0;
+  if (group % 128 == 0) {
+    for (; n + 4 <= n1; n += 4) int4_tile_512<4>(w, w_scale, w_zero, group, x, lane_scale, row0, rows, n, N, out);
+    for (; n < n1; ++n) int4_tile_512<1>(w, w_scale, w_zero, group, x, lane_scale, row0, rows, n, N, out);
+    return;
+  }
   for (; n + 4 <= n1; n += 4) int4_tile<4>(w, w_scale, w_zero, group, x, lane_scale, row0, rows, n, N, out);
   for (; n < n1; ++n) int4_tile<1>(w, w_scale, w_zero, group, x, lane_scale, row0, rows, n, N, out);
 }
@@ -250,13 +306,16 @@ at::Tensor quant_gemv(const at::Tensor& x, at::TensorList weights, at::TensorLis
     offset[i + 1] = offset[i] + counts[i];
   }
   const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const QuantizedRows q = quantize_rows(xf.data_ptr<float>(), M, K, static_cast<int>(bits), group);
-  // int4: per row and chunk of 64 inputs, the scales of its two blocks, each for four lanes.
+  const int64_t chunk = bits == 4 && group % 128 == 0 ? 128 : 64;  // int4: 512-bit steps or 256-bit
+  const QuantizedRows q = quantize_rows(xf.data_ptr<float>(), M, K, static_cast<int>(bits), group, chunk);
+  // int4: per row and chunk of inputs, its blocks' scales, one per lane of the chunk's dot
+  // products (four lanes per block of 32 inputs).
   std::vector<float> lane_scale;
   if (bits == 4) {
-    lane_scale.resize(M * (K / kChunk) * 8);
-    for (int64_t i = 0; i < M * (K / kChunk); ++i)
-      for (int l = 0; l < 8; ++l) lane_scale[i * 8 + l] = q.scale[2 * i + l / 4];
+    const int64_t lanes = chunk / 8;
+    lane_scale.resize(M * (K / chunk) * lanes);
+    for (int64_t i = 0; i < M * (K / chunk); ++i)
+      for (int64_t l = 0; l < lanes; ++l) lane_scale[i * lanes + l] = q.scale[i * (chunk / kBlock) + l / 4];
   }
   at::Tensor out = at::empty({offset[W], N}, x.options().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
