@@ -17,10 +17,11 @@ Stored tensors, for a weight ``W`` [N, K] named ``X.weight``:
 
 Products of a few rows (decoding: one row per token) use this package's kernel
 (``deepseek_moe.kernels.quant_gemv``: int8 activations per block of 32, integer dot products,
-every weight read once per call) where it is available (x86-64 with AVX512-VNNI), and a mixture
-of experts hands it all of a token's experts in two calls (``moe.experts.ExpertList``). Elsewhere they
-use torch's CPU kernels for weight-only int8 and int4 (``_weight_int8pack_mm``,
-``_weight_int4pack_mm_for_cpu``) with bf16 activations, whose cost grows with the rows; past a
+every weight read once per call) where it is available (x86-64 with AVX512-VNNI): a mixture of
+experts hands it all of a token's experts in two calls (``moe.experts.ExpertList``), and a single
+int8 layer its few rows (``GEMV_SINGLE_ROWS``). Elsewhere products use torch's CPU kernels
+for weight-only int8 and int4 (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) with
+bf16 activations, whose cost grows with the rows; past a
 number of rows measured on the development machine (2 cores; the dequantization costs about 0.5
 ms for int8 and 1.3 ms for int4 at 1408 x 2048, one row of the kernels about 17 us), the weight
 is dequantized to bf16 and multiplied as a dense GEMM instead. Prefill of the dense and shared
@@ -44,7 +45,12 @@ INT4_OUT_MULTIPLE = 16  # the int4 kernel's packing needs N divisible by 16
 ALIGN = 64  # bytes; torch allocates so, and quantize aligns the weights in its files
 INT8_KERNEL_ROWS = 40  # fewer rows: the int8 kernel; more: dequantize and a bf16 GEMM
 INT4_KERNEL_ROWS = 120
-GEMV_ROWS = 8  # at most this many rows per weight: this package's kernel (where available)
+GEMV_ROWS = 8  # at most this many rows per expert: the routed experts take this package's kernel
+# A single int8 layer takes it for at most this many rows; a single int4 layer keeps torch's
+# kernel. Measured one weight per call (1408 x 2048, 2 threads): int8 1.2-1.6x torch's for 1-4
+# rows, even at 8; int4 0.7-0.96x (torch's int4 kernel is as fast for one weight alone; many
+# weights in one call, as the experts make, are where this package's kernel gains).
+GEMV_SINGLE_ROWS = {8: 4, 4: 0}  # bits -> most rows of a single layer that take this package's kernel
 _ROUTER = "mlp.gate.weight"
 
 
@@ -169,7 +175,7 @@ class QuantLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
         rows = x2.shape[0]
-        if gemv_usable([self], rows, x2):
+        if rows <= GEMV_SINGLE_ROWS[self.bits] and gemv_usable([self], rows, x2):
             y = gemv([self], x2, [0], [rows]).to(torch.bfloat16)
         elif x2.device.type == "cpu" and self.bits == 8 and rows < INT8_KERNEL_ROWS and self.in_features % 16 == 0:
             y = torch.ops.aten._weight_int8pack_mm(x2, self._int8_kernel_weight(), self.weight_scale)
