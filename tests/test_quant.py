@@ -17,7 +17,7 @@ from deepseek_moe.generate import generate
 from deepseek_moe.model import DeepseekForCausalLM
 from deepseek_moe.moe.experts import ExpertList
 from deepseek_moe.presets import get_config
-from deepseek_moe.quant import (INT4_KERNEL_ROWS, INT8_KERNEL_ROWS, QuantLinear, dequantize, bits_for,
+from deepseek_moe.quant import (GEMV_SINGLE_ROWS, INT4_KERNEL_ROWS, INT8_KERNEL_ROWS, QuantLinear, dequantize, bits_for,
                                 quantize_weight)
 from deepseek_moe.quantize import quantize_checkpoint
 
@@ -192,7 +192,7 @@ def test_int8_weights_are_aligned_for_the_kernel(source, tmp_path):
     unaligned = buf[off:off + m.weight.numel()].view(m.weight.shape)
     unaligned.copy_(m.weight)
     assert unaligned.data_ptr() % 16
-    x = torch.randn(3, m.in_features)
+    x = torch.randn(GEMV_SINGLE_ROWS[8] + 2, m.in_features)  # rows for torch's int8 kernel
     expected = m(x)
     m.weight = unaligned
     assert torch.equal(m(x), expected)
