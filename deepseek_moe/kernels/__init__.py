@@ -35,15 +35,20 @@ def cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
+def _compiler() -> str:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or "c++"
+
+
 def _compile_command(src: Path, out: Path) -> list[str]:
+    import sysconfig
+
     from torch.utils import cpp_extension
 
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or "c++"
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+    cmd = [_compiler(), "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
            "-DTORCH_API_INCLUDE_EXTENSION_H"]
     cmd += [f"-I{p}" for p in cpp_extension.include_paths()]
-    cmd += [f"-I{p}" for p in _python_include()]
+    cmd += [f"-I{sysconfig.get_paths()['include']}"]
     cmd += [str(src), "-o", str(out)]
     cmd += [f"-L{p}" for p in cpp_extension.library_paths()]
     cmd += [f"-Wl,-rpath,{p}" for p in cpp_extension.library_paths()]
@@ -51,16 +56,9 @@ def _compile_command(src: Path, out: Path) -> list[str]:
     return cmd
 
 
-def _python_include() -> list[str]:
-    import sysconfig
-
-    return [p for p in {sysconfig.get_paths().get("include")} if p]
-
-
 def _library_path() -> Path:
-    src = _SOURCE.read_bytes()
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or "c++"
-    key = hashlib.sha256(src + torch.__version__.encode() + cxx.encode() + sys.version.encode()).hexdigest()[:16]
+    key = b"".join([_SOURCE.read_bytes(), torch.__version__.encode(), _compiler().encode(), sys.version.encode()])
+    key = hashlib.sha256(key).hexdigest()[:16]
     return cache_dir() / f"quant_gemv-{key}.so"
 
 

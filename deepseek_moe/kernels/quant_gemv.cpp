@@ -12,8 +12,9 @@
 //
 // The activations are quantized per block of 32 inputs to int8 (symmetric, the block's largest
 // magnitude as 127), as llama.cpp quantizes them for its Q8_0 / Q4_0 products, and the dot
-// products run on integers (AVX512-VNNI vpdpbusd on 256-bit vectors), with one fp32 fused
-// multiply-add per 32 weights for the block's scale. The int4 zero term uses the group sums of
+// products run on integers (AVX512-VNNI vpdpbusd: 256-bit vectors for int8 and for int4 groups
+// of 64, 512-bit ones for int4 groups of 128 and 256), with one fp32 fused multiply-add per
+// block's scale. The int4 zero term uses the group sums of
 // the quantized activations, so that the result is the product with the dequantized weight of
 // the quantized activations, as for int8 (the unquantized sums would not cancel the zeros'
 // share of the quantized dot products: about twice the error).

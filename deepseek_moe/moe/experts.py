@@ -49,6 +49,7 @@ FFN's, so what separates the two is memory traffic and the number of parallel re
 
 from __future__ import annotations
 
+import itertools
 from typing import Optional
 
 import torch
@@ -636,8 +637,10 @@ class ExpertList(nn.ModuleList):
         many rows, or no kernel)."""
         from ..quant import QuantLinear, gemv, gemv_usable
 
+        if torch.is_grad_enabled() or not isinstance(self[0].gate_proj, QuantLinear):
+            return None
         used = [e for e, n in enumerate(counts) if n]
-        if not used or torch.is_grad_enabled() or not isinstance(self[0].gate_proj, QuantLinear):
+        if not used:
             return None
         ins = [p for e in used for p in (self[e].gate_proj, self[e].up_proj)]
         outs = [self[e].down_proj for e in used]
@@ -646,7 +649,7 @@ class ExpertList(nn.ModuleList):
         if not (gemv_usable(ins, max(counts), x_MD) and gemv_usable(outs, max(counts), x_MD)):
             return None
         ns = [counts[e] for e in used]
-        starts = [sum(ns[:i]) for i in range(len(ns))]
+        starts = [0, *itertools.accumulate(ns)][:-1]
         pairs = [s for s in starts for _ in range(2)], [n for n in ns for _ in range(2)]
         gu = gemv(ins, x_MD, *pairs)  # per expert: its rows' gate projection, then their up projection
         gu = torch.cat([gu[2 * s:2 * s + 2 * n].view(2, n, -1) for s, n in zip(starts, ns)], 1)
