@@ -17,4 +17,9 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .quant import fused_linears
+
+        gate_up = fused_linears((self.gate_proj, self.up_proj), x)
+        if gate_up is not None:
+            return self.down_proj(F.silu(gate_up[0]) * gate_up[1])
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -204,7 +204,8 @@ def generate(
     # The last sampled token is never fed back, hence the - 1.
     cache = KVCache.for_model(model, B, longest + max_new_tokens - 1)
     logits_BV = model(
-        ids_BS.to(device), cache=cache, attention_mask=real_BS.to(device) if padded else None
+        ids_BS.to(device), cache=cache, attention_mask=real_BS.to(device) if padded else None,
+        routing_stats=False, logits_to_keep=1,
     ).logits[:, -1]
 
     done = [False] * B
@@ -223,7 +224,7 @@ def generate(
         alive_B = torch.tensor([not d for d in done], device=device)
         input_B1 = torch.where(alive_B, next_B, pad_id).unsqueeze(1)
         mask_B1 = None if bool(alive_B.all()) else alive_B.unsqueeze(1)
-        logits_BV = model(input_B1, cache=cache, attention_mask=mask_B1).logits[:, -1]
+        logits_BV = model(input_B1, cache=cache, attention_mask=mask_B1, routing_stats=False).logits[:, -1]
     return new
 
 

@@ -26,6 +26,7 @@ from torch import nn
 from .config import DeepseekMoEConfig
 from .ffn import SwiGLU
 from .moe import DeepseekMoE, MoEAux
+from .quant import fused_linears
 
 
 def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
@@ -198,9 +199,12 @@ class Attention(nn.Module):
         """``kv``: this layer's cache buffers, written at slots ``[start, start + S)``; ``mask``
         (B, 1, S, T) boolean, None meaning plain causal over the S new tokens (then start == 0)."""
         B, S, _ = x_BSD.shape
-        q = self.q_proj(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        qkv = fused_linears((self.q_proj, self.k_proj, self.v_proj), x_BSD)
+        if qkv is None:
+            qkv = [self.q_proj(x_BSD), self.k_proj(x_BSD), self.v_proj(x_BSD)]
+        q = qkv[0].view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        k = qkv[1].view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = qkv[2].view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
             k_buf, v_buf = kv  # [B, Hkv, max_len, hd]
@@ -237,11 +241,12 @@ class DecoderLayer(nn.Module):
         start: int = 0,
         mask: Optional[torch.Tensor] = None,
         valid_BS: Optional[torch.Tensor] = None,
+        routing_stats: bool = True,
     ) -> tuple[torch.Tensor, Optional[MoEAux]]:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, start, mask)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
-            y, aux = self.mlp(h, input_ids, valid_BS)
+            y, aux = self.mlp(h, input_ids, valid_BS, routing_stats)
             return x + y, aux
         return x + self.mlp(h), None
 
@@ -301,6 +306,8 @@ class DeepseekForCausalLM(nn.Module):
         positions: Optional[torch.Tensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         segment_ids: Optional[torch.Tensor] = None,
+        routing_stats: bool = True,
+        logits_to_keep: int = 0,
     ) -> CausalLMOutput:
         """``input_ids`` (B, S) -> logits (B, S, V); with ``labels`` (B, S), the shifted LM loss
         (next-token, ``-100`` ignored) plus the weighted balance losses.
@@ -314,6 +321,10 @@ class DeepseekForCausalLM(nn.Module):
         attends only to the earlier tokens of its own example and its positions start at 0 with
         the example (no cache). Padding (by either mask) takes no part in the balance losses.
         With none of these this is the plain causal forward used in pre-training.
+        ``routing_stats=False`` (generation) leaves the balance losses and the routing entropy
+        out: their fields are empty and ``aux_loss`` is 0; ``tokens_per_expert`` is still given.
+        ``logits_to_keep=N`` > 0: logits of the last N positions only (a prompt's prefill needs
+        the last one: the output head over every position is a large share of a long prompt).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
@@ -356,17 +367,22 @@ class DeepseekForCausalLM(nn.Module):
         auxes: list[MoEAux] = []
         for i, layer in enumerate(self.model.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, aux = layer(x, cos, sin, input_ids, kv, start, mask, valid_BS)
+            x, aux = layer(x, cos, sin, input_ids, kv, start, mask, valid_BS, routing_stats)
             if aux is not None:
                 auxes.append(aux)
+        if logits_to_keep > 0:
+            if labels is not None:
+                raise ValueError("logits_to_keep cannot be combined with labels (the loss needs every position)")
+            x = x[:, -logits_to_keep:]
         logits = self.lm_head(self.model.norm(x))
         out = CausalLMOutput(logits=logits)
         if auxes:
-            out.expert_balance_loss = torch.stack([a.expert_balance_loss for a in auxes])
-            out.device_balance_loss = torch.stack([a.device_balance_loss for a in auxes])
             out.tokens_per_expert = torch.stack([a.tokens_per_expert for a in auxes])
             out.dropped_tokens = torch.stack([a.dropped_tokens for a in auxes])
-            out.routing_entropy = torch.stack([a.routing_entropy for a in auxes])
+            stats = routing_stats
+            out.expert_balance_loss = self._stacked([a.expert_balance_loss for a in auxes], stats, device)
+            out.device_balance_loss = self._stacked([a.device_balance_loss for a in auxes], stats, device)
+            out.routing_entropy = self._stacked([a.routing_entropy for a in auxes], stats, device)
         else:
             out.expert_balance_loss = torch.zeros(0, device=device)
             out.device_balance_loss = torch.zeros(0, device=device)
@@ -385,6 +401,13 @@ class DeepseekForCausalLM(nn.Module):
             )
             out.loss = out.lm_loss + out.aux_loss
         return out
+
+    @staticmethod
+    def _stacked(values: list[Optional[torch.Tensor]], present: bool, device: torch.device) -> torch.Tensor:
+        """Per-layer scalars stacked [L_moe]; empty where the forward left them out."""
+        if not present:
+            return torch.zeros(0, device=device)
+        return torch.stack(values)  # type: ignore[arg-type]
 
     @staticmethod
     def _valid_tokens(

@@ -18,8 +18,9 @@ Stored tensors, for a weight ``W`` [N, K] named ``X.weight``:
 Products of a few rows (decoding: one row per token) use this package's kernel
 (``deepseek_moe.kernels.quant_gemv``: int8 activations per block of 32, integer dot products,
 every weight read once per call) where it is available (x86-64 with AVX512-VNNI): a mixture of
-experts hands it all of a token's experts in two calls (``moe.experts.ExpertList``), and a single
-int8 layer its few rows (``GEMV_SINGLE_ROWS``). Elsewhere products use torch's CPU kernels
+experts hands it all of a token's experts in two calls (``moe.experts.ExpertList``), layers that
+share an input (query, key and value; gate and up) go in one call (``fused_linears``), and a
+single int8 layer takes it for its few rows (``GEMV_SINGLE_ROWS``). Elsewhere products use torch's CPU kernels
 for weight-only int8 and int4 (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) with
 bf16 activations, whose cost grows with the rows; past a
 number of rows measured on the development machine (2 cores; the dequantization costs about 0.5
@@ -31,7 +32,7 @@ layers (all the tokens) takes the GEMM.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,7 @@ GEMV_ROWS = 8  # at most this many rows per expert: the routed experts take this
 # rows, even at 8; int4 0.7-0.96x (torch's int4 kernel is as fast for one weight alone; many
 # weights in one call, as the experts make, are where this package's kernel gains).
 GEMV_SINGLE_ROWS = {8: 4, 4: 0}  # bits -> most rows of a single layer that take this package's kernel
+FUSED_ROWS = 4  # at most this many rows: layers sharing an input take the kernel together
 _ROUTER = "mlp.gate.weight"
 
 
@@ -221,6 +223,24 @@ def gemv(layers: list[QuantLinear], x: torch.Tensor, starts: list[int], counts: 
         weights, zeros = [m.weight_packed for m in layers], [m.weight_zero for m in layers]
     return kernels.quant_gemv(x, weights, [m.weight_scale for m in layers], zeros, starts, counts,
                               first.bits, first.group_size)
+
+
+def fused_linears(layers: Sequence[nn.Module], x: torch.Tensor) -> Optional[list[torch.Tensor]]:
+    """Several quantized layers of one shape applied to the same input ``x`` [..., in] in one
+    call of the package's kernel (the attention's query, key and value projections; an FFN's gate
+    and up projections): each layer reads its weight once, and the call's fixed cost is paid
+    once. Their results, bf16 as ``QuantLinear`` returns them; None where the kernel does not
+    serve (unquantized or mismatched layers, more rows than ``GEMV_SINGLE_ROWS``, no kernel)."""
+    if not all(isinstance(m, QuantLinear) for m in layers) or torch.is_grad_enabled():
+        return None
+    first = layers[0]
+    x2 = x.reshape(-1, first.in_features)
+    rows = x2.shape[0]
+    if rows == 0 or rows > FUSED_ROWS or not gemv_usable(list(layers), rows, x2):  # type: ignore[arg-type]
+        return None
+    y = gemv(list(layers), x2, [0] * len(layers), [rows] * len(layers))  # type: ignore[arg-type]
+    y = y.to(torch.bfloat16).view(len(layers), *x.shape[:-1], first.out_features)
+    return list(y.unbind(0))
 
 
 def quantized_layers(model: nn.Module) -> list["QuantLinear"]:

@@ -13,7 +13,8 @@ import torch
 
 from deepseek_moe import kernels
 from deepseek_moe.moe.experts import ExpertList
-from deepseek_moe.quant import QuantLinear, dequantize, gemv, gemv_usable, quantize_weight
+from deepseek_moe.ffn import SwiGLU
+from deepseek_moe.quant import QuantLinear, dequantize, fused_linears, gemv, gemv_usable, quantize_weight
 
 needs_kernel = pytest.mark.skipif(not kernels.available(), reason=f"no kernel here: {kernels.load()}")
 BLOCK = 32  # inputs per activation scale
@@ -170,3 +171,70 @@ def test_quantized_experts_decode_in_two_calls(bits, group):
     assert y.dtype == torch.float32
     assert torch.allclose(y, torch.cat(expected), rtol=1e-5, atol=1e-6)
     assert not gemv_usable([experts[0].gate_proj], 9, x)  # more rows per expert: the GEMM paths
+
+
+def _quantized_linear(in_features, out_features, bits, group, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = QuantLinear(in_features, out_features, bits, group)
+    for k, v in quantize_weight(torch.randn(out_features, in_features, generator=g) * 0.02, bits, group).items():
+        getattr(q, k).copy_(v)
+    return q
+
+
+class _CountingKernel:
+    """Replaces ``kernels.quant_gemv`` for a ``with`` block and records each call's weights."""
+
+    def __enter__(self):
+        self.calls, self.real = [], kernels.quant_gemv
+
+        def counting(*a, **k):
+            self.calls.append(len(a[1]))
+            return self.real(*a, **k)
+
+        kernels.quant_gemv = counting
+        return self
+
+    def __exit__(self, *exc):
+        kernels.quant_gemv = self.real
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits, group", [(8, 128), (4, 64)])
+def test_layers_sharing_an_input_take_one_call(bits, group):
+    """The attention's q/k/v and an FFN's gate/up: one call, each result equal to its layer's own
+    product by the kernel (bf16, as ``QuantLinear`` returns it), for 1-3 rows in any leading
+    shape; None where the kernel does not serve."""
+    layers = [_quantized_linear(128, 96, bits, group, seed) for seed in range(3)]
+    for shape in ((1, 1, 128), (3, 128), (1, 2, 128)):
+        x = torch.randn(shape).bfloat16()
+        rows = x.numel() // 128
+        with torch.no_grad(), _CountingKernel() as k:
+            ys = fused_linears(layers, x)
+        assert k.calls == [3]
+        for m, y in zip(layers, ys):
+            assert y.shape == (*shape[:-1], 96) and y.dtype == torch.bfloat16
+            want = gemv([m], x.reshape(rows, 128), [0], [rows]).to(torch.bfloat16).view(*shape[:-1], 96)
+            assert torch.equal(y, want)
+    x = torch.randn(1, 128)
+    with torch.no_grad():
+        assert fused_linears(layers, torch.randn(9, 128)) is None  # many rows: a GEMM's work
+        assert fused_linears(layers[:2] + [_quantized_linear(128, 64, bits, group, 5)], x) is None
+        assert fused_linears(layers[:2] + [torch.nn.Linear(128, 96, bias=False)], x) is None
+    assert fused_linears(layers, x) is None  # autograd on: inference only
+
+
+@needs_kernel
+def test_a_quantized_ffn_makes_two_calls():
+    """SwiGLU with int8 weights decoding a row: gate and up in one call, down in another, with
+    the result of the three layers applied one by one."""
+    ffn = SwiGLU(128, 64)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        lin = getattr(ffn, name)
+        setattr(ffn, name, _quantized_linear(lin.in_features, lin.out_features, 8, 128, len(name)))
+    x = torch.randn(1, 128).bfloat16()
+    with torch.no_grad(), _CountingKernel() as k:
+        y = ffn(x)
+    assert k.calls == [2, 1]
+    with torch.no_grad():
+        want = ffn.down_proj(torch.nn.functional.silu(ffn.gate_proj(x)) * ffn.up_proj(x))
+    assert torch.equal(y, want)

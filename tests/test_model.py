@@ -50,6 +50,27 @@ def test_output_and_loss_composition():
     assert all(p.grad is not None for p in m.parameters())
 
 
+def test_generation_can_leave_the_statistics_and_all_but_the_last_logits_out():
+    """``routing_stats=False`` (what generation asks for) changes no logit and no routing count,
+    and leaves the balance losses and the entropy empty; ``logits_to_keep`` gives the last
+    positions' logits of the full forward."""
+    m = small()
+    x = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        full = m(x)
+        lean = m(x, routing_stats=False)
+        last = m(x, logits_to_keep=2)
+    torch.testing.assert_close(lean.logits, full.logits, rtol=0, atol=0)
+    assert torch.equal(lean.tokens_per_expert, full.tokens_per_expert)
+    assert full.expert_balance_loss.numel() == 2 and full.routing_entropy.numel() == 2
+    for t in (lean.expert_balance_loss, lean.device_balance_loss, lean.routing_entropy):
+        assert t.numel() == 0
+    assert lean.aux_loss.item() == 0
+    torch.testing.assert_close(last.logits, full.logits[:, -2:])
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        m(x, labels=x, logits_to_keep=1)
+
+
 def test_ignore_index_in_labels():
     m = small()
     x = torch.randint(0, 97, (1, 12))

@@ -642,7 +642,7 @@ class ExpertList(nn.ModuleList):
         used = [e for e, n in enumerate(counts) if n]
         if not used:
             return None
-        ins = [p for e in used for p in (self[e].gate_proj, self[e].up_proj)]
+        ins = [self[e].gate_proj for e in used] + [self[e].up_proj for e in used]
         outs = [self[e].down_proj for e in used]
         if not all(isinstance(m, QuantLinear) for m in ins + outs):
             return None
@@ -650,9 +650,8 @@ class ExpertList(nn.ModuleList):
             return None
         ns = [counts[e] for e in used]
         starts = [0, *itertools.accumulate(ns)][:-1]
-        pairs = [s for s in starts for _ in range(2)], [n for n in ns for _ in range(2)]
-        gu = gemv(ins, x_MD, *pairs)  # per expert: its rows' gate projection, then their up projection
-        gu = torch.cat([gu[2 * s:2 * s + 2 * n].view(2, n, -1) for s, n in zip(starts, ns)], 1)
+        # Every row's gate projection (in row order), then every row's up projection.
+        gu = gemv(ins, x_MD, starts + starts, ns + ns).view(2, x_MD.shape[0], -1)
         h = F.silu(gu[0]) * gu[1]
         if gate_M is not None:
             h = h * gate_M.float().unsqueeze(1)

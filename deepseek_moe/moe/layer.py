@@ -42,11 +42,12 @@ class RoutingOptions:
 class MoEAux:
     """What an MoE layer reports besides its output; plain tensors, no autograd tricks."""
 
-    expert_balance_loss: torch.Tensor  # scalar, eq. 12 before alpha_1 (0 for fixed routing)
-    device_balance_loss: torch.Tensor  # scalar, eq. 15 before alpha_2
+    expert_balance_loss: Optional[torch.Tensor]  # scalar, eq. 12 before alpha_1 (0 for fixed routing)
+    device_balance_loss: Optional[torch.Tensor]  # scalar, eq. 15 before alpha_2
     tokens_per_expert: torch.Tensor  # [E] int64, assignments routed to each expert
     dropped_tokens: torch.Tensor  # scalar int64, assignments over capacity (0 when dropless)
-    routing_entropy: torch.Tensor  # scalar fp32, mean over tokens of H(s_t) in nats (0 for hash)
+    routing_entropy: Optional[torch.Tensor]  # scalar fp32, mean over tokens of H(s_t) in nats (0 for hash)
+    # The three Optional ones are None when the forward was asked for no statistics.
 
 
 class DeepseekMoE(nn.Module):
@@ -82,10 +83,12 @@ class DeepseekMoE(nn.Module):
 
     def forward(
         self, x_BSD: torch.Tensor, input_ids_BS: Optional[torch.Tensor] = None,
-        valid_BS: Optional[torch.Tensor] = None,
+        valid_BS: Optional[torch.Tensor] = None, statistics: bool = True,
     ) -> tuple[torch.Tensor, MoEAux]:
         """``valid_BS``: the real tokens (None: all); padding is routed like any token but takes
-        no part in the balance losses."""
+        no part in the balance losses. ``statistics=False`` skips the balance losses and the
+        routing entropy (generation, which needs neither: a few dozen small operations a layer
+        per token)."""
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         ids_T = None if input_ids_BS is None else input_ids_BS.reshape(B * S)
@@ -103,6 +106,8 @@ class DeepseekMoE(nn.Module):
         if self.shared_experts is not None and not opts.disable_shared:
             y_TD = y_TD + self.shared_experts(x_TD)
 
+        if not statistics:
+            return y_TD.view(B, S, D), MoEAux(None, None, tokens_per_expert, dropped, None)
         if r.scores_TE is None:
             zero = torch.zeros((), dtype=torch.float32, device=x_BSD.device)
             exp_loss, dev_loss, entropy = zero, zero, zero
