@@ -98,7 +98,7 @@ def worker(path: str, prompt_len: int, new: int, threads: int) -> dict:
     with torch.inference_mode():
         model(warm)  # pages the weights in (those that fit): the timed runs see a warm cache
         t0 = time.perf_counter()
-        model(prompt)
+        model(prompt, routing_stats=False, logits_to_keep=1)  # as generation's prefill
         prefill_s = time.perf_counter() - t0
         stamps: list[float] = []
         t0 = time.perf_counter()
@@ -112,7 +112,7 @@ def worker(path: str, prompt_len: int, new: int, threads: int) -> dict:
     per_token = 0
     for name, m in model.named_modules():
         b = nbytes(m)
-        if ".experts." in name:  # a routed expert's module: k of E read per token
+        if ".experts." in name or name.endswith(".experts"):  # routed experts (one module each, or stacked): k of E per token
             b = b * cfg.num_experts_per_tok / cfg.n_routed_experts
         elif name == "model.embed_tokens":
             b = b / cfg.vocab_size  # one row

@@ -45,7 +45,8 @@ def main() -> None:
             return "gpt-2"
 
     base.TextModel.get_vocab_base_pre = with_fallback
-    sys.argv = [str(converter / "convert_hf_to_gguf.py"), *sys.argv[2:]]
+    ckpt, out, *rest = sys.argv[2:]
+    sys.argv = [str(converter / "convert_hf_to_gguf.py"), ckpt, "--outfile", out, *rest]
     runpy.run_path(sys.argv[0], run_name="__main__")
 
 

@@ -24,8 +24,9 @@ single int8 layer takes it for its few rows (``GEMV_SINGLE_ROWS``). Elsewhere pr
 for weight-only int8 and int4 (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) with
 bf16 activations, whose cost grows with the rows; past a
 number of rows measured on the development machine (2 cores; the dequantization costs about 0.5
-ms for int8 and 1.3 ms for int4 at 1408 x 2048, one row of the kernels about 17 us), the weight
-is dequantized to bf16 and multiplied as a dense GEMM instead. Prefill of the dense and shared
+ms at 1408 x 2048 for int8, and for int4 with the package's one-pass kernel, 3.8 ms without it;
+a row of torch's int4 kernel about 60 us there, so that the GEMM wins from 20-48 rows by shape),
+the weight is dequantized to bf16 and multiplied as a dense GEMM instead. Prefill of the dense and shared
 layers (all the tokens) takes the GEMM.
 """
 
@@ -45,7 +46,7 @@ GROUP_SIZES = (256, 128, 64, 32)  # what the CPU int4 kernel takes, largest firs
 INT4_OUT_MULTIPLE = 16  # the int4 kernel's packing needs N divisible by 16
 ALIGN = 64  # bytes; torch allocates so, and quantize aligns the weights in its files
 INT8_KERNEL_ROWS = 40  # fewer rows: the int8 kernel; more: dequantize and a bf16 GEMM
-INT4_KERNEL_ROWS = 120
+INT4_KERNEL_ROWS = 32
 GEMV_ROWS = 8  # at most this many rows per expert: the routed experts take this package's kernel
 # A single int8 layer takes it for at most this many rows; a single int4 layer keeps torch's
 # kernel. Measured one weight per call (1408 x 2048, 2 threads): int8 1.2-1.6x torch's for 1-4
@@ -122,10 +123,19 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int = DEFAULT_GROUP_
 
 def dequantize(t: dict[str, torch.Tensor], bits: int, group_size: int,
                dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """The weight the stored tensors ``t`` stand for, in ``dtype``."""
+    """The weight the stored tensors ``t`` stand for, in ``dtype``. int4 to bf16 on the CPU takes
+    the package's one-pass kernel where it is available (``q * scale + zero`` rounded once; the
+    operations below round the product and the sum each to bf16: the two differ by a rounding
+    now and then); prefill's GEMMs wait on this."""
     if bits == 8:
         return t["weight"].to(dtype) * t["weight_scale"].to(dtype)[:, None]
     packed = t["weight_packed"]
+    if dtype == torch.bfloat16 and packed.device.type == "cpu":
+        from . import kernels
+
+        if kernels.available():
+            return kernels.dequant_int4(packed.contiguous(), t["weight_scale"].contiguous(),
+                                        t["weight_zero"].contiguous(), group_size)
     N = packed.shape[0]
     q = torch.stack([packed & 15, packed >> 4], -1).view(N, -1, group_size).to(dtype)
     return (q * t["weight_scale"].to(dtype)[..., None] + t["weight_zero"].to(dtype)[..., None]).view(N, -1)

@@ -238,3 +238,23 @@ def test_a_quantized_ffn_makes_two_calls():
     with torch.no_grad():
         want = ffn.down_proj(torch.nn.functional.silu(ffn.gate_proj(x)) * ffn.up_proj(x))
     assert torch.equal(y, want)
+
+
+@needs_kernel
+@pytest.mark.parametrize("group", [32, 64, 128, 256])
+def test_int4_dequantized_in_one_pass(group):
+    """The one-pass int4 -> bf16 weight equals q * scale + zero computed exactly and rounded once
+    to bf16, and is within a bf16 rounding of the tensor operations' result (which round the
+    product and the sum each)."""
+    t = quantize_weight(torch.randn(37, 512) * 0.05, 4, group)
+    fast = dequantize(t, 4, group)
+    p = t["weight_packed"]
+    q = torch.stack([p & 15, p >> 4], -1).view(37, -1, group).double()
+    exact = (q * t["weight_scale"].double()[..., None] + t["weight_zero"].double()[..., None]).view(37, -1)
+    assert fast.dtype == torch.bfloat16 and fast.shape == (37, 512)
+    assert torch.equal(fast, exact.to(torch.bfloat16))
+    ops = (q.bfloat16() * t["weight_scale"][..., None] + t["weight_zero"][..., None]).view(37, -1)
+    terms = (q * t["weight_scale"].double()[..., None].abs() + t["weight_zero"].double()[..., None].abs()).view(37, -1)
+    assert ((fast.double() - ops.double()).abs() <= 2 ** -7 * terms).all()  # a rounding of the terms apart
+    with pytest.raises(RuntimeError, match="must be even and divide"):
+        kernels.dequant_int4(p, t["weight_scale"], t["weight_zero"], 24)

@@ -1,7 +1,8 @@
 """Compiled CPU kernels of this package, built on first use with the system's C++ compiler.
 
 ``quant_gemv`` (``quant_gemv.cpp``): the few-row product of weight-only quantized weights that
-decoding spends its time in, for many weights in one call (see the source for the arithmetic).
+decoding spends its time in, for many weights in one call (see the source for the arithmetic);
+``dequant_int4``: an int4 weight to bf16 in one pass, for prefill's GEMMs.
 The library is compiled once per source, torch version and compiler into
 ``$DEEPSEEK_MOE_CACHE/kernels`` (default ``~/.cache/deepseek_moe/kernels``), about 30 s, and loaded
 with ``torch.ops.load_library``. Where it cannot be (no compiler, another processor than x86-64
@@ -115,3 +116,9 @@ def quant_gemv(x: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.
     """``out[o_i + r] = W_i x[starts[i] + r]`` for every weight ``i`` and ``r < counts[i]``
     (``o_i`` the sum of the earlier counts): fp32 [sum(counts), N]. See ``quant_gemv.cpp``."""
     return torch.ops.deepseek_moe.quant_gemv(x, weights, scales, zeros, starts, counts, bits, group)
+
+
+def dequant_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> torch.Tensor:
+    """The bf16 [N, K] weight of a group-wise int4 one (``quant`` module's layout): ``q * scale +
+    zero`` in fp32, rounded once to bf16, in one pass over the weight. See ``quant_gemv.cpp``."""
+    return torch.ops.deepseek_moe.dequant_int4(packed, scale, zero, group)

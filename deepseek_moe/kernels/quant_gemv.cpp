@@ -340,12 +340,56 @@ at::Tensor quant_gemv(const at::Tensor& x, at::TensorList weights, at::TensorLis
   return out;
 }
 
+// The bf16 weight of a group-wise int4 one, in one pass (prefill multiplies it as a GEMM):
+// w[n, k] = q[n, k] * scale[n, g] + zero[n, g], g = k / group, computed in fp32 and rounded once
+// to bf16 (to nearest, ties to even). q * scale is exact in fp32 (4 by 8 significant bits).
+KERNEL_TARGET void dequant_int4_rows(const uint8_t* packed, const uint16_t* scale, const uint16_t* zero,
+                                     int64_t K, int64_t group, int64_t n0, int64_t n1, uint16_t* out) {
+  const int64_t groups = K / group;
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const float s = bf16_to_float(scale[n * groups + g]), z = bf16_to_float(zero[n * groups + g]);
+      const uint8_t* p = packed + n * (K / 2) + g * (group / 2);
+      uint16_t* o = out + n * K + g * group;
+      for (int64_t j = 0; j < group / 2; ++j) {
+        const float lo = static_cast<float>(p[j] & 15) * s + z, hi = static_cast<float>(p[j] >> 4) * s + z;
+        uint32_t a, b;
+        std::memcpy(&a, &lo, 4);
+        std::memcpy(&b, &hi, 4);
+        o[2 * j] = static_cast<uint16_t>((a + 0x7FFF + ((a >> 16) & 1)) >> 16);
+        o[2 * j + 1] = static_cast<uint16_t>((b + 0x7FFF + ((b >> 16) & 1)) >> 16);
+      }
+    }
+  }
+}
+
+at::Tensor dequant_int4(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero, int64_t group) {
+  TORCH_CHECK(packed.dim() == 2 && packed.device().is_cpu() && packed.scalar_type() == at::kByte && packed.is_contiguous(),
+              "packed must be a contiguous uint8 [N, K/2] CPU tensor");
+  const int64_t N = packed.size(0), K = 2 * packed.size(1);
+  TORCH_CHECK(group > 0 && group % 2 == 0 && K % group == 0, "the group (", group, ") must be even and divide ", K);
+  for (const at::Tensor* t : {&scale, &zero})
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous() && t->numel() == N * (K / group),
+                "scales and zeros must be contiguous bf16 [N, K/group] tensors");
+  at::Tensor out = at::empty({N, K}, packed.options().dtype(at::kBFloat16));
+  const uint8_t* p = packed.data_ptr<uint8_t>();
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::BFloat16>());
+  const uint16_t* z = reinterpret_cast<const uint16_t*>(zero.data_ptr<at::BFloat16>());
+  uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) { dequant_int4_rows(p, s, z, K, group, begin, end, o); });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(deepseek_moe, m) {
   m.def("quant_gemv(Tensor x, Tensor[] weights, Tensor[] scales, Tensor[] zeros, int[] starts, "
         "int[] counts, int bits, int group) -> Tensor");
   m.def("quant_gemv_supported() -> bool", &quant_gemv_supported);
+  m.def("dequant_int4(Tensor packed, Tensor scale, Tensor zero, int group) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(deepseek_moe, CPU, m) { m.impl("quant_gemv", &quant_gemv); }
+TORCH_LIBRARY_IMPL(deepseek_moe, CPU, m) {
+  m.impl("quant_gemv", &quant_gemv);
+  m.impl("dequant_int4", &dequant_int4);
+}
