@@ -47,6 +47,7 @@ INT4_OUT_MULTIPLE = 16  # the int4 kernel's packing needs N divisible by 16
 ALIGN = 64  # bytes; torch allocates so, and quantize aligns the weights in its files
 INT8_KERNEL_ROWS = 40  # fewer rows: the int8 kernel; more: dequantize and a bf16 GEMM
 INT4_KERNEL_ROWS = 32
+GEMM_ROWS = 32  # the dequantized GEMM's rows are padded to a multiple of this
 GEMV_ROWS = 8  # at most this many rows per expert: the routed experts take this package's kernel
 # A single int8 layer takes it for at most this many rows; a single int4 layer keeps torch's
 # kernel. Measured one weight per call (1408 x 2048, 2 threads): int8 1.2-1.6x torch's for 1-4
@@ -195,7 +196,11 @@ class QuantLinear(nn.Module):
             packed, sz = self._int4_kernel_weight()
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, self.group_size, sz)
         else:
-            y = F.linear(x2, dequantize(self.stored(), self.bits, self.group_size))
+            # Rows padded to a multiple of GEMM_ROWS: oneDNN prepares a bf16 GEMM per shape (1-2
+            # ms the first time, measured), and prefill gives each expert its own number of rows.
+            pad = -rows % GEMM_ROWS
+            w = dequantize(self.stored(), self.bits, self.group_size)
+            y = F.linear(F.pad(x2, (0, 0, 0, pad)), w)[:rows] if pad else F.linear(x2, w)
         return y.view(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
