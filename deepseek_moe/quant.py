@@ -240,12 +240,13 @@ def gemv(layers: list[QuantLinear], x: torch.Tensor, starts: list[int], counts: 
                               first.bits, first.group_size)
 
 
-def fused_linears(layers: Sequence[nn.Module], x: torch.Tensor) -> Optional[list[torch.Tensor]]:
+def fused_linears(layers: Sequence[nn.Module], x: torch.Tensor) -> Optional[torch.Tensor]:
     """Several quantized layers of one shape applied to the same input ``x`` [..., in] in one
     call of the package's kernel (the attention's query, key and value projections; an FFN's gate
     and up projections): each layer reads its weight once, and the call's fixed cost is paid
-    once. Their results, bf16 as ``QuantLinear`` returns them; None where the kernel does not
-    serve (unquantized or mismatched layers, more rows than ``GEMV_SINGLE_ROWS``, no kernel)."""
+    once. Their results stacked, ``[len(layers), ..., out]``, bf16 as ``QuantLinear`` returns
+    them; None where the kernel does not serve (unquantized or mismatched layers, more rows than
+    ``FUSED_ROWS``, no kernel)."""
     if not all(isinstance(m, QuantLinear) for m in layers) or torch.is_grad_enabled():
         return None
     first = layers[0]
@@ -254,8 +255,7 @@ def fused_linears(layers: Sequence[nn.Module], x: torch.Tensor) -> Optional[list
     if rows == 0 or rows > FUSED_ROWS or not gemv_usable(list(layers), rows, x2):  # type: ignore[arg-type]
         return None
     y = gemv(list(layers), x2, [0] * len(layers), [rows] * len(layers))  # type: ignore[arg-type]
-    y = y.to(torch.bfloat16).view(len(layers), *x.shape[:-1], first.out_features)
-    return list(y.unbind(0))
+    return y.to(torch.bfloat16).view(len(layers), *x.shape[:-1], first.out_features)
 
 
 def quantized_layers(model: nn.Module) -> list["QuantLinear"]:
