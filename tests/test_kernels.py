@@ -258,3 +258,41 @@ def test_int4_dequantized_in_one_pass(group):
     assert ((fast.double() - ops.double()).abs() <= 2 ** -7 * terms).all()  # a rounding of the terms apart
     with pytest.raises(RuntimeError, match="must be even and divide"):
         kernels.dequant_int4(p, t["weight_scale"], t["weight_zero"], 24)
+
+
+@needs_kernel
+def test_decoding_with_fused_projections_equals_one_layer_at_a_time(monkeypatch):
+    """A quantized model's decode step (q/k/v and gate/up each in one call, q and k rotated
+    together) gives the logits of the same step with every layer called alone (int8: the same
+    kernel arithmetic either way)."""
+    from deepseek_moe import quant
+    from deepseek_moe.model import DeepseekForCausalLM, KVCache
+    from deepseek_moe.presets import get_config
+    from deepseek_moe.quant import quantize_modules, quantized_layers
+
+    torch.manual_seed(0)
+    model = DeepseekForCausalLM(get_config("tiny", vocab_size=97, num_hidden_layers=2)).eval()
+    quantize_modules(model, 8, 128)
+    g = torch.Generator().manual_seed(0)
+    for m in quantized_layers(model):
+        for k, v in quantize_weight(torch.randn(m.out_features, m.in_features, generator=g) * 0.05, 8, 128).items():
+            getattr(m, k).copy_(v)
+    model = model.to(torch.bfloat16)
+    prompt, step = torch.randint(0, 97, (1, 6)), torch.randint(0, 97, (1, 1))
+
+    def decode_logits():
+        cache = KVCache.for_model(model, 1, 8)
+        with torch.no_grad():
+            model(prompt, cache=cache)
+            return model(step, cache=cache).logits
+
+    calls = []
+    real = kernels.quant_gemv
+    monkeypatch.setattr(kernels, "quant_gemv", lambda *a: calls.append(len(a[1])) or real(*a))
+    fused = decode_logits()
+    assert 3 in calls  # q, k and v took one call
+    monkeypatch.setattr(quant, "FUSED_ROWS", 0)
+    calls.clear()
+    alone = decode_logits()
+    assert 3 not in calls and 2 not in calls
+    assert torch.equal(fused, alone)
