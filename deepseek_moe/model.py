@@ -382,10 +382,9 @@ class DeepseekForCausalLM(nn.Module):
         if auxes:
             out.tokens_per_expert = torch.stack([a.tokens_per_expert for a in auxes])
             out.dropped_tokens = torch.stack([a.dropped_tokens for a in auxes])
-            stats = routing_stats
-            out.expert_balance_loss = self._stacked([a.expert_balance_loss for a in auxes], stats, device)
-            out.device_balance_loss = self._stacked([a.device_balance_loss for a in auxes], stats, device)
-            out.routing_entropy = self._stacked([a.routing_entropy for a in auxes], stats, device)
+            out.expert_balance_loss = self._stacked([a.expert_balance_loss for a in auxes], routing_stats, device)
+            out.device_balance_loss = self._stacked([a.device_balance_loss for a in auxes], routing_stats, device)
+            out.routing_entropy = self._stacked([a.routing_entropy for a in auxes], routing_stats, device)
         else:
             out.expert_balance_loss = torch.zeros(0, device=device)
             out.device_balance_loss = torch.zeros(0, device=device)

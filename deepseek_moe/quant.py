@@ -247,15 +247,16 @@ def fused_linears(layers: Sequence[nn.Module], x: torch.Tensor) -> Optional[torc
     once. Their results stacked, ``[len(layers), ..., out]``, bf16 as ``QuantLinear`` returns
     them; None where the kernel does not serve (unquantized or mismatched layers, more rows than
     ``FUSED_ROWS``, no kernel)."""
-    if not all(isinstance(m, QuantLinear) for m in layers) or torch.is_grad_enabled():
+    quantized = [m for m in layers if isinstance(m, QuantLinear)]
+    if len(quantized) < len(layers) or torch.is_grad_enabled():
         return None
-    first = layers[0]
+    first = quantized[0]
     x2 = x.reshape(-1, first.in_features)
     rows = x2.shape[0]
-    if rows == 0 or rows > FUSED_ROWS or not gemv_usable(list(layers), rows, x2):  # type: ignore[arg-type]
+    if rows == 0 or rows > FUSED_ROWS or not gemv_usable(quantized, rows, x2):
         return None
-    y = gemv(list(layers), x2, [0] * len(layers), [rows] * len(layers))  # type: ignore[arg-type]
-    return y.to(torch.bfloat16).view(len(layers), *x.shape[:-1], first.out_features)
+    y = gemv(quantized, x2, [0] * len(quantized), [rows] * len(quantized))
+    return y.to(torch.bfloat16).view(len(quantized), *x.shape[:-1], first.out_features)
 
 
 def quantized_layers(model: nn.Module) -> list["QuantLinear"]:
