@@ -47,10 +47,20 @@ def supported() -> bool:
     return sys.platform.startswith("linux") and Path("/proc/self/smaps").is_file()
 
 
+_statm: dict[int, int] = {}  # process id -> its open ``/proc/self/statm``
+
+
 def resident_bytes() -> int:
-    """The process's resident size now (``/proc/self/statm``); 0 where unknown."""
+    """The process's resident size now (``/proc/self/statm``, kept open: one read per call, as
+    ``ResidentLimit`` checks after every layer); 0 where unknown."""
     try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        pid = os.getpid()  # a forked child must not read its parent's file
+        if pid not in _statm:
+            for fd in _statm.values():  # the parent's, inherited
+                os.close(fd)
+            _statm.clear()
+            _statm[pid] = os.open("/proc/self/statm", os.O_RDONLY)
+        return int(os.pread(_statm[pid], 256, 0).split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
 

@@ -173,6 +173,36 @@ def test_quantized_experts_decode_in_two_calls(bits, group):
     assert not gemv_usable([experts[0].gate_proj], 9, x)  # more rows per expert: the GEMM paths
 
 
+@needs_kernel
+@pytest.mark.parametrize("bits, group", [(8, 128), (4, 64)])
+@pytest.mark.parametrize("T", [1, 3])
+def test_few_tokens_skip_the_permutation_with_the_same_result(bits, group, T):
+    """A few tokens' assignments go to the quantized experts unsorted (``ExpertList.few_tokens``,
+    which ``dispatch`` takes without a capacity): two kernel calls, and bit for bit the result of
+    the three stages (permute, experts on the gathered rows, combine), also when tokens share
+    experts; many tokens, or a capacity, take the stages."""
+    from deepseek_moe.moe.dispatch import combine, dispatch, permute
+
+    experts = _quantized_experts(bits, group)
+    g = torch.Generator().manual_seed(T)
+    x = torch.randn(T, 64, generator=g).to(torch.bfloat16)
+    ids = torch.stack([torch.randperm(5, generator=g)[:3] for _ in range(T)])  # K = 3 of 5 experts
+    weights = torch.rand(T, 3, generator=g)
+    with torch.no_grad():
+        perm = permute(ids, weights, 5)
+        staged = combine(experts(x.index_select(0, perm.token_M), perm.counts_E, perm.gate_M), perm)
+        with _CountingKernel() as k:
+            y, dropped = dispatch(x, ids, weights, experts)
+        assert k.calls == [2 * len(set(ids.flatten().tolist())), len(set(ids.flatten().tolist()))]
+        assert torch.equal(y, staged) and y.dtype == torch.float32 and int(dropped) == 0
+        assert experts.few_tokens(x[:1].expand(9, 64), ids[:1].expand(9, 3), weights[:1].expand(9, 3)) is None
+        with _CountingKernel() as k:
+            y_cap, _ = dispatch(x, ids, weights, experts, capacity=T * 3)  # nothing dropped
+        assert torch.equal(y_cap, staged) and len(k.calls) == 2
+    with torch.enable_grad():
+        assert experts.few_tokens(x, ids, weights) is None
+
+
 def _quantized_linear(in_features, out_features, bits, group, seed):
     g = torch.Generator().manual_seed(seed)
     q = QuantLinear(in_features, out_features, bits, group)

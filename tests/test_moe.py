@@ -430,3 +430,31 @@ def test_padded_buckets_bound_the_padding(dtype):
     assert sorted(e for _, _, ex in buckets for e in ex) == [e for e, n in enumerate(counts) if n]
     rounding = 1 + (1 / 16 if dtype == torch.bfloat16 else 0)
     assert P <= sum(counts) / (1 - experts_mod.BUCKET_TOLERANCE) * rounding + 8 * len(counts)
+
+
+def test_router_keeps_bf16_centroids_in_fp32_only_while_they_stay_the_same():
+    """Without gradients a bf16 router converts its centroids once; an in-place write or a new
+    tensor is seen at the next call, and training converts (and differentiates) every call."""
+    from deepseek_moe.moe.router import TopKRouter
+
+    torch.manual_seed(0)
+    r = TopKRouter(32, 8, 2, norm_topk_prob=False)
+    r.weight.data = torch.randn(8, 32).to(torch.bfloat16)
+    x = torch.randn(5, 32)
+
+    def expected():
+        return torch.nn.functional.linear(x, r.weight.detach().float()).softmax(-1)
+
+    with torch.no_grad():
+        assert torch.equal(r(x).scores_TE, expected())
+        kept = r._fp32[2]
+        assert torch.equal(r(x).scores_TE, expected()) and r._fp32[2] is kept  # not converted again
+        r.weight.mul_(-1)  # in place
+        assert torch.equal(r(x).scores_TE, expected()) and r._fp32[2] is not kept
+        r.weight.data = torch.randn(8, 32).to(torch.bfloat16)  # another tensor
+        assert torch.equal(r(x).scores_TE, expected())
+    with torch.inference_mode():
+        assert torch.equal(r(x).scores_TE, expected())
+    r.weight.requires_grad_(True)
+    r(x).topk_weights_TK.sum().backward()
+    assert r.weight.grad is not None and r.weight.grad.abs().sum() > 0

@@ -91,7 +91,13 @@ def combine(y_MD: torch.Tensor, perm: Permutation) -> torch.Tensor:
 def dispatch(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
              experts: GroupedExperts, capacity: Optional[int] = None,
              counts_E: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """permute -> experts -> combine: ``(routed output fp32 [T, D], dropped assignments)``."""
+    """permute -> experts -> combine: ``(routed output fp32 [T, D], dropped assignments)``.
+    Without a capacity, an experts stage that can take a few tokens' assignments unsorted
+    (``few_tokens``: quantized decoding) does all three."""
+    if capacity is None:
+        y_TD = experts.few_tokens(x_TD, topk_ids_TK, topk_weights_TK)
+        if y_TD is not None:
+            return y_TD, torch.zeros((), dtype=torch.long, device=x_TD.device)
     perm = permute(topk_ids_TK, topk_weights_TK, experts.n_experts, capacity, counts_E)
     if x_TD.shape[0] == 0:
         return x_TD.new_zeros(x_TD.shape, dtype=torch.float32), perm.dropped

@@ -578,6 +578,12 @@ class GroupedExperts(nn.Module):
         with torch.autocast(x_TD.device.type, enabled=False):
             return fn.apply(x_TD.to(dtype), token_M, gate_M, *self.local_weights(dtype), counts)
 
+    def few_tokens(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor,
+                   topk_weights_TK: torch.Tensor) -> Optional[torch.Tensor]:
+        """The three stages at once for a few tokens, skipping the permutation: None here (the
+        stacked experts have no such path; ``ExpertList`` has, for quantized decoding)."""
+        return None
+
     def extra_repr(self) -> str:
         E, I, D = self.w1.shape
         return f"experts={E}, hidden={D}, intermediate={I}, backend={self.backend}"
@@ -615,7 +621,8 @@ class ExpertList(nn.ModuleList):
         experts given few rows each (decoding) run as two calls of the package's kernel for all
         of them: gate and up projections, then the down projections (fp32 result)."""
         counts = counts_E.tolist()  # one host synchronisation
-        fused = self._quantized_few_rows(x_MD, counts, gate_M)
+        used = [e for e, n in enumerate(counts) if n]
+        fused = self._quantized_few_rows(x_MD, used, [counts[e] for e in used], gate_M)
         if fused is not None:
             return fused
         out, s = [], 0
@@ -631,27 +638,68 @@ class ExpertList(nn.ModuleList):
             return x_MD.new_zeros(0, self[0].down_proj.out_features)
         return torch.cat(out) if len(out) > 1 else out[0]
 
-    def _quantized_few_rows(self, x_MD: torch.Tensor, counts: list[int],
-                            gate_M: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """``forward`` through ``quant.gemv`` (None where it does not serve: unquantized experts,
-        many rows, or no kernel)."""
+    def few_tokens(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor,
+                   topk_weights_TK: torch.Tensor) -> Optional[torch.Tensor]:
+        """Permute, experts and combine at once for a few tokens of a quantized model (decoding),
+        as the package's kernel allows: its rows need not be sorted or gathered (each weight
+        names its own rows of ``x_TD``; one token's rows are the token itself), so the
+        permutation's sort, gathers and scatter are left out. Returns what ``dispatch`` returns
+        for these assignments without a capacity, fp32 [T, D] and equal to it bit for bit (the
+        same products, the gate applied the same way, each token's K rows summed in k order);
+        None where it does not serve (gradients, unquantized experts, more than
+        ``quant.GEMV_ROWS`` tokens, no kernel)."""
+        from ..quant import GEMV_ROWS, QuantLinear
+
+        T, K = topk_ids_TK.shape
+        if (T == 0 or T > GEMV_ROWS or torch.is_grad_enabled() or x_TD.device.type != "cpu"
+                or not isinstance(self[0].gate_proj, QuantLinear)):
+            return None
+        ids = topk_ids_TK.tolist()  # one host synchronisation
+        # Assignments grouped by expert, experts in order of first appearance in the k-major
+        # assignment order (a = k * T + t), rows within an expert in that order too.
+        groups: dict[int, list[int]] = {}
+        for k in range(K):
+            for t in range(T):
+                groups.setdefault(ids[t][k], []).append(k * T + t)
+        order = [a for rows in groups.values() for a in rows]  # grouped row -> assignment
+        ns = [len(rows) for rows in groups.values()]
+        used = list(groups)
+        if T == 1 and len(used) == K:  # every row is the token itself, in assignment order
+            x_MD, gate_M, inverse = x_TD, topk_weights_TK.reshape(-1), None
+        else:
+            order_M = torch.tensor(order, device=x_TD.device)
+            x_MD = x_TD.index_select(0, order_M % T)
+            gate_M = topk_weights_TK.t().reshape(-1).index_select(0, order_M)
+            inverse = [0] * len(order)
+            for m, a in enumerate(order):
+                inverse[a] = m
+        y_MD = self._quantized_few_rows(x_MD, used, ns, gate_M, share_row=inverse is None)
+        if y_MD is None:
+            return None
+        if inverse is not None:
+            y_MD = y_MD.index_select(0, torch.tensor(inverse, device=x_TD.device))
+        return y_MD.view(K, T, -1).sum(0, dtype=torch.float32)
+
+    def _quantized_few_rows(self, x_MD: torch.Tensor, used: list[int], ns: list[int],
+                            gate_M: Optional[torch.Tensor], share_row: bool = False) -> Optional[torch.Tensor]:
+        """``gate * expert(row)`` [M, D] fp32 through ``quant.gemv``: the experts ``used``, in
+        that order, ``ns[i]`` consecutive rows each (M = sum(ns)); ``share_row``: ``x_MD`` is one
+        row that every expert takes. None where it does not serve (unquantized experts, many
+        rows, or no kernel)."""
         from ..quant import QuantLinear, gemv, gemv_usable
 
-        if torch.is_grad_enabled() or not isinstance(self[0].gate_proj, QuantLinear):
-            return None
-        used = [e for e, n in enumerate(counts) if n]
-        if not used:
+        if torch.is_grad_enabled() or not used or not isinstance(self[0].gate_proj, QuantLinear):
             return None
         ins = [self[e].gate_proj for e in used] + [self[e].up_proj for e in used]
         outs = [self[e].down_proj for e in used]
         if not all(isinstance(m, QuantLinear) for m in ins + outs):
             return None
-        if not (gemv_usable(ins, max(counts), x_MD) and gemv_usable(outs, max(counts), x_MD)):
+        if not (gemv_usable(ins, max(ns), x_MD) and gemv_usable(outs, max(ns), x_MD)):
             return None
-        ns = [counts[e] for e in used]
         starts = [0, *itertools.accumulate(ns)][:-1]
+        in_starts = [0] * len(used) if share_row else starts
         # Every row's gate projection (in row order), then every row's up projection.
-        gu = gemv(ins, x_MD, starts + starts, ns + ns).view(2, x_MD.shape[0], -1)
+        gu = gemv(ins, x_MD, in_starts + in_starts, ns + ns).view(2, sum(ns), -1)
         h = F.silu(gu[0]) * gu[1]
         if gate_M is not None:
             h = h * gate_M.float().unsqueeze(1)

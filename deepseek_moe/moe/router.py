@@ -39,6 +39,21 @@ class TopKRouter(nn.Module):
         self.norm_topk_prob = norm_topk_prob
         self.routed_scaling_factor = routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(n_experts, hidden_size))
+        self._fp32: Optional[tuple[torch.Tensor, int, torch.Tensor]] = None  # (weight, version, copy)
+
+    def _centroids_fp32(self) -> torch.Tensor:
+        """The centroids in fp32. Without gradients (generation, evaluation) a bf16 model's are
+        converted once and kept, not at every call; the copy is redone when the weight changes
+        (another tensor, or an in-place write). The kept reference to the weight's storage means
+        that no other tensor can take its address while the copy is kept."""
+        w = self.weight
+        if w.dtype == torch.float32 or torch.is_grad_enabled():
+            return w.float()
+        kept = self._fp32
+        if (kept is None or kept[0].data_ptr() != w.data_ptr() or kept[0].shape != w.shape
+                or kept[0].device != w.device or kept[1] != w._version):
+            kept = self._fp32 = (w.detach(), w._version, w.detach().float())
+        return kept[2]
 
     def forward(
         self,
@@ -54,7 +69,7 @@ class TopKRouter(nn.Module):
         if not 1 <= k <= self.n_experts - disable_top:
             raise ValueError(f"cannot route to {k} of {self.n_experts} experts with "
                              f"{disable_top} disabled")
-        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        logits_TE = F.linear(x_TD.float(), self._centroids_fp32())
         scores_TE = logits_TE.softmax(dim=-1)
         if disable_top > 0:
             masked_TE = scores_TE.clone()
