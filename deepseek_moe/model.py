@@ -26,6 +26,7 @@ from torch import nn
 from .config import DeepseekMoEConfig
 from .ffn import SwiGLU
 from .moe import DeepseekMoE, MoEAux
+from . import kernels
 from .quant import fused_linears
 
 
@@ -47,17 +48,31 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
         torch._assert_async(~bad_BS.any(), f"a token id is out of range for vocab_size {vocab_size}")
 
 
+NORM_KERNEL_ROWS = 8  # at most this many rows: a quantized model's norms take the package's kernel
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.use_kernel = False  # decoding through kernels.rms_norm_rows (quantized models)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 (x * rsqrt(mean(x^2) + eps): torch's rms_norm, one operation rather
-        # than five, the same values and gradients), scale in the model dtype (as the released
-        # code does).
+        # Normalise in fp32 (x * rsqrt(mean(x^2) + eps): torch's rms_norm, the same values and
+        # gradients as the formula), scale in the model dtype (as the released code does).
+        if x.shape[-1] and x.numel() // x.shape[-1] <= NORM_KERNEL_ROWS and self._kernel_serves(x):
+            return kernels.rms_norm_rows(x, self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+    def _kernel_serves(self, x: torch.Tensor) -> bool:
+        """Decoding a quantized model (``use_kernel``, which ``quant.quantize_modules`` sets; a
+        few rows, no gradient, on the CPU): the package's one-operation RMSNorm (torch's is about
+        fifteen operations on the CPU, most of a decoded token's norm time), where the package's
+        kernels are available."""
+        return (self.use_kernel and not torch.is_grad_enabled() and x.device.type == "cpu" and x.is_contiguous()
+                and x.dtype == self.weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
+                and kernels.available())
 
 
 def rope_cos_sin(

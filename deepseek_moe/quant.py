@@ -267,7 +267,8 @@ def quantized_layers(model: nn.Module) -> list["QuantLinear"]:
 def quantize_modules(model: nn.Module, bits: int, group_size: int) -> None:
     """Replace every linear layer of ``model`` that ``bits_for`` quantizes by a ``QuantLinear`` of
     the same shape (int4 groups: ``group_for``), on the same device (meta stays meta; values are
-    zeros: load the stored tensors afterwards)."""
+    zeros: load the stored tensors afterwards). Its norms then decode through the package's
+    kernel (``RMSNorm.use_kernel``)."""
     tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
     targets = [(name, m, b) for name, m in model.named_modules() if isinstance(m, nn.Linear)
                for b in [bits_for(name + ".weight", tuple(m.weight.shape), bits, tied)] if b is not None]
@@ -276,6 +277,9 @@ def quantize_modules(model: nn.Module, bits: int, group_size: int) -> None:
         parent = model.get_submodule(parent_name) if parent_name else model
         g = group_for(m.in_features, group_size, name) if b == 4 else group_size
         setattr(parent, child, QuantLinear(m.in_features, m.out_features, b, g, device=m.weight.device))
+    for m in model.modules():  # the norms of a quantized model decode through the package's kernel
+        if hasattr(m, "use_kernel"):
+            m.use_kernel = True
 
 
 def scheme_of(hf_config: dict) -> Optional[tuple[int, int]]:

@@ -326,3 +326,54 @@ def test_decoding_with_fused_projections_equals_one_layer_at_a_time(monkeypatch)
     alone = decode_logits()
     assert 3 not in calls and 2 not in calls
     assert torch.equal(fused, alone)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 1, 2048), (3, 5, 64), (2, 100), (1, 7)])
+def test_rms_norm_in_one_operation(dtype, shape):
+    """The package's RMSNorm equals the model's formula (``w * rms_norm(x.float()).to(dtype)``):
+    bf16 within one unit in the last place (the fp32 sum's order differs), fp32 within 1e-6."""
+    g = torch.Generator().manual_seed(len(shape))
+    x = (torch.randn(shape, generator=g) * 3).to(dtype)
+    w = (torch.rand(shape[-1], generator=g) + 0.5).to(dtype)
+    ref = w * torch.nn.functional.rms_norm(x.float(), (shape[-1],), eps=1e-6).to(dtype)
+    out = kernels.rms_norm_rows(x, w, 1e-6)
+    assert out.dtype == dtype and out.shape == x.shape
+    if dtype == torch.bfloat16:
+        ulp = 2.0 ** (torch.frexp(ref.float()).exponent.float() - 8)
+        assert ((out.float() - ref.float()).abs() <= ulp).all()
+    else:
+        assert torch.allclose(out, ref, rtol=1e-6, atol=1e-7)
+
+
+@needs_kernel
+def test_a_quantized_models_norms_decode_through_the_kernel(monkeypatch):
+    """``quantize_modules`` marks the norms; a marked norm takes the kernel for a few rows without
+    gradients only, and the result is close to torch's."""
+    from deepseek_moe import model as model_module
+    from deepseek_moe.config import DeepseekMoEConfig
+    from deepseek_moe.model import DeepseekForCausalLM, RMSNorm
+    from deepseek_moe.quant import quantize_modules
+
+    m = DeepseekForCausalLM(DeepseekMoEConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
+                                              moe_intermediate_size=64, num_hidden_layers=2,
+                                              num_attention_heads=2, num_key_value_heads=2,
+                                              n_routed_experts=4, num_experts_per_tok=2))
+    norms = [n for n in m.modules() if isinstance(n, RMSNorm)]
+    assert not any(n.use_kernel for n in norms)
+    quantize_modules(m, 8, 128)
+    assert all(n.use_kernel for n in norms)
+    calls = []
+    real = kernels.rms_norm_rows
+    monkeypatch.setattr(kernels, "rms_norm_rows", lambda *a: calls.append(a[0].shape) or real(*a))
+    norm = norms[0]
+    x = torch.randn(1, 3, 64)
+    with torch.no_grad():
+        y = norm(x)
+        assert len(calls) == 1
+        norm(torch.randn(1, model_module.NORM_KERNEL_ROWS + 1, 64))
+        assert len(calls) == 1  # many rows: torch's
+    assert torch.allclose(y, norm.weight * torch.nn.functional.rms_norm(x, (64,), eps=norm.eps), rtol=1e-6, atol=1e-7)
+    norm(x)  # gradients on: torch's
+    assert len(calls) == 1

@@ -122,3 +122,9 @@ def dequant_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
     """The bf16 [N, K] weight of a group-wise int4 one (``quant`` module's layout): ``q * scale +
     zero`` in fp32, rounded once to bf16, in one pass over the weight. See ``quant_gemv.cpp``."""
     return torch.ops.deepseek_moe.dequant_int4(packed, scale, zero, group)
+
+
+def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * rms_norm(x.float()).to(x.dtype)`` (``model.RMSNorm``) as one operation, for
+    inference (no gradient); x and weight both fp32 or both bf16. See ``quant_gemv.cpp``."""
+    return torch.ops.deepseek_moe.rms_norm_rows(x, weight, eps)
