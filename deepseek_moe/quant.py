@@ -154,6 +154,7 @@ class QuantLinear(nn.Module):
             raise ValueError(f"{in_features} inputs do not split into groups of {group_size}")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
+        self.scheme = (bits, group_size, in_features, out_features)  # what gemv_usable compares
         for suffix, (shape, dtype) in quantized_shapes((out_features, in_features), bits, group_size).items():
             self.register_buffer(suffix, torch.zeros(shape, dtype=dtype, device=device))
         self._kernel_weight: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # int4: built on first use
@@ -212,13 +213,12 @@ def gemv_usable(layers: list[QuantLinear], rows_per_layer: int, x: torch.Tensor)
     """Whether ``gemv`` serves these layers (one scheme and shape, on the CPU) for this many rows
     each: the package's kernel is available and takes their shape (inputs a multiple of 32; int4
     groups a multiple of 64)."""
-    first = layers[0]
-    if x.device.type != "cpu" or rows_per_layer > GEMV_ROWS or first.in_features % 32:
+    scheme = getattr(layers[0], "scheme", None)  # QuantLinear's (bits, group, in, out)
+    if scheme is None or x.device.type != "cpu" or rows_per_layer > GEMV_ROWS or scheme[2] % 32:
         return False
-    if first.bits == 4 and first.group_size % 64:
+    if scheme[0] == 4 and scheme[1] % 64:
         return False
-    if any((m.bits, m.group_size, m.in_features, m.out_features) !=
-           (first.bits, first.group_size, first.in_features, first.out_features) for m in layers):
+    if any(getattr(m, "scheme", None) != scheme for m in layers):  # also: every one quantized
         return False
     from . import kernels
 
@@ -232,12 +232,15 @@ def gemv(layers: list[QuantLinear], x: torch.Tensor, starts: list[int], counts: 
     from . import kernels
 
     first = layers[0]
+    # The buffers straight from each module's dict (a decoded token makes hundreds of these
+    # lookups; nn.Module's attribute fallback costs several times more).
     if first.bits == 8:
-        weights, zeros = [m.weight for m in layers], []
+        weights, zeros = [m._buffers["weight"] for m in layers], []
     else:
-        weights, zeros = [m.weight_packed for m in layers], [m.weight_zero for m in layers]
-    return kernels.quant_gemv(x, weights, [m.weight_scale for m in layers], zeros, starts, counts,
-                              first.bits, first.group_size)
+        weights = [m._buffers["weight_packed"] for m in layers]
+        zeros = [m._buffers["weight_zero"] for m in layers]
+    return kernels.quant_gemv(x, weights, [m._buffers["weight_scale"] for m in layers], zeros, starts,
+                              counts, first.bits, first.group_size)
 
 
 def fused_linears(layers: Sequence[nn.Module], x: torch.Tensor) -> Optional[torch.Tensor]:

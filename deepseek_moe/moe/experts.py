@@ -690,10 +690,11 @@ class ExpertList(nn.ModuleList):
 
         if torch.is_grad_enabled() or not used or not isinstance(self[0].gate_proj, QuantLinear):
             return None
-        ins = [self[e].gate_proj for e in used] + [self[e].up_proj for e in used]
-        outs = [self[e].down_proj for e in used]
-        if not all(isinstance(m, QuantLinear) for m in ins + outs):
-            return None
+        experts = list(self._modules.values())  # (the modules' dicts: the fast way in)
+        ins = ([experts[e]._modules["gate_proj"] for e in used]
+               + [experts[e]._modules["up_proj"] for e in used])
+        outs = [experts[e]._modules["down_proj"] for e in used]
+        # (gemv_usable also checks that every one is quantized)
         if not (gemv_usable(ins, max(ns), x_MD) and gemv_usable(outs, max(ns), x_MD)):
             return None
         starts = [0, *itertools.accumulate(ns)][:-1]
