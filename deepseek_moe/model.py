@@ -148,6 +148,7 @@ class KVCache:
         self.valid_BT = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.seen_B = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.length = 0
+        self.all_real = True  # no padding appended: one new token attends to every slot, no mask
 
     @classmethod
     def for_model(cls, model: "DeepseekForCausalLM", batch_size: int, max_len: int) -> "KVCache":
@@ -166,6 +167,7 @@ class KVCache:
     def reset(self) -> None:
         """Forget every token (the buffers are reused as they are)."""
         self.length = 0
+        self.all_real = True
         self.valid_BT.zero_()
         self.seen_B.zero_()
 
@@ -176,6 +178,8 @@ class KVCache:
         start = self.length
         self.valid_BT[:, start : start + S] = True if valid_BS is None else valid_BS
         self.seen_B += S if valid_BS is None else valid_BS.sum(1)
+        if valid_BS is not None and self.all_real and not bool(valid_BS.all()):
+            self.all_real = False
         self.length = start + S
         return start
 
@@ -212,7 +216,8 @@ class Attention(nn.Module):
         mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """``kv``: this layer's cache buffers, written at slots ``[start, start + S)``; ``mask``
-        (B, 1, S, T) boolean, None meaning plain causal over the S new tokens (then start == 0)."""
+        (B, 1, S, T) boolean; None means plain causal over the S new tokens (then start == 0), or,
+        for one new token, every filled slot (a cache without padding)."""
         B, S, _ = x_BSD.shape
         qkv = fused_linears((self.q_proj, self.k_proj, self.v_proj), x_BSD)
         if qkv is not None:  # one tensor [3, B, S, H*hd] (decoding a quantized model): rotate q and k at once
@@ -230,7 +235,7 @@ class Attention(nn.Module):
             v_buf[:, :, start : start + S] = v
             k, v = k_buf[:, :, : start + S], v_buf[:, :, : start + S]  # (B, Hkv, T, hd)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None,
+            q, k, v, attn_mask=mask, is_causal=mask is None and S > 1,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )  # (B, H, S, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, S, -1))
@@ -374,7 +379,9 @@ class DeepseekForCausalLM(nn.Module):
         positions = self._positions(input_ids, cache, positions, valid_BS)
         if cache is not None:
             cache.append(S, valid_BS)
-            if start > 0 or valid_BS is not None:
+            # One new token after real ones only attends to every filled slot: no mask (it
+            # would be all true; building it and masking cost more than the attention).
+            if (start > 0 or valid_BS is not None) and not (S == 1 and cache.all_real):
                 mask = attention_mask_BST(cache.valid_BT[:, : start + S], start)
         elif valid_BS is not None and segment_ids is None:
             mask = attention_mask_BST(valid_BS, 0)

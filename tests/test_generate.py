@@ -52,7 +52,7 @@ def test_cache_equals_full_forward_single(name):
     with torch.no_grad():
         steps = [m(torch.tensor([ids[:6]]), cache=cache).logits[0]]
         steps += [m(torch.tensor([[t]]), cache=cache).logits[0] for t in ids[6:]]
-    assert cache.length == len(ids)
+    assert cache.length == len(ids) and cache.all_real  # every step after the prompt unmasked
     torch.testing.assert_close(torch.cat(steps), full_logits(m, ids), rtol=0, atol=1e-5)
 
 
@@ -72,6 +72,7 @@ def test_cache_equals_full_forward_batched_left_padded(name):
         prefill = m(ids, cache=cache, attention_mask=mask).logits  # (B, S, V)
         steps = [m(torch.tensor([[r[n + i]] for r, n in zip(rows, lengths)]), cache=cache).logits
                  for i in range(n_new)]
+    assert not cache.all_real  # padding in the cache: every step masked
     cached = torch.cat([prefill] + steps, dim=1)
     for b, (r, n) in enumerate(zip(rows, lengths)):
         got = cached[b, S - n:]  # this row's real positions
