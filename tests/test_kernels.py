@@ -199,6 +199,11 @@ def test_few_tokens_skip_the_permutation_with_the_same_result(bits, group, T):
         with _CountingKernel() as k:
             y_cap, _ = dispatch(x, ids, weights, experts, capacity=T * 3)  # nothing dropped
         assert torch.equal(y_cap, staged) and len(k.calls) == 2
+        x32 = torch.randn(T, 64, generator=g)  # fp32 rows under bf16 autocast: rounded as the stages round them
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast, _ = dispatch(x32, ids, weights, experts)
+            slow, _ = dispatch(x32, ids, weights, experts, capacity=T * 3)
+        assert torch.equal(fast, slow)
     with torch.enable_grad():
         assert experts.few_tokens(x, ids, weights) is None
 

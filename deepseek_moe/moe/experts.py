@@ -654,6 +654,7 @@ class ExpertList(nn.ModuleList):
         if (T == 0 or T > GEMV_ROWS or torch.is_grad_enabled() or x_TD.device.type != "cpu"
                 or not isinstance(self[0].gate_proj, QuantLinear)):
             return None
+        x_TD = x_TD.to(compute_dtype(x_TD))  # the rows as dispatch gathers them
         ids = topk_ids_TK.tolist()  # one host synchronisation
         # Assignments grouped by expert, experts in order of first appearance in the k-major
         # assignment order (a = k * T + t), rows within an expert in that order too.
