@@ -25,6 +25,13 @@ same threads, the same prompt token ids, the same measurements (``--gguf-q8``, `
 and the int8 / int4 checkpoints at once, measure them in turns and join the tables with
 ``--also ROWS.json`` (the ``--json`` of an earlier invocation).
 
+    python benchmarks/big_model.py --int8 DIR --int4 DIR --gguf-q8 q8.gguf --gguf-q4 q4.gguf \
+        --peer-python VENV/bin/python --rounds 3
+
+On a machine whose memory bandwidth drifts from minute to minute, ``--rounds N`` measures every
+mode N times, with the bandwidth in each round and the peer first and last in turn; the table
+gives medians, and the ratios to the peer are the median of the ratios within a round.
+
     python benchmarks/big_model.py --gguf-q8 q8.gguf --gguf-q4 q4.gguf --peer-python VENV/bin/python --json peer.json
     python benchmarks/big_model.py --bf16 DIR --int8 DIR --int4 DIR --also peer.json
 """
@@ -35,6 +42,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -127,8 +135,6 @@ def kernel_ab(path: str, new: int, threads: int, rounds: int) -> dict:
     """Decode tokens/s of one loaded quantized checkpoint with this package's kernel and with
     torch's (``quant.gemv_usable`` answering no), alternating ``rounds`` times in one process, so
     that both see the same machine: a fairer ratio than separate processes on a shared machine."""
-    import statistics
-
     import torch
 
     from deepseek_moe import quant
@@ -173,6 +179,17 @@ def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def merged(rows: list[dict]) -> dict:
+    """One mode's rows of several rounds as one: the median of each measured number, the
+    largest peak RSS."""
+    out = dict(rows[0])
+    for k, v in rows[0].items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            vals = [r[k] for r in rows]
+            out[k] = max(vals) if k == "peak_rss_gib" else statistics.median(vals)
+    return out
 
 
 def run_child(args: list[str], python: str = sys.executable, env: Optional[dict] = None) -> dict:
@@ -221,6 +238,9 @@ def main() -> None:
                         "package's kernel and with torch's, alternating ROUNDS times in one process")
     p.add_argument("--also", action="append", default=[], metavar="ROWS.json",
                    help="rows measured by an earlier invocation (its --json), shown in the same table")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure every mode this many times, alternating with the peer; medians and "
+                        "the median of the ratios within a round")
     p.add_argument("--json")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--peer-worker", help=argparse.SUPPRESS)
@@ -258,34 +278,58 @@ def main() -> None:
     peers = {k: v for k, v in (("q8", args.gguf_q8), ("q4", args.gguf_q4)) if v}
     if not modes and not peers:
         p.error("give at least one checkpoint")
-    bw = run_child(["--bandwidth", "--threads", str(args.threads)])["gbs"]
-    rows = []
+    ids_file = None
     if peers:
         import tempfile
 
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
             json.dump(prompts(args.prompt_len), f)
-        for path in peers.values():
-            r = run_child(["--peer-worker", path, "--ids", f.name, "--prompt-len", str(args.prompt_len),
-                           "--new", str(args.new), "--threads", str(args.threads)], python=args.peer_python)
-            r.update(disk_gb=disk_gb(path))
-            rows.append(r)
-        os.unlink(f.name)
+        ids_file = f.name
     runs = [(mode, path, None) for mode, path in modes.items()]
     if args.torch_kernels:
         runs += [(f"{mode} (torch's kernels)", path, {"DEEPSEEK_MOE_KERNELS": "0"})
                  for mode, path in modes.items() if mode != "bf16"]
-    for mode, path, env in runs:
-        r = run_child(["--worker", path, "--prompt-len", str(args.prompt_len), "--new", str(args.new),
-                       "--threads", str(args.threads)], env=env)
-        r.update(conversions.get(mode, {}), mode=mode, disk_gb=disk_gb(path),
-                 bound_fraction=r["decode_tok_s"] * r["bytes_per_token"] / (bw * 1e9))
-        rows.append(r)
-    if args.json:  # this invocation's own rows
-        Path(args.json).write_text(json.dumps({"bandwidth_gbs": bw, "rows": rows}, indent=1))
+
+    def peer_rows() -> list[dict]:
+        out = []
+        for path in peers.values():
+            r = run_child(["--peer-worker", path, "--ids", ids_file, "--prompt-len", str(args.prompt_len),
+                           "--new", str(args.new), "--threads", str(args.threads)], python=args.peer_python)
+            out.append(dict(r, disk_gb=disk_gb(path)))
+        return out
+
+    def our_rows(bw: float) -> list[dict]:
+        out = []
+        for mode, path, env in runs:
+            r = run_child(["--worker", path, "--prompt-len", str(args.prompt_len), "--new", str(args.new),
+                           "--threads", str(args.threads)], env=env)
+            r.update(conversions.get(mode, {}), mode=mode, disk_gb=disk_gb(path),
+                     bound_fraction=r["decode_tok_s"] * r["bytes_per_token"] / (bw * 1e9))
+            out.append(r)
+        return out
+
+    # Rounds: the machine's bandwidth drifts between minutes, so each round measures it and runs
+    # every mode once, the peer first in odd rounds and last in even ones; the ratios to the peer
+    # are taken within a round (paired) and their median reported.
+    rounds = []
+    for i in range(args.rounds):
+        bw = run_child(["--bandwidth", "--threads", str(args.threads)])["gbs"]
+        rows_i = peer_rows() + our_rows(bw) if i % 2 == 0 else our_rows(bw) + peer_rows()
+        rounds.append({"bandwidth_gbs": bw, "rows": rows_i})
+        if args.rounds > 1:
+            print(f"round {i + 1}/{args.rounds}: read {bw:.1f} GB/s; decode tok/s "
+                  + ", ".join(f"{r['mode']} {r['decode_tok_s']:.2f}" for r in rows_i), flush=True)
+    if ids_file:
+        os.unlink(ids_file)
+    bw = statistics.median(r["bandwidth_gbs"] for r in rounds)
+    rows = [merged([next(r for r in rd["rows"] if r["mode"] == first["mode"]) for rd in rounds])
+            for first in rounds[0]["rows"]]
+    if args.json:  # this invocation's own rows (medians over the rounds) and each round's
+        Path(args.json).write_text(json.dumps({"bandwidth_gbs": bw, "rows": rows, "rounds": rounds}, indent=1))
     for extra in args.also:
         rows += [dict(r, earlier=True) for r in json.loads(Path(extra).read_text())["rows"]]
     print(f"{args.threads} threads; read bandwidth {bw:.1f} GB/s; prompt {args.prompt_len}, {args.new} decoded"
+          + (f"; medians of {args.rounds} rounds (peak RSS: the largest)" if args.rounds > 1 else "")
           + ("; * measured by an earlier invocation (--also)" if args.also else ""))
     head = ("mode", "disk GB", "convert s", "convert RSS GiB", "load s", "peak RSS GiB", "prefill tok/s",
             "decode tok/s", "GB/token", "of bound")
@@ -301,8 +345,14 @@ def main() -> None:
     for ours, theirs in (("int8", "llama.cpp Q8_0"), ("int4", "llama.cpp Q4_0")):
         if ours in by_mode and theirs in by_mode:
             a, b = by_mode[ours], by_mode[theirs]
-            print(f"{ours} vs {theirs}: decode {a['decode_tok_s'] / b['decode_tok_s']:.2f}x (goal >= 1), "
-                  f"prefill {a['prefill_tok_s'] / b['prefill_tok_s']:.2f}x (goal >= 2), "
+            ratios = {}
+            for key in ("decode_tok_s", "prefill_tok_s"):
+                per = [next(r for r in rd["rows"] if r["mode"] == ours)[key]
+                       / next(r for r in rd["rows"] if r["mode"] == theirs)[key] for rd in rounds]
+                ratios[key] = (statistics.median(per),
+                               f" (rounds: {', '.join(f'{x:.2f}' for x in per)})" if len(per) > 1 else "")
+            print(f"{ours} vs {theirs}: decode {ratios['decode_tok_s'][0]:.2f}x{ratios['decode_tok_s'][1]} (goal >= 1), "
+                  f"prefill {ratios['prefill_tok_s'][0]:.2f}x{ratios['prefill_tok_s'][1]} (goal >= 2), "
                   f"peak RSS {a['peak_rss_gib']:.1f} / {b['peak_rss_gib']:.1f} GiB")
     for r in rows:
         if r["mode"].startswith("llama.cpp"):
