@@ -61,7 +61,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 (x * rsqrt(mean(x^2) + eps): torch's rms_norm, the same values and
         # gradients as the formula), scale in the model dtype (as the released code does).
-        if x.shape[-1] and x.numel() // x.shape[-1] <= NORM_KERNEL_ROWS and self._kernel_serves(x):
+        if self.use_kernel and self._kernel_serves(x):
             return kernels.rms_norm_rows(x, self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
@@ -70,7 +70,8 @@ class RMSNorm(nn.Module):
         few rows, no gradient, on the CPU): the package's one-operation RMSNorm (torch's is about
         fifteen operations on the CPU, most of a decoded token's norm time), where the package's
         kernels are available."""
-        return (self.use_kernel and not torch.is_grad_enabled() and x.device.type == "cpu" and x.is_contiguous()
+        return (not torch.is_grad_enabled() and x.device.type == "cpu" and x.is_contiguous()
+                and x.shape[-1] > 0 and x.numel() // x.shape[-1] <= NORM_KERNEL_ROWS
                 and x.dtype == self.weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
                 and kernels.available())
 

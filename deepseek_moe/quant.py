@@ -154,10 +154,14 @@ class QuantLinear(nn.Module):
             raise ValueError(f"{in_features} inputs do not split into groups of {group_size}")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
-        self.scheme = (bits, group_size, in_features, out_features)  # what gemv_usable compares
         for suffix, (shape, dtype) in quantized_shapes((out_features, in_features), bits, group_size).items():
             self.register_buffer(suffix, torch.zeros(shape, dtype=dtype, device=device))
         self._kernel_weight: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # int4: built on first use
+
+    @property
+    def scheme(self) -> tuple[int, int, int, int]:
+        """(bits, group size, inputs, outputs): what ``gemv_usable`` compares."""
+        return (self.bits, self.group_size, self.in_features, self.out_features)
 
     def stored(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.named_buffers(recurse=False)}
@@ -280,8 +284,10 @@ def quantize_modules(model: nn.Module, bits: int, group_size: int) -> None:
         parent = model.get_submodule(parent_name) if parent_name else model
         g = group_for(m.in_features, group_size, name) if b == 4 else group_size
         setattr(parent, child, QuantLinear(m.in_features, m.out_features, b, g, device=m.weight.device))
+    from .model import RMSNorm  # (model imports this module)
+
     for m in model.modules():  # the norms of a quantized model decode through the package's kernel
-        if hasattr(m, "use_kernel"):
+        if isinstance(m, RMSNorm):
             m.use_kernel = True
 
 

@@ -396,7 +396,8 @@ at::Tensor rms_norm_rows(const at::Tensor& x, const at::Tensor& w, double eps) {
   TORCH_CHECK((bf16 || x.scalar_type() == at::kFloat) && w.scalar_type() == x.scalar_type(),
               "x and the weight must both be fp32 or both bf16");
   const int64_t D = x.size(-1);
-  TORCH_CHECK(w.dim() == 1 && w.size(0) == D && w.is_contiguous(), "the weight must be a contiguous [", D, "] tensor");
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == D && w.is_contiguous() && w.device().is_cpu(),
+              "the weight must be a contiguous [", D, "] CPU tensor");
   const int64_t M = D ? x.numel() / D : 0;
   at::Tensor out = at::empty_like(x);
   const uint16_t* xb = bf16 ? reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) : nullptr;
