@@ -30,6 +30,7 @@ fast as fp32 (``--dtypes`` picks). In bf16 both modules are cast to bf16.
     python benchmarks/moe_layer.py                       # both shapes, both dtypes, reference on 2b
     python benchmarks/moe_layer.py --shapes 2b --skip-reference --repeats 3 --json out.json
     python benchmarks/moe_layer.py --skip-reference --system-malloc --dtypes float32
+    python benchmarks/moe_layer.py --skip-reference --compare-backend loop   # the CPU's backends side by side
 """
 
 from __future__ import annotations
@@ -156,6 +157,15 @@ def bench_shape(s: Shape, args: argparse.Namespace, dtype: torch.dtype) -> dict:
     def moe_out() -> torch.Tensor:
         return moe(x)[0]
 
+    def with_backend(backend: str, fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            moe.experts.backend = backend
+            try:
+                fn()
+            finally:
+                moe.experts.backend = args.backend
+        return run
+
     def step(module: torch.nn.Module, fwd: Callable[[], torch.Tensor], backward: bool) -> None:
         for p in module.parameters():
             p.grad = None
@@ -170,6 +180,10 @@ def bench_shape(s: Shape, args: argparse.Namespace, dtype: torch.dtype) -> dict:
         ("dense", "fwd+bwd"): lambda: step(dense, lambda: dense(x), True),
         ("fast", "fwd+bwd"): lambda: step(moe, moe_out, True),
     }
+    if args.compare_backend:  # the same layer on another backend, in the same alternation
+        for kind, bwd in (("forward", False), ("fwd+bwd", True)):
+            runs[(args.compare_backend, kind)] = with_backend(
+                args.compare_backend, lambda b=bwd: step(moe, moe_out, b))
     moe.dispatch = "fast"
     for fn in runs.values():  # warm-up (allocator, MKL/oneDNN kernels), in the timed order
         for _ in range(args.warmup):
@@ -246,11 +260,15 @@ def print_table(results: list[dict], args: argparse.Namespace, dtype: str) -> No
         t = r["times_s"]
         name = r["shape"]["name"]
         dense_f, dense_fb = t["dense/forward"]["median"], t["dense/fwd+bwd"]["median"]
-        for path in ("dense", "fast", "reference"):
-            if f"{path}/forward" not in t:
+        for path in ("dense", "fast", args.compare_backend, "reference"):
+            if not path or f"{path}/forward" not in t:
                 continue
             f, fb = t[f"{path}/forward"]["median"], t[f"{path}/fwd+bwd"]["median"]
             print(f"{name:<6}{path:<11}{f * 1e3:>12.1f}{fb * 1e3:>12.1f}{dense_f / f:>13.3f}{dense_fb / fb:>13.3f}")
+        if args.compare_backend and f"{args.compare_backend}/fwd+bwd" in t:
+            alt = t[f"{args.compare_backend}/fwd+bwd"]["median"]
+            print(f"{name:<6}fast ({r['backend']}) is {alt / t['fast/fwd+bwd']['median']:.2f}x as fast as "
+                  f"{args.compare_backend}, forward+backward")
     print()
     for r in results:
         s = r["shape"]
@@ -295,7 +313,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                    help="glibc's default malloc settings instead of the product's (freed memory kept)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (GPU times are synchronised)")
     p.add_argument("--backend", default="auto",
-                   help="the experts stage's backend for the fast path (auto, loop, padded, grouped_mm)")
+                   help="the experts stage's backend for the fast path (auto, loop, padded, threaded, grouped_mm)")
+    p.add_argument("--compare-backend", default=None, metavar="BACKEND",
+                   help="also time the layer on this backend, alternating with the others (a row of its own)")
     p.add_argument("--tokens", type=int, default=None, help="tokens per step instead of the shape's")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = p.parse_args(argv)

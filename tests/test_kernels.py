@@ -1,6 +1,7 @@
 """The compiled few-row quantized product (``deepseek_moe.kernels.quant_gemv``) against a readable
-reference of its arithmetic, and the quantized experts' fused decode path against the per-expert
-loop."""
+reference of its arithmetic, the quantized experts' fused decode path against the per-expert
+loop, and the training experts' one-expert-per-thread kernel (``grouped_swiglu``; its outputs and
+gradients against the reference are in test_moe's backend tests)."""
 
 from __future__ import annotations
 
@@ -115,8 +116,11 @@ def test_quant_gemv_refuses_what_it_cannot_compute():
 
 
 def test_the_kernels_can_be_switched_off():
-    code = ("from deepseek_moe import kernels; import sys; "
-            "sys.exit(0 if kernels.load() == 'DEEPSEEK_MOE_KERNELS=0' and not kernels.available() else 1)")
+    code = ("from deepseek_moe import kernels; import sys, torch; "
+            "from deepseek_moe.moe import GroupedExperts; "
+            "auto = GroupedExperts(4, 8, 12).resolve_backend(torch.randn(2, 8)); "
+            "sys.exit(0 if kernels.load() == 'DEEPSEEK_MOE_KERNELS=0' and not kernels.available() "
+            "and kernels.library_reason() == 'DEEPSEEK_MOE_KERNELS=0' and auto == 'padded' else 1)")
     env = dict(os.environ, DEEPSEEK_MOE_KERNELS="0")
     assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
 
@@ -382,3 +386,87 @@ def test_a_quantized_models_norms_decode_through_the_kernel(monkeypatch):
     assert torch.allclose(y, norm.weight * torch.nn.functional.rms_norm(x, (64,), eps=norm.eps), rtol=1e-6, atol=1e-7)
     norm(x)  # gradients on: torch's
     assert len(calls) == 1
+
+
+needs_library = pytest.mark.skipif(kernels.library_reason() is not None,
+                                   reason=f"no kernel library here: {kernels.library_reason()}")
+
+
+def _grouped_inputs(dtype, T=37, D=24, I=20, E=6, K=3):
+    from deepseek_moe.moe import permute
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(T, D, generator=g).to(dtype)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    ids[:, 0] = torch.where(ids[:, 0] == E - 1, 0, ids[:, 0])  # expert E-1 gets fewer rows
+    perm = permute(ids, torch.rand(T, K, generator=g), E)
+    ws = [(torch.randn(*shape, generator=g) * 0.3).to(dtype) for shape in ((E, I, D), (E, I, D), (E, D, I))]
+    counts = perm.counts_E.tolist()
+    return x, perm, ws, counts
+
+
+@needs_library
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_swiglu_is_the_same_on_any_number_of_threads(dtype):
+    """Each expert is computed whole by one thread and each token's rows are summed in row order,
+    so one thread and two give the same bits, outputs and every gradient (padded rows too)."""
+    x, perm, ws, counts = _grouped_inputs(dtype)
+    pads = [n + (n % 3) for n in counts]  # some experts padded with zero rows
+    grad = torch.randn(x.shape)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out, g, u = kernels.grouped_swiglu(x, perm.token_M, perm.gate_M, *ws, counts, pads)
+            back = kernels.grouped_swiglu_backward(grad, x, perm.token_M, perm.gate_M, *ws, g, u, counts, pads,
+                                                   True, True, True)
+            results.append([out, g, u, *back])
+    finally:
+        torch.set_num_threads(threads)
+    assert results[0][0].dtype == torch.float32 and results[0][3].dtype == dtype  # fp32 sum, gx as x
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    unpadded = kernels.grouped_swiglu(x, perm.token_M, perm.gate_M, *ws, counts, counts)[0]
+    torch.testing.assert_close(unpadded, results[0][0], rtol=0, atol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@needs_library
+def test_grouped_swiglu_refuses_what_it_cannot_compute():
+    x, perm, ws, counts = _grouped_inputs(torch.float32)
+    bad = perm.token_M.clone()
+    bad[3] = x.shape[0]
+    with pytest.raises(RuntimeError, match="token index 37 out of range for 37 rows"):
+        kernels.grouped_swiglu(x, bad, perm.gate_M, *ws, counts, counts)
+    with pytest.raises(RuntimeError, match="each pad must be at least its count"):
+        kernels.grouped_swiglu(x, perm.token_M, perm.gate_M, *ws, counts, [0] * len(counts))
+    with pytest.raises(RuntimeError, match="of x's dtype"):
+        kernels.grouped_swiglu(x, perm.token_M, perm.gate_M, ws[0].bfloat16(), *ws[1:], counts, counts)
+    with pytest.raises(RuntimeError, match="one entry per expert"):
+        kernels.grouped_swiglu(x, perm.token_M, perm.gate_M, *ws, counts[:-1], counts[:-1])
+
+
+@needs_library
+def test_cpu_training_takes_the_threaded_experts():
+    from deepseek_moe.moe import GroupedExperts
+
+    experts = GroupedExperts(4, 8, 12)
+    assert experts.resolve_backend(torch.randn(2, 8)) == "threaded"
+    assert experts.resolve_backend(torch.randn(2, 8, dtype=torch.float16)) == "padded"
+    assert experts.fuses_dispatch(torch.randn(2, 8))
+
+
+@needs_library
+def test_threaded_experts_under_inference_mode():
+    """Generation runs under ``torch.inference_mode``; the kernel's threads take the caller's mode
+    (torch's worker threads do not have it), so the result is the one computed with gradients."""
+    from deepseek_moe.moe import GroupedExperts, dispatch
+
+    experts = GroupedExperts(5, 16, 24)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, generator=torch.Generator().manual_seed(1))
+    x, ids, w = torch.randn(9, 16), torch.randint(0, 5, (9, 2)), torch.rand(9, 2)
+    with torch.inference_mode():
+        y_inference, _ = dispatch(x, ids, w, experts)
+    y, _ = dispatch(x, ids, w, experts)
+    assert torch.equal(y_inference, y)

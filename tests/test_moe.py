@@ -38,7 +38,20 @@ def init_(module: torch.nn.Module, seed: int = 0) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
-BACKENDS = ["reference", "loop", "loop-unfused", "padded", "padded-unfused", "grouped_mm"]
+BACKENDS = ["reference", "loop", "loop-unfused", "padded", "padded-unfused", "threaded", "threaded-unfused",
+            "grouped_mm"]
+# The backends whose autograd function also runs the gather and the combine on the CPU.
+FUSED = ("loop", "padded", "threaded")
+
+
+@pytest.fixture(autouse=True)
+def _threaded_needs_the_kernels(request):
+    """The ``threaded`` backend runs the package's compiled kernel: skipped where it cannot load."""
+    from deepseek_moe import kernels
+
+    backend = getattr(request.node, "callspec", None) and request.node.callspec.params.get("backend")
+    if backend and backend.startswith("threaded") and kernels.library_reason() is not None:
+        pytest.skip(f"no kernel library here: {kernels.library_reason()}")
 
 
 def pipeline(layer: DeepseekMoE, x: torch.Tensor, backend: str):
@@ -53,7 +66,7 @@ def pipeline(layer: DeepseekMoE, x: torch.Tensor, backend: str):
         perm = permute(r.topk_ids_TK, r.topk_weights_TK, layer.n_routed_experts, cap)
         y = combine(layer.experts(x_TD.index_select(0, perm.token_M), perm.counts_E, perm.gate_M), perm)
     else:
-        assert layer.experts.fuses_dispatch(x_TD) == (backend in ("loop", "padded"))
+        assert layer.experts.fuses_dispatch(x_TD) == (backend in FUSED)
         y, _ = dispatch(x_TD, r.topk_ids_TK, r.topk_weights_TK, layer.experts, cap)
     layer.experts.backend = "auto"
     y = y.view_as(x)
@@ -102,9 +115,10 @@ def test_every_backend_matches_reference(k, shared, backend, capacity):
 
 
 @pytest.mark.parametrize("min_block", [2, 4])
-@pytest.mark.parametrize("backend", ["loop", "loop-unfused", "padded", "padded-unfused"])
+@pytest.mark.parametrize("backend", ["loop", "loop-unfused", "padded", "padded-unfused", "threaded",
+                                     "threaded-unfused"])
 def test_loop_with_row_blocks_matches_reference(monkeypatch, min_block, backend):
-    """The loop and padded backends round GEMM row counts up to blocks in bf16 (stable oneDNN
+    """The loop, padded and threaded backends round GEMM row counts up to blocks in bf16 (stable oneDNN
     shapes): the same rounding forced on fp32 leaves outputs and every gradient equal to the
     reference."""
     from deepseek_moe.moe import experts as experts_mod
@@ -126,7 +140,8 @@ def test_loop_with_row_blocks_matches_reference(monkeypatch, min_block, backend)
         torch.testing.assert_close(g_fast[name], g_ref[name], rtol=1e-5, atol=1e-5 * scale, msg=name)
 
 
-@pytest.mark.parametrize("backend", ["loop", "loop-unfused", "padded", "padded-unfused", "grouped_mm"])
+@pytest.mark.parametrize("backend", ["loop", "loop-unfused", "padded", "padded-unfused", "threaded",
+                                     "threaded-unfused", "grouped_mm"])
 def test_bf16_backends_match_reference(backend):
     """In bf16 (row blocks of 32 in the loop backend) every backend stays within bf16 rounding of
     the fp32 reference, outputs and gradients."""

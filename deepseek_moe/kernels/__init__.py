@@ -2,12 +2,14 @@
 
 ``quant_gemv`` (``quant_gemv.cpp``): the few-row product of weight-only quantized weights that
 decoding spends its time in, for many weights in one call (see the source for the arithmetic);
-``dequant_int4``: an int4 weight to bf16 in one pass, for prefill's GEMMs.
+``dequant_int4``: an int4 weight to bf16 in one pass, for prefill's GEMMs; ``grouped_swiglu``
+(``grouped_swiglu.cpp``): the routed experts of a training step, one expert per thread.
 The library is compiled once per source, torch version and compiler into
 ``$DEEPSEEK_MOE_CACHE/kernels`` (default ``~/.cache/deepseek_moe/kernels``), about 30 s, and loaded
 with ``torch.ops.load_library``. Where it cannot be (no compiler, another processor than x86-64
 with AVX512-VNNI, or ``DEEPSEEK_MOE_KERNELS=0``), ``available()`` is False and callers use torch's
-own kernels; the reason is logged once.
+own kernels; the reason is logged once. ``grouped_swiglu`` is plain C++ and needs only the library
+(``library_reason()``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("quant_gemv.cpp")
+_SOURCES = [Path(__file__).with_name(n) for n in ("quant_gemv.cpp", "grouped_swiglu.cpp")]
 _state: dict[str, object] = {}
 
 
@@ -40,17 +42,19 @@ def _compiler() -> str:
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or "c++"
 
 
-def _compile_command(src: Path, out: Path) -> list[str]:
+def _compile_command(srcs: list[Path], out: Path) -> list[str]:
     import sysconfig
 
     from torch.utils import cpp_extension
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    cmd = [_compiler(), "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+    # -fno-trapping-math: floating-point comparisons may become selects, so that loops with them
+    # vectorise (nothing here enables floating-point traps).
+    cmd = [_compiler(), "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-trapping-math", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
            "-DTORCH_API_INCLUDE_EXTENSION_H"]
     cmd += [f"-I{p}" for p in cpp_extension.include_paths()]
     cmd += [f"-I{sysconfig.get_paths()['include']}"]
-    cmd += [str(src), "-o", str(out)]
+    cmd += [*map(str, srcs), "-o", str(out)]
     cmd += [f"-L{p}" for p in cpp_extension.library_paths()]
     cmd += [f"-Wl,-rpath,{p}" for p in cpp_extension.library_paths()]
     cmd += ["-lc10", "-ltorch_cpu", "-ltorch"]
@@ -58,9 +62,10 @@ def _compile_command(src: Path, out: Path) -> list[str]:
 
 
 def _library_path() -> Path:
-    key = b"".join([_SOURCE.read_bytes(), torch.__version__.encode(), _compiler().encode(), sys.version.encode()])
+    key = b"".join([*(p.read_bytes() for p in _SOURCES), torch.__version__.encode(), _compiler().encode(),
+                    sys.version.encode()])
     key = hashlib.sha256(key).hexdigest()[:16]
-    return cache_dir() / f"quant_gemv-{key}.so"
+    return cache_dir() / f"deepseek_moe-{key}.so"
 
 
 def _build(lib: Path) -> None:
@@ -70,19 +75,19 @@ def _build(lib: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
     os.close(fd)
     try:
-        r = subprocess.run(_compile_command(_SOURCE, Path(tmp)), capture_output=True, text=True)
+        r = subprocess.run(_compile_command(_SOURCES, Path(tmp)), capture_output=True, text=True)
         if r.returncode != 0:
-            raise RuntimeError(f"compiling {_SOURCE.name} failed: {(r.stderr or r.stdout).strip()[-2000:]}")
+            raise RuntimeError(f"compiling {lib.name} failed: {(r.stderr or r.stdout).strip()[-2000:]}")
         os.replace(tmp, lib)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def load() -> Optional[str]:
-    """Build (once) and load the library; None when it is usable, else why not."""
-    if "reason" in _state:
-        return _state["reason"]  # type: ignore[return-value]
+def library_reason() -> Optional[str]:
+    """Build (once) and load the library; None when it is loaded, else why not."""
+    if "library" in _state:
+        return _state["library"]  # type: ignore[return-value]
     reason: Optional[str] = None
     if os.environ.get("DEEPSEEK_MOE_KERNELS", "1") == "0":
         reason = "DEEPSEEK_MOE_KERNELS=0"
@@ -92,14 +97,24 @@ def load() -> Optional[str]:
         try:
             lib = _library_path()
             if not lib.exists():
-                log.info("compiling %s (once, about 30 s) into %s", _SOURCE.name, lib.parent)
+                log.info("compiling %s (once, about 30 s) into %s", ", ".join(p.name for p in _SOURCES), lib.parent)
                 _build(lib)
             torch.ops.load_library(str(lib))
-            if not torch.ops.deepseek_moe.quant_gemv_supported():
-                reason = "this processor lacks AVX512-VNNI"
         except Exception as e:  # no compiler, a failed build, a library that does not load
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
     if reason is not None:
+        log.info("the package's kernels are not used: %s", reason)
+    _state["library"] = reason
+    return reason
+
+
+def load() -> Optional[str]:
+    """Load the library (``library_reason``); None when ``quant_gemv`` is usable, else why not."""
+    if "reason" in _state:
+        return _state["reason"]  # type: ignore[return-value]
+    reason = library_reason()
+    if reason is None and not torch.ops.deepseek_moe.quant_gemv_supported():
+        reason = "this processor lacks AVX512-VNNI"
         log.info("quantized products use torch's kernels: %s", reason)
     _state["reason"] = reason
     return reason
@@ -128,3 +143,34 @@ def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     """``weight * rms_norm(x.float()).to(x.dtype)`` (``model.RMSNorm``) as one operation, for
     inference (no gradient); x and weight both fp32 or both bf16. See ``quant_gemv.cpp``."""
     return torch.ops.deepseek_moe.rms_norm_rows(x, weight, eps)
+
+
+def _require_library() -> None:
+    reason = library_reason()
+    if reason is not None:
+        raise RuntimeError(f"the package's kernels are not available: {reason}")
+
+
+def grouped_swiglu(x: torch.Tensor, token_M: Optional[torch.Tensor], gate_M: Optional[torch.Tensor],
+                   w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, counts: list[int],
+                   pads: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The routed experts' SwiGLU over rows sorted by expert, one expert per thread:
+    ``(out, g, u)``; out is the fp32 [T, D] sum of each token's gated rows when ``token_M`` is
+    given, else the rows' results [M, D]; g and u are kept for the backward. See
+    ``grouped_swiglu.cpp``."""
+    _require_library()
+    return torch.ops.deepseek_moe.grouped_swiglu(x, token_M, gate_M, w1, w3, w2, counts, pads)
+
+
+def grouped_swiglu_backward(grad: torch.Tensor, x: torch.Tensor, token_M: Optional[torch.Tensor],
+                            gate_M: Optional[torch.Tensor], w1: torch.Tensor, w3: torch.Tensor,
+                            w2: torch.Tensor, g: torch.Tensor, u: torch.Tensor, counts: list[int],
+                            pads: list[int], need_x: bool, need_gate: bool, need_w: bool):
+    """The gradients of ``grouped_swiglu``: ``(gx, ggate, gw1, gw3, gw2)``, each None where not
+    asked for."""
+    _require_library()
+    outs = torch.ops.deepseek_moe.grouped_swiglu_backward(grad, x, token_M, gate_M, w1, w3, w2, g, u, counts,
+                                                          pads, need_x, need_gate, need_w)
+    gx, ggate, gw1, gw3, gw2 = outs
+    return (gx if need_x else None, ggate if need_gate and gate_M is not None else None,
+            *(t if need_w else None for t in (gw1, gw3, gw2)))

@@ -4,12 +4,12 @@
    capacity rule. Indices only, no rows are moved. The one place that states both rules below.
 2. the experts stage, ``GroupedExperts.forward(x_MD, counts_E, gate_M)``: rows sorted by expert
    in, ``gate * SwiGLU_e(row)`` out, the gate scaling the input of the down projection. Its
-   backends (``reference``, ``loop``, ``padded``, ``grouped_mm``) live in ``moe.experts``; expert
-   parallelism wraps exactly this stage (``parallel.expert_parallel``).
+   backends (``reference``, ``loop``, ``padded``, ``threaded``, ``grouped_mm``) live in
+   ``moe.experts``; expert parallelism wraps exactly this stage (``parallel.expert_parallel``).
 3. ``combine``: every gated row back to its token, summed in fp32, deterministically.
 
-``dispatch`` runs the three. On the CPU the ``loop`` and ``padded`` backends fuse them into one
-autograd node (``GroupedExperts.routed_forward``) behind the same inputs and result.
+``dispatch`` runs the three. On the CPU the ``loop``, ``padded`` and ``threaded`` backends fuse
+them into one autograd node (``GroupedExperts.routed_forward``) behind the same inputs and result.
 
 Shape legend: T tokens, D hidden size, E routed experts, K experts per token, M = K*T
 token-expert assignments.

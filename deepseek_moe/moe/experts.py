@@ -21,8 +21,14 @@ same product as scaling the output, on I rather than D elements). Its backends:
   scattermoe does), behind the same inputs and result as the three stages.
 - ``padded``: the same, but experts of similar row counts are grouped into buckets and each
   bucket runs as one batched GEMM over rows padded to a common count (``_PaddedGroupedSwiGLU``).
-  The CPU's choice for small experts, whose per-expert GEMMs cost more in call overhead than in
-  arithmetic; fused on the CPU like ``loop``.
+  The CPU's choice for small experts when the package's kernels cannot load; fused like ``loop``.
+- ``threaded``: the package's compiled ``grouped_swiglu`` kernel (``_ThreadedGroupedSwiGLU``):
+  whole experts shared out over the threads, each thread doing everything for its expert (gather,
+  the three GEMMs on its own core, the gated SwiGLU in one vectorised pass, and the backward's
+  mirror) in buffers that stay in its cache, and the combine summing each token's rows in row
+  order. No per-GEMM thread start and join, no separate element-wise passes over [M, I] arrays:
+  the CPU's choice whenever the kernels load (fp32 or bf16), fused like ``loop``. Results do not
+  depend on the number of threads.
 
 The stage computes in the autocast dtype when autocast is on (bf16 on a CPU that is faster in
 it), else in the input's dtype; the pipeline's sum over a token's experts is fp32 either way.
@@ -437,6 +443,44 @@ class _PaddedGroupedSwiGLU(torch.autograd.Function):
         return gx, None, gweight_M, gw1, gw3, gw2, None
 
 
+class _ThreadedGroupedSwiGLU(torch.autograd.Function):
+    """The grouped SwiGLU with one expert per thread (the package's ``grouped_swiglu`` kernel):
+    each thread gathers an expert's rows, runs its three GEMMs and the gated SwiGLU in buffers that
+    stay in its cache, and takes the next expert when done; the combine sums each token's rows in
+    row order (deterministic). The same two modes, inputs and result as ``_LoopGroupedSwiGLU``;
+    rows are padded per expert to the bf16 row blocks (``_rounded``) with zero rows."""
+
+    @staticmethod
+    def forward(ctx, x, token_M, weight_M, w1_EID, w3_EID, w2_EDI, counts):  # type: ignore[override]
+        from .. import kernels
+
+        pads = [_rounded(n, x.dtype, 1 << 62) for n in counts]
+        gate_M = None if weight_M is None else weight_M.float().contiguous()
+        ws = [w.contiguous() for w in (w1_EID, w3_EID, w2_EDI)]
+        out, g_PI, u_PI = kernels.grouped_swiglu(x.contiguous(), token_M, gate_M, *ws, counts, pads)
+        ctx.save_for_backward(x, token_M, gate_M, *ws, g_PI, u_PI)
+        ctx.layout = counts, pads, weight_M.dtype if weight_M is not None else None
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[override]
+        from .. import kernels
+
+        x, token_M, gate_M, w1, w3, w2, g_PI, u_PI = ctx.saved_tensors
+        need_x, _, need_w, need_w1, need_w3, need_w2, _ = ctx.needs_input_grad
+        counts, pads, gate_dtype = ctx.layout
+        if grad_out.dtype not in (torch.float32, x.dtype):
+            grad_out = grad_out.float()
+        gx, ggate, gw1, gw3, gw2 = kernels.grouped_swiglu_backward(
+            grad_out.contiguous(), x.contiguous(), token_M, gate_M, w1, w3, w2, g_PI, u_PI, counts, pads,
+            need_x, need_w, need_w1 or need_w3 or need_w2)
+        if ggate is not None:
+            ggate = ggate.to(gate_dtype)
+        return (gx, None, ggate, gw1 if need_w1 else None, gw3 if need_w3 else None,
+                gw2 if need_w2 else None, None)
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the experts compute in: autocast's lower precision when autocast is on for
     ``x``'s device and ``x`` is a float of higher precision, else ``x``'s own dtype."""
@@ -481,6 +525,22 @@ def _grouped_mm_rows(x_MD, counts_E, gate_M, w1, w3, w2):
     return F.grouped_mm(h, w2.transpose(-2, -1), offs=offs)
 
 
+def _threaded_usable(x: torch.Tensor) -> bool:
+    """Whether the ``threaded`` backend can serve ``x``: a CPU tensor of fp32 or bf16 compute
+    dtype, and the package's kernels loaded."""
+    from .. import kernels
+
+    return (x.device.type == "cpu" and compute_dtype(x) in (torch.float32, torch.bfloat16)
+            and kernels.library_reason() is None)
+
+
+def _threaded_rows(x_MD, counts_E, gate_M, w1, w3, w2):
+    """One expert per thread, everything for an expert in its thread's cache
+    (``_ThreadedGroupedSwiGLU``); CPU's choice where the package's kernels load."""
+    counts = counts_E.tolist()  # the one host synchronisation of this backend
+    return _ThreadedGroupedSwiGLU.apply(x_MD, None, gate_M, w1, w3, w2, counts)
+
+
 def _padded_rows(x_MD, counts_E, gate_M, w1, w3, w2):
     """Experts in buckets of similar row counts, each bucket zero-gated to a common count and run
     as batched GEMMs (``_PaddedGroupedSwiGLU``); CPU's choice for small experts."""
@@ -489,9 +549,9 @@ def _padded_rows(x_MD, counts_E, gate_M, w1, w3, w2):
 
 
 BACKENDS = {"reference": _reference_rows, "loop": _loop_rows, "grouped_mm": _grouped_mm_rows,
-            "padded": _padded_rows}
+            "padded": _padded_rows, "threaded": _threaded_rows}
 # Backends whose autograd function also runs the gather and the combine (``routed_forward``).
-FUSED = {"loop": _LoopGroupedSwiGLU, "padded": _PaddedGroupedSwiGLU}
+FUSED = {"loop": _LoopGroupedSwiGLU, "padded": _PaddedGroupedSwiGLU, "threaded": _ThreadedGroupedSwiGLU}
 
 
 class GroupedExperts(nn.Module):
@@ -500,8 +560,8 @@ class GroupedExperts(nn.Module):
     ``forward(x_MD, counts_E, gate_M)`` is the experts stage of the dispatch pipeline
     (``moe.dispatch``): rows sorted by expert in, gated rows out. Expert parallelism wraps exactly
     this call with forward hooks. ``backend`` picks its computation (``"auto"``: ``grouped_mm``
-    for bf16 on CUDA, ``padded`` for small experts on the CPU, else ``loop``; or any name of
-    ``BACKENDS``).
+    for bf16 on CUDA; on the CPU ``threaded`` where the package's kernels load, else ``padded``
+    for small experts and ``loop`` for large ones; or any name of ``BACKENDS``).
     """
 
     def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int, backend: str = "auto"):
@@ -528,10 +588,13 @@ class GroupedExperts(nn.Module):
 
     def resolve_backend(self, x: torch.Tensor) -> str:
         """The backend this call uses (``auto``: ``grouped_mm`` for bf16 on CUDA; on the CPU
-        ``padded`` for small experts (``PADDED_BELOW``), else ``loop``); validates the name."""
+        ``threaded`` where the package's kernels load, else ``padded`` for small experts
+        (``PADDED_BELOW``) and ``loop`` for large ones); validates the name."""
         if self.backend == "auto":
             if x.is_cuda:
                 return "grouped_mm" if compute_dtype(x) == torch.bfloat16 else "loop"
+            if _threaded_usable(x):
+                return "threaded"
             E, I, D = self.w1.shape
             return "padded" if I * D < PADDED_BELOW else "loop"
         if self.backend not in BACKENDS:
@@ -556,16 +619,16 @@ class GroupedExperts(nn.Module):
             return BACKENDS[backend](x_MD.to(dtype), counts_E, gate_M, *self.local_weights(dtype))
 
     def fuses_dispatch(self, x_TD: torch.Tensor) -> bool:
-        """Whether ``routed_forward`` serves this call: the ``loop`` or ``padded`` backend on the
-        CPU, with nothing wrapping the experts stage (expert parallelism's hooks need the plain
+        """Whether ``routed_forward`` serves this call: the ``loop``, ``padded`` or ``threaded``
+        backend on the CPU, with nothing wrapping the experts stage (expert parallelism's hooks need the plain
         stage)."""
         return (x_TD.device.type == "cpu" and self.resolve_backend(x_TD) in FUSED
                 and not self._forward_pre_hooks and not self._forward_hooks)
 
     def routed_forward(self, x_TD: torch.Tensor, token_M: torch.Tensor, gate_M: torch.Tensor,
                        counts_E: torch.Tensor) -> torch.Tensor:
-        """Gather, experts, gate and combine in one autograd node (the fused ``loop`` and
-        ``padded`` backends).
+        """Gather, experts, gate and combine in one autograd node (the fused ``loop``, ``padded``
+        and ``threaded`` backends).
 
         Row m (sorted by expert, ``counts_E[e]`` per expert) sends token ``token_M[m]`` with gate
         ``gate_M[m]``; returns fp32 [T, D] with

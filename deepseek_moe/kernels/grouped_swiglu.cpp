@@ -1,0 +1,482 @@
+// The routed experts' grouped SwiGLU for training on the CPU, one expert per thread.
+//
+//   deepseek_moe::grouped_swiglu(x, token, gate, w1, w3, w2, counts, pads) -> (out, g, u)
+//   deepseek_moe::grouped_swiglu_backward(grad, x, token, gate, w1, w3, w2, g, u, counts, pads,
+//                                         need_x, need_gate, need_w) -> (gx, ggate, gw1, gw3, gw2)
+//
+// Rows are sorted by expert: expert e owns rows [s_e, s_e + counts[e]) (s_e the sum of the earlier
+// counts). Row m reads x[token[m]] (routed) or x[m] (no token), and its result is
+// gate[m] * w2_e (silu(w1_e x) * w3_e x), the gate (fp32; 1 without one) scaling the input of the
+// down projection (eq. 9's g_{i,t} FFN_i(u_t)). Routed, `out` is the fp32 [T, D] sum of each token's
+// rows (the combine), taken in row order, so it is deterministic; without a token it is the rows'
+// results [M, D].
+//
+// Why one expert per thread: at the small experts of the tiny presets (128 x 88) a per-expert
+// GEMM run by all threads spends more on starting and joining the threads than on arithmetic,
+// and the work between the GEMMs (gathers, SwiGLU, gate, combine) costs as much again in passes
+// over memory. Here each thread takes whole experts (largest first, the next free one when it is
+// done) and does everything for one expert in buffers that stay in its cache: the gather of its
+// rows, the three GEMMs (torch's, which run on the calling thread inside a parallel region), the
+// SwiGLU with the gate in one pass, and the backward's mirror of it. Rows are padded per expert to
+// pads[e] >= counts[e] rows of zeros (bf16: a few GEMM shapes that stay compiled); padding rows
+// have a zero gate and zero inputs and gradients, so they add exactly 0 everywhere. The forward
+// keeps g = w1 x and u = w3 x in that padded layout ([sum(pads), I]) for the backward.
+//
+// Element-wise arithmetic is fp32 whatever the storage dtype (fp32 or bf16), rounded once to the
+// storage dtype where a GEMM reads the result.
+
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <numeric>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+struct Layout {
+  int64_t E = 0, D = 0, I = 0, M = 0, P = 0, max_pad = 0;
+  std::vector<int64_t> counts, pads, start, pstart, order;  // order: experts with rows, largest first
+};
+
+Layout make_layout(const Tensor& x, const c10::optional<Tensor>& token, const c10::optional<Tensor>& gate,
+                   const Tensor& w1, const Tensor& w3, const Tensor& w2, at::IntArrayRef counts,
+                   at::IntArrayRef pads) {
+  Layout L;
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D CPU tensor");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be fp32 or bf16");
+  for (const Tensor* w : {&w1, &w3, &w2})
+    TORCH_CHECK(w->dim() == 3 && w->is_contiguous() && w->scalar_type() == x.scalar_type() && w->device().is_cpu(),
+                "the expert weights must be contiguous 3-D CPU tensors of x's dtype");
+  L.E = w1.size(0);
+  L.I = w1.size(1);
+  L.D = w1.size(2);
+  TORCH_CHECK(x.size(1) == L.D && w3.sizes() == w1.sizes() && w2.size(0) == L.E && w2.size(1) == L.D &&
+                  w2.size(2) == L.I,
+              "weight shapes do not match: w1/w3 [E, I, D], w2 [E, D, I], x [*, D]");
+  TORCH_CHECK(static_cast<int64_t>(counts.size()) == L.E && pads.size() == counts.size(),
+              "counts and pads need one entry per expert");
+  L.counts = counts.vec();
+  L.pads = pads.vec();
+  L.start.resize(L.E);
+  L.pstart.resize(L.E);
+  for (int64_t e = 0; e < L.E; ++e) {
+    TORCH_CHECK(L.counts[e] >= 0 && L.pads[e] >= L.counts[e], "each pad must be at least its count");
+    L.start[e] = L.M;
+    L.pstart[e] = L.P;
+    L.M += L.counts[e];
+    L.P += L.pads[e];
+    L.max_pad = std::max(L.max_pad, L.pads[e]);
+    if (L.counts[e] > 0) L.order.push_back(e);
+  }
+  std::stable_sort(L.order.begin(), L.order.end(), [&](int64_t a, int64_t b) { return L.counts[a] > L.counts[b]; });
+  if (token.has_value()) {
+    TORCH_CHECK(token->scalar_type() == at::kLong && token->dim() == 1 && token->numel() == L.M &&
+                    token->is_contiguous(),
+                "token must be a contiguous int64 [M] tensor");
+    const int64_t* t = token->data_ptr<int64_t>();
+    for (int64_t m = 0; m < L.M; ++m)
+      TORCH_CHECK(t[m] >= 0 && t[m] < x.size(0), "token index ", t[m], " out of range for ", x.size(0), " rows");
+  } else {
+    TORCH_CHECK(x.size(0) == L.M, "without tokens x must hold the M = ", L.M, " rows");
+  }
+  if (gate.has_value())
+    TORCH_CHECK(gate->scalar_type() == at::kFloat && gate->dim() == 1 && gate->numel() == L.M && gate->is_contiguous(),
+                "gate must be a contiguous fp32 [M] tensor");
+  return L;
+}
+
+// Runs body(e) for every expert with rows, the experts shared out over torch's threads (each
+// thread takes the next expert of `order` when it is done), with per-thread state made by init().
+template <typename Init, typename Body>
+void for_each_expert(const Layout& L, Init init, Body body) {
+  std::atomic<int64_t> next{0};
+  const int64_t n = static_cast<int64_t>(L.order.size());
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  const at::ThreadLocalState caller;  // inference mode and the like, which torch's threads lack
+  at::parallel_for(0, workers, 1, [&](int64_t b, int64_t end) {
+    at::ThreadLocalStateGuard same_as_caller(caller);
+    at::AutoDispatchBelowAutograd below_autograd;  // the GEMMs below are plain arithmetic
+    at::NoGradGuard no_grad;
+    for (int64_t w = b; w < end; ++w) {
+      auto state = init();
+      for (int64_t j = next++; j < n; j = next++) body(L.order[j], state);
+    }
+  });
+}
+
+template <typename T>
+inline float f32(T v) {
+  return static_cast<float>(v);
+}
+
+// The element-wise passes are row functions on fp32 arrays, compiled for AVX-512, AVX2 and plain
+// x86-64 (the processor picks at load time), with an exp the compiler can vectorise.
+#define ROW_TARGETS __attribute__((target_clones("avx512f", "avx2", "default")))
+
+// exp(x) for x <= 0 (clamped below at -87), within 2 ulp: 2^n * p(r), r = x - n ln 2 (Cephes'
+// expf), written without branches so that it vectorises.
+inline float exp_nonpositive(float x) {
+  x = x < -87.f ? -87.f : x;
+  const float t = x * 1.44269504088896341f + 0.5f;
+  int32_t n = static_cast<int32_t>(t);  // toward zero, then down to the floor
+  n -= static_cast<float>(n) > t ? 1 : 0;
+  const float fn = static_cast<float>(n);
+  const float r = x - fn * 0.693359375f + fn * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.f;
+  const uint32_t bits = static_cast<uint32_t>(n + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
+
+// sigmoid(g) from exp(-|g|), which cannot overflow.
+inline float sigmoid(float g) {
+  const float e = exp_nonpositive(-std::fabs(g));
+  const float s = 1.f / (1.f + e);
+  return g >= 0.f ? s : e * s;
+}
+
+// Storage values to and from fp32: plain for fp32; bf16 by its bits, rounded to nearest even with
+// NaN kept (vectorisable, unlike a call per element).
+__attribute__((always_inline)) inline float load(const float* p, int64_t i) { return p[i]; }
+__attribute__((always_inline)) inline void store(float* p, int64_t i, float v) { p[i] = v; }
+__attribute__((always_inline)) inline float load(const uint16_t* p, int64_t i) {
+  const uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+__attribute__((always_inline)) inline void store(uint16_t* p, int64_t i, float v) {
+  uint32_t a;
+  std::memcpy(&a, &v, sizeof(a));
+  const uint16_t rounded = static_cast<uint16_t>((a + 0x7FFFu + ((a >> 16) & 1u)) >> 16);
+  p[i] = (a & 0x7FFFFFFFu) > 0x7F800000u ? static_cast<uint16_t>(0x7FC0u) : rounded;
+}
+
+// One expert's rows at once: [rows, n] arrays of the storage type S, a gate per row (0 for
+// padding rows), the arithmetic in fp32. h = w * silu(g) * u.
+template <typename S>
+__attribute__((always_inline)) inline void swiglu_block_impl(const S* __restrict g, const S* __restrict u,
+                                                             const float* __restrict w, S* __restrict h,
+                                                             int64_t rows, int64_t n) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float wr = w[r];
+    for (int64_t i = r * n; i < (r + 1) * n; ++i) {
+      const float gi = load(g, i);
+      store(h, i, wr * ((gi * sigmoid(gi)) * load(u, i)));  // as the backward recomputes it
+    }
+  }
+}
+
+// With a = silu(g), s = sigmoid(g) and h = w * a * u, given dh = dL/dh: h, du = dh * w * a,
+// dg = dh * w * u * s * (1 + g (1 - s)) written over dh, and dw[r] = dL/dw = sum_i dh * a * u
+// (tmp: [rows, n] fp32 scratch).
+template <typename S>
+__attribute__((always_inline)) inline void swiglu_block_backward_impl(
+    const S* __restrict g, const S* __restrict u, S* __restrict dh, const float* __restrict w, S* __restrict h,
+    S* __restrict du, float* __restrict dw, float* __restrict tmp, int64_t rows, int64_t n) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float wr = w[r];
+    for (int64_t i = r * n; i < (r + 1) * n; ++i) {
+      const float gi = load(g, i), ui = load(u, i), d = load(dh, i);
+      const float s = sigmoid(gi);
+      const float a = gi * s;
+      const float au = a * ui;
+      tmp[i] = d * au;
+      store(h, i, wr * au);
+      store(du, i, d * wr * a);
+      store(dh, i, d * wr * ui * s * (1.f + gi * (1.f - s)));
+    }
+  }
+  constexpr int64_t L = 16;  // partial sums (a vector's worth, so that the sum vectorises)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* t = tmp + r * n;
+    float acc[L] = {0.f};
+    int64_t i = 0;
+    for (; i + L <= n; i += L)
+      for (int64_t j = 0; j < L; ++j) acc[j] += t[i + j];
+    float sum = 0.f;
+    for (; i < n; ++i) sum += t[i];
+    for (int64_t j = 0; j < L; ++j) sum += acc[j];
+    dw[r] = sum;
+  }
+}
+
+// The same for each storage type, compiled for each target.
+ROW_TARGETS void swiglu_block(const float* g, const float* u, const float* w, float* h, int64_t rows, int64_t n) {
+  swiglu_block_impl(g, u, w, h, rows, n);
+}
+ROW_TARGETS void swiglu_block(const uint16_t* g, const uint16_t* u, const float* w, uint16_t* h, int64_t rows,
+                              int64_t n) {
+  swiglu_block_impl(g, u, w, h, rows, n);
+}
+ROW_TARGETS void swiglu_block_backward(const float* g, const float* u, float* dh, const float* w, float* h,
+                                       float* du, float* dw, float* tmp, int64_t rows, int64_t n) {
+  swiglu_block_backward_impl(g, u, dh, w, h, du, dw, tmp, rows, n);
+}
+ROW_TARGETS void swiglu_block_backward(const uint16_t* g, const uint16_t* u, uint16_t* dh, const float* w,
+                                       uint16_t* h, uint16_t* du, float* dw, float* tmp, int64_t rows, int64_t n) {
+  swiglu_block_backward_impl(g, u, dh, w, h, du, dw, tmp, rows, n);
+}
+
+// Raw storage of a tensor's elements: float, or the bits of bf16.
+inline float* bits(float* p) { return p; }
+inline const float* bits(const float* p) { return p; }
+inline uint16_t* bits(at::BFloat16* p) { return reinterpret_cast<uint16_t*>(p); }
+inline const uint16_t* bits(const at::BFloat16* p) { return reinterpret_cast<const uint16_t*>(p); }
+
+// Rows between the storage dtype and fp32 (bf16: rounded to nearest even, NaN kept).
+ROW_TARGETS void to_float(const at::BFloat16* __restrict src, float* __restrict dst, int64_t n) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t bits = static_cast<uint32_t>(s[i]) << 16;
+    std::memcpy(dst + i, &bits, sizeof(float));
+  }
+}
+
+ROW_TARGETS void from_float(const float* __restrict src, at::BFloat16* __restrict dst, int64_t n) {
+  uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t a;
+    std::memcpy(&a, src + i, sizeof(a));
+    const uint16_t rounded = static_cast<uint16_t>((a + 0x7FFFu + ((a >> 16) & 1u)) >> 16);
+    d[i] = (a & 0x7FFFFFFFu) > 0x7F800000u ? static_cast<uint16_t>(0x7FC0u) : rounded;
+  }
+}
+
+inline void to_float(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+inline void from_float(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+
+ROW_TARGETS void add_row(const float* __restrict src, float* __restrict acc, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += src[i];
+}
+
+// Row conversions between storage dtypes (a plain copy when they agree).
+inline void convert_row(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+inline void convert_row(const at::BFloat16* src, at::BFloat16* dst, int64_t n) {
+  std::memcpy(dst, src, n * sizeof(at::BFloat16));
+}
+inline void convert_row(const at::BFloat16* src, float* dst, int64_t n) { to_float(src, dst, n); }
+inline void convert_row(const float* src, at::BFloat16* dst, int64_t n) { from_float(src, dst, n); }
+
+// dst rows [0, n) = src rows idx[r] (or r0 + r), converted; rows [n, np) = 0.
+template <typename S, typename T>
+void gather_rows(const S* src, const int64_t* idx, int64_t r0, int64_t n, int64_t np, int64_t D, T* dst) {
+  for (int64_t r = 0; r < n; ++r) convert_row(src + (idx ? idx[r] : r0 + r) * D, dst + r * D, D);
+  std::memset(static_cast<void*>(dst + n * D), 0, (np - n) * D * sizeof(T));
+}
+
+// out[t] = sum of the rows m of y with token[m] == t, in increasing m, fp32 (then stored as O).
+template <typename S, typename O>
+void token_sums(const S* y, const int64_t* token, int64_t M, int64_t T, int64_t D, O* out) {
+  std::vector<int64_t> first(T + 1, 0), rows(M);
+  for (int64_t m = 0; m < M; ++m) ++first[token[m] + 1];
+  for (int64_t t = 0; t < T; ++t) first[t + 1] += first[t];
+  std::vector<int64_t> fill(first.begin(), first.end() - 1);
+  for (int64_t m = 0; m < M; ++m) rows[fill[token[m]]++] = m;
+  at::parallel_for(0, T, 64, [&](int64_t b, int64_t e) {
+    std::vector<float> acc(D), row(D);
+    for (int64_t t = b; t < e; ++t) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t j = first[t]; j < first[t + 1]; ++j) {
+        convert_row(y + rows[j] * D, row.data(), D);
+        add_row(row.data(), acc.data(), D);
+      }
+      convert_row(acc.data(), out + t * D, D);
+    }
+  });
+}
+
+// w[r] = the gate of row s + r (1 without gates) for the n real rows, 0 for the padding up to np.
+inline void gates(const float* gate, int64_t s, int64_t n, int64_t np, float* w) {
+  for (int64_t r = 0; r < np; ++r) w[r] = r >= n ? 0.f : (gate ? gate[s + r] : 1.f);
+}
+
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor> forward_impl(const Tensor& x, const c10::optional<Tensor>& token,
+                                               const c10::optional<Tensor>& gate, const Tensor& w1,
+                                               const Tensor& w3, const Tensor& w2, const Layout& L) {
+  const int64_t D = L.D, I = L.I;
+  const bool routed = token.has_value();
+  Tensor g = at::empty({L.P, I}, x.options());
+  Tensor u = at::empty({L.P, I}, x.options());
+  Tensor y = at::empty({L.M, D}, x.options());  // each row's result, in row order
+  const T* xp = x.data_ptr<T>();
+  const int64_t* tok = routed ? token->data_ptr<int64_t>() : nullptr;
+  const float* gp = gate.has_value() ? gate->data_ptr<float>() : nullptr;
+  auto init = [&] {
+    return std::make_tuple(at::empty({L.max_pad, D}, x.options()), at::empty({L.max_pad, I}, x.options()),
+                           std::vector<float>(L.max_pad));
+  };
+  for_each_expert(L, init, [&](int64_t e, auto& buf) {
+    const int64_t n = L.counts[e], np = L.pads[e], s = L.start[e];
+    Tensor xe = std::get<0>(buf).narrow(0, 0, np), he = std::get<1>(buf).narrow(0, 0, np);
+    gather_rows(xp, tok ? tok + s : nullptr, s, n, np, D, xe.data_ptr<T>());
+    Tensor ge = g.narrow(0, L.pstart[e], np), ue = u.narrow(0, L.pstart[e], np);
+    at::mm_out(ge, xe, w1[e].t());
+    at::mm_out(ue, xe, w3[e].t());
+    float* f = std::get<2>(buf).data();  // the rows' gates
+    gates(gp, s, n, np, f);
+    swiglu_block(bits(ge.data_ptr<T>()), bits(ue.data_ptr<T>()), f, bits(he.data_ptr<T>()), np, I);
+    at::mm_out(xe, he, w2[e].t());  // the gathered rows are dead: their buffer takes the result
+    std::memcpy(static_cast<void*>(y.data_ptr<T>() + s * D), xe.data_ptr<T>(), n * D * sizeof(T));
+  });
+  if (!routed) return {y, g, u};
+  Tensor out = at::empty({x.size(0), D}, x.options().dtype(at::kFloat));
+  token_sums(y.data_ptr<T>(), tok, L.M, x.size(0), D, out.data_ptr<float>());
+  return {out, g, u};
+}
+
+std::tuple<Tensor, Tensor, Tensor> grouped_swiglu(const Tensor& x, const c10::optional<Tensor>& token,
+                                                  const c10::optional<Tensor>& gate, const Tensor& w1,
+                                                  const Tensor& w3, const Tensor& w2, at::IntArrayRef counts,
+                                                  at::IntArrayRef pads) {
+  const Layout L = make_layout(x, token, gate, w1, w3, w2, counts, pads);
+  if (x.scalar_type() == at::kBFloat16) return forward_impl<at::BFloat16>(x, token, gate, w1, w3, w2, L);
+  return forward_impl<float>(x, token, gate, w1, w3, w2, L);
+}
+
+struct BackwardBuffers {
+  Tensor dy, work, x;  // [max_pad, D], [max_pad, 3 I], [max_pad, D]
+  std::vector<float> f;  // gates, their gradients, products: max_pad (2 + I)
+};
+
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
+    const Tensor& grad, const Tensor& x, const c10::optional<Tensor>& token, const c10::optional<Tensor>& gate,
+    const Tensor& w1, const Tensor& w3, const Tensor& w2, const Tensor& g, const Tensor& u, const Layout& L,
+    bool need_x, bool need_gate, bool need_w) {
+  const int64_t D = L.D, I = L.I;
+  const bool routed = token.has_value();
+  const int64_t* tok = routed ? token->data_ptr<int64_t>() : nullptr;
+  const float* gp = gate.has_value() ? gate->data_ptr<float>() : nullptr;
+  Tensor gw1, gw3, gw2, ggate, dx, gx;
+  if (need_w) {
+    gw1 = at::empty_like(w1);
+    gw3 = at::empty_like(w3);
+    gw2 = at::empty_like(w2);
+    for (int64_t e = 0; e < L.E; ++e)
+      if (L.counts[e] == 0) {
+        gw1[e].zero_();
+        gw3[e].zero_();
+        gw2[e].zero_();
+      }
+  }
+  float* ggp = nullptr;
+  if (need_gate && gp) {
+    ggate = at::empty({L.M}, gate->options());
+    ggp = ggate.data_ptr<float>();
+  }
+  if (need_x) dx = at::empty({L.M, D}, x.options());  // each row's input gradient, in row order
+  const T* xp = x.data_ptr<T>();
+  const T* gv0 = g.data_ptr<T>();
+  const T* uv0 = u.data_ptr<T>();
+  auto init = [&] {
+    return BackwardBuffers{at::empty({L.max_pad, D}, x.options()), at::empty({L.max_pad, 3 * I}, x.options()),
+                           at::empty({L.max_pad, D}, x.options()), std::vector<float>(L.max_pad * (2 + I))};
+  };
+  auto body = [&](int64_t e, BackwardBuffers& buf, auto grad_ptr) {
+    const int64_t n = L.counts[e], np = L.pads[e], s = L.start[e], p = L.pstart[e];
+    Tensor dy = buf.dy.narrow(0, 0, np), xe = buf.x.narrow(0, 0, np);
+    gather_rows(grad_ptr, tok ? tok + s : nullptr, s, n, np, D, dy.data_ptr<T>());
+    // Three contiguous [np, I] matrices: dh (then dg), h, du.
+    T* work = buf.work.data_ptr<T>();
+    Tensor dhe = at::from_blob(work, {np, I}, x.options());
+    Tensor he = at::from_blob(work + np * I, {np, I}, x.options());
+    Tensor due = at::from_blob(work + 2 * np * I, {np, I}, x.options());
+    at::mm_out(dhe, dy, w2[e]);
+    const T* gv = gv0 + p * I;
+    const T* uv = uv0 + p * I;
+    T* dhv = dhe.data_ptr<T>();
+    T* hv = he.data_ptr<T>();
+    T* duv = due.data_ptr<T>();
+    float* f = buf.f.data();  // gates, dL/dgates, [np, I] products
+    float *fw = f, *fdw = f + L.max_pad, *ft = fdw + L.max_pad;
+    gates(gp, s, n, np, fw);
+    // h again (as the forward computed it, for the down projection's weight gradient), dg over
+    // dh, du
+    swiglu_block_backward(bits(gv), bits(uv), bits(dhv), fw, bits(hv), bits(duv), fdw, ft, np, I);
+    if (ggp) std::memcpy(ggp + s, fdw, n * sizeof(float));
+    gather_rows(xp, tok ? tok + s : nullptr, s, n, np, D, xe.data_ptr<T>());
+    if (need_w) {
+      Tensor gw1e = gw1[e], gw3e = gw3[e], gw2e = gw2[e];
+      at::mm_out(gw2e, dy.t(), he);
+      at::mm_out(gw1e, dhe.t(), xe);
+      at::mm_out(gw3e, due.t(), xe);
+    }
+    if (need_x) {
+      at::mm_out(dy, dhe, w1[e]);  // the gathered gradient is dead: its buffer takes dx
+      dy.addmm_(due, w3[e]);
+      std::memcpy(static_cast<void*>(dx.data_ptr<T>() + s * D), dy.data_ptr<T>(), n * D * sizeof(T));
+    }
+  };
+  if (grad.scalar_type() == at::kFloat) {
+    const float* gr = grad.data_ptr<float>();
+    for_each_expert(L, init, [&](int64_t e, BackwardBuffers& b) { body(e, b, gr); });
+  } else {
+    const T* gr = grad.data_ptr<T>();
+    for_each_expert(L, init, [&](int64_t e, BackwardBuffers& b) { body(e, b, gr); });
+  }
+  if (need_x) {
+    if (routed) {
+      gx = at::empty_like(x);
+      token_sums(dx.data_ptr<T>(), tok, L.M, x.size(0), D, gx.data_ptr<T>());
+    } else {
+      gx = dx;
+    }
+  }
+  auto none = [&] { return at::empty({0}, x.options()); };
+  return {gx.defined() ? gx : none(), ggate.defined() ? ggate : none(), need_w ? gw1 : none(),
+          need_w ? gw3 : none(), need_w ? gw2 : none()};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> grouped_swiglu_backward(
+    const Tensor& grad, const Tensor& x, const c10::optional<Tensor>& token, const c10::optional<Tensor>& gate,
+    const Tensor& w1, const Tensor& w3, const Tensor& w2, const Tensor& g, const Tensor& u, at::IntArrayRef counts,
+    at::IntArrayRef pads, bool need_x, bool need_gate, bool need_w) {
+  const Layout L = make_layout(x, token, gate, w1, w3, w2, counts, pads);
+  TORCH_CHECK(grad.dim() == 2 && grad.is_contiguous() && grad.size(1) == L.D &&
+                  grad.size(0) == (token.has_value() ? x.size(0) : L.M),
+              "grad must be a contiguous [", token.has_value() ? x.size(0) : L.M, ", ", L.D, "] tensor");
+  TORCH_CHECK(grad.scalar_type() == at::kFloat || grad.scalar_type() == x.scalar_type(),
+              "grad must be fp32 or x's dtype");
+  for (const Tensor* t : {&g, &u})
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == x.scalar_type() && t->dim() == 2 && t->size(0) == L.P &&
+                    t->size(1) == L.I,
+                "g and u must be the forward's [sum(pads), I] tensors");
+  if (x.scalar_type() == at::kBFloat16)
+    return backward_impl<at::BFloat16>(grad, x, token, gate, w1, w3, w2, g, u, L, need_x, need_gate, need_w);
+  return backward_impl<float>(grad, x, token, gate, w1, w3, w2, g, u, L, need_x, need_gate, need_w);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(deepseek_moe, m) {
+  m.def("grouped_swiglu(Tensor x, Tensor? token, Tensor? gate, Tensor w1, Tensor w3, Tensor w2, int[] counts, "
+        "int[] pads) -> (Tensor, Tensor, Tensor)");
+  m.def("grouped_swiglu_backward(Tensor grad, Tensor x, Tensor? token, Tensor? gate, Tensor w1, Tensor w3, "
+        "Tensor w2, Tensor g, Tensor u, int[] counts, int[] pads, bool need_x, bool need_gate, bool need_w) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(deepseek_moe, CPU, m) {
+  m.impl("grouped_swiglu", &grouped_swiglu);
+  m.impl("grouped_swiglu_backward", &grouped_swiglu_backward);
+}
