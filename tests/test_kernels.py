@@ -470,3 +470,24 @@ def test_threaded_experts_under_inference_mode():
         y_inference, _ = dispatch(x, ids, w, experts)
     y, _ = dispatch(x, ids, w, experts)
     assert torch.equal(y_inference, y)
+
+
+@needs_library
+def test_routing_selection_and_sort_equal_torchs():
+    """The router's top-k and the permutation's stable sort by expert in the package's kernel give
+    torch.topk's and torch.sort's results (ties, which torch leaves unspecified, go to the lower
+    index; NaN counts as the largest score)."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(300, 63, generator=g)
+    torch.testing.assert_close(kernels.topk_indices(scores, 7), torch.topk(scores, 7).indices, rtol=0, atol=0)
+    scores[0, 40] = scores[0, 12] = 2.0
+    scores[1, 30] = float("nan")
+    ids = kernels.topk_indices(scores, 3)
+    assert ids[0, :2].tolist() == [12, 40] and ids[1, 0].item() == 30
+    experts = torch.randint(0, 63, (4000,), generator=g)
+    for mine, torchs in zip(kernels.sort_by_expert(experts, 63), torch.sort(experts, stable=True)):
+        assert torch.equal(mine, torchs)
+    with pytest.raises(RuntimeError, match="expert id 63 out of range for 63 experts"):
+        kernels.sort_by_expert(torch.tensor([0, 63]), 63)
+    with pytest.raises(RuntimeError, match="k must be in"):
+        kernels.topk_indices(scores, 64)

@@ -473,3 +473,27 @@ def test_router_keeps_bf16_centroids_in_fp32_only_while_they_stay_the_same():
     r.weight.requires_grad_(True)
     r(x).topk_weights_TK.sum().backward()
     assert r.weight.grad is not None and r.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_router_computes_in_fp32_under_bf16_autocast(monkeypatch, kernel):
+    """Logits, softmax, top-k and gates in fp32 whatever autocast says (eq. 10-11 as written, not
+    at bf16's rounding), with the package's top-k kernel and with torch.topk."""
+    from deepseek_moe import kernels
+    from deepseek_moe.moe.router import TopKRouter
+
+    if kernel and kernels.library_reason() is not None:
+        pytest.skip(f"no kernel library here: {kernels.library_reason()}")
+    monkeypatch.setattr(kernels, "cpu_routing_kernels", lambda x: kernel)
+    torch.manual_seed(0)
+    r = TopKRouter(32, 8, 3, norm_topk_prob=False)
+    torch.nn.init.normal_(r.weight)
+    x = torch.randn(20, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = r(x)
+    scores = torch.nn.functional.linear(x, r.weight.detach()).softmax(-1)
+    assert out.scores_TE.dtype == torch.float32 and out.topk_weights_TK.dtype == torch.float32
+    torch.testing.assert_close(out.scores_TE, scores)
+    values, ids = torch.topk(scores, 3)
+    assert torch.equal(out.topk_ids_TK, ids)
+    torch.testing.assert_close(out.topk_weights_TK, values)

@@ -3,13 +3,14 @@
 ``quant_gemv`` (``quant_gemv.cpp``): the few-row product of weight-only quantized weights that
 decoding spends its time in, for many weights in one call (see the source for the arithmetic);
 ``dequant_int4``: an int4 weight to bf16 in one pass, for prefill's GEMMs; ``grouped_swiglu``
-(``grouped_swiglu.cpp``): the routed experts of a training step, one expert per thread.
+(``grouped_swiglu.cpp``): the routed experts of a training step, one expert per thread, and the
+routing's top-k selection and sort by expert (``topk_indices``, ``sort_by_expert``).
 The library is compiled once per source, torch version and compiler into
 ``$DEEPSEEK_MOE_CACHE/kernels`` (default ``~/.cache/deepseek_moe/kernels``), about 30 s, and loaded
 with ``torch.ops.load_library``. Where it cannot be (no compiler, another processor than x86-64
 with AVX512-VNNI, or ``DEEPSEEK_MOE_KERNELS=0``), ``available()`` is False and callers use torch's
-own kernels; the reason is logged once. ``grouped_swiglu`` is plain C++ and needs only the library
-(``library_reason()``).
+own kernels; the reason is logged once. ``grouped_swiglu.cpp`` is plain C++ and needs only the
+library (``library_reason()``; ``cpu_routing_kernels(x)`` says whether a tensor's routing takes it).
 """
 
 from __future__ import annotations
@@ -145,6 +146,12 @@ def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     return torch.ops.deepseek_moe.rms_norm_rows(x, weight, eps)
 
 
+def cpu_routing_kernels(x: torch.Tensor) -> bool:
+    """Whether the routing of ``x`` takes this package's kernels: a CPU tensor, the library loaded,
+    and no ``torch.compile`` tracing (a compiled model keeps torch's operations)."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling() and library_reason() is None
+
+
 def _require_library() -> None:
     reason = library_reason()
     if reason is not None:
@@ -174,3 +181,18 @@ def grouped_swiglu_backward(grad: torch.Tensor, x: torch.Tensor, token_M: Option
     gx, ggate, gw1, gw3, gw2 = outs
     return (gx if need_x else None, ggate if need_gate and gate_M is not None else None,
             *(t if need_w else None for t in (gw1, gw3, gw2)))
+
+
+def topk_indices(scores_TE: torch.Tensor, k: int) -> torch.Tensor:
+    """The indices of each row's k largest fp32 scores, largest first (a tie to the lower index,
+    NaN as the largest): int64 [T, k], ``torch.topk(scores, k).indices`` without its general
+    selection. See ``grouped_swiglu.cpp``."""
+    _require_library()
+    return torch.ops.deepseek_moe.topk_indices(scores_TE, k)
+
+
+def sort_by_expert(ids_M: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.sort(ids_M, stable=True)`` of expert ids in [0, n_experts) by counting:
+    ``(sorted ids, order)``. See ``grouped_swiglu.cpp``."""
+    _require_library()
+    return torch.ops.deepseek_moe.sort_by_expert(ids_M, n_experts)

@@ -3,6 +3,8 @@
 //   deepseek_moe::grouped_swiglu(x, token, gate, w1, w3, w2, counts, pads) -> (out, g, u)
 //   deepseek_moe::grouped_swiglu_backward(grad, x, token, gate, w1, w3, w2, g, u, counts, pads,
 //                                         need_x, need_gate, need_w) -> (gx, ggate, gw1, gw3, gw2)
+//   deepseek_moe::topk_indices(scores, k), deepseek_moe::sort_by_expert(ids, n_experts): the
+//   routing's selection and sort (at the end of this file).
 //
 // Rows are sorted by expert: expert e owns rows [s_e, s_e + counts[e]) (s_e the sum of the earlier
 // counts). Row m reads x[token[m]] (routed) or x[m] (no token), and its result is
@@ -115,13 +117,9 @@ void for_each_expert(const Layout& L, Init init, Body body) {
   });
 }
 
-template <typename T>
-inline float f32(T v) {
-  return static_cast<float>(v);
-}
-
-// The element-wise passes are row functions on fp32 arrays, compiled for AVX-512, AVX2 and plain
-// x86-64 (the processor picks at load time), with an exp the compiler can vectorise.
+// The element-wise passes are functions over arrays of the storage type with fp32 arithmetic,
+// compiled for AVX-512, AVX2 and plain x86-64 (the processor picks at load time), with an exp the
+// compiler can vectorise.
 #define ROW_TARGETS __attribute__((target_clones("avx512f", "avx2", "default")))
 
 // exp(x) for x <= 0 (clamped below at -87), within 2 ulp: 2^n * p(r), r = x - n ln 2 (Cephes'
@@ -242,27 +240,16 @@ inline const float* bits(const float* p) { return p; }
 inline uint16_t* bits(at::BFloat16* p) { return reinterpret_cast<uint16_t*>(p); }
 inline const uint16_t* bits(const at::BFloat16* p) { return reinterpret_cast<const uint16_t*>(p); }
 
-// Rows between the storage dtype and fp32 (bf16: rounded to nearest even, NaN kept).
-ROW_TARGETS void to_float(const at::BFloat16* __restrict src, float* __restrict dst, int64_t n) {
-  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t bits = static_cast<uint32_t>(s[i]) << 16;
-    std::memcpy(dst + i, &bits, sizeof(float));
-  }
+// Rows between bf16 and fp32.
+ROW_TARGETS void to_float(const at::BFloat16* src, float* __restrict dst, int64_t n) {
+  const uint16_t* s = bits(src);
+  for (int64_t i = 0; i < n; ++i) dst[i] = load(s, i);
 }
 
-ROW_TARGETS void from_float(const float* __restrict src, at::BFloat16* __restrict dst, int64_t n) {
-  uint16_t* d = reinterpret_cast<uint16_t*>(dst);
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t a;
-    std::memcpy(&a, src + i, sizeof(a));
-    const uint16_t rounded = static_cast<uint16_t>((a + 0x7FFFu + ((a >> 16) & 1u)) >> 16);
-    d[i] = (a & 0x7FFFFFFFu) > 0x7F800000u ? static_cast<uint16_t>(0x7FC0u) : rounded;
-  }
+ROW_TARGETS void from_float(const float* __restrict src, at::BFloat16* dst, int64_t n) {
+  uint16_t* d = bits(dst);
+  for (int64_t i = 0; i < n; ++i) store(d, i, src[i]);
 }
-
-inline void to_float(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
-inline void from_float(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
 
 ROW_TARGETS void add_row(const float* __restrict src, float* __restrict acc, int64_t n) {
   for (int64_t i = 0; i < n; ++i) acc[i] += src[i];
@@ -466,6 +453,65 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> grouped_swiglu_backward(
   return backward_impl<float>(grad, x, token, gate, w1, w3, w2, g, u, L, need_x, need_gate, need_w);
 }
 
+// Routing on the CPU without torch's general-purpose kernels (a sort, a selection per row).
+
+// The indices of the k largest scores of each row [T, E] (fp32), largest first, a tie going to
+// the lower index and NaN counting as the largest: int64 [T, k].
+Tensor topk_indices(const Tensor& scores, int64_t k) {
+  TORCH_CHECK(scores.device().is_cpu() && scores.dim() == 2 && scores.is_contiguous() &&
+                  scores.scalar_type() == at::kFloat,
+              "scores must be a contiguous fp32 [T, E] CPU tensor");
+  const int64_t T = scores.size(0), E = scores.size(1);
+  TORCH_CHECK(k >= 1 && k <= E, "k must be in [1, ", E, "], got ", k);
+  Tensor out = at::empty({T, k}, scores.options().dtype(at::kLong));
+  const float* sp = scores.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, T, 256, [&](int64_t b, int64_t end) {
+    std::vector<float> best(k);
+    for (int64_t t = b; t < end; ++t) {
+      const float* row = sp + t * E;
+      int64_t* ids = op + t * k;
+      int64_t n = 0;  // kept so far, best[0] >= best[1] >= ...
+      for (int64_t e = 0; e < E; ++e) {
+        const float v = std::isnan(row[e]) ? INFINITY : row[e];
+        if (n == k && !(v > best[k - 1])) continue;
+        int64_t j = n < k ? n++ : k - 1;  // the slot it takes, moved up past the smaller ones
+        for (; j > 0 && v > best[j - 1]; --j) {
+          best[j] = best[j - 1];
+          ids[j] = ids[j - 1];
+        }
+        best[j] = v;
+        ids[j] = e;
+      }
+    }
+  });
+  return out;
+}
+
+// A stable sort of expert ids (int64 [M], each in [0, E)) by counting: (sorted ids, order), as
+// torch.sort(ids, stable=True) returns them.
+std::tuple<Tensor, Tensor> sort_by_expert(const Tensor& ids, int64_t E) {
+  TORCH_CHECK(ids.device().is_cpu() && ids.dim() == 1 && ids.is_contiguous() && ids.scalar_type() == at::kLong,
+              "ids must be a contiguous int64 [M] CPU tensor");
+  const int64_t M = ids.numel();
+  const int64_t* ip = ids.data_ptr<int64_t>();
+  std::vector<int64_t> next(E + 1, 0);
+  for (int64_t m = 0; m < M; ++m) {
+    TORCH_CHECK(ip[m] >= 0 && ip[m] < E, "expert id ", ip[m], " out of range for ", E, " experts");
+    ++next[ip[m] + 1];
+  }
+  for (int64_t e = 0; e < E; ++e) next[e + 1] += next[e];
+  Tensor sorted = at::empty_like(ids), order = at::empty_like(ids);
+  int64_t* sp = sorted.data_ptr<int64_t>();
+  int64_t* op = order.data_ptr<int64_t>();
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t pos = next[ip[m]]++;
+    sp[pos] = ip[m];
+    op[pos] = m;
+  }
+  return {sorted, order};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(deepseek_moe, m) {
@@ -474,9 +520,13 @@ TORCH_LIBRARY_FRAGMENT(deepseek_moe, m) {
   m.def("grouped_swiglu_backward(Tensor grad, Tensor x, Tensor? token, Tensor? gate, Tensor w1, Tensor w3, "
         "Tensor w2, Tensor g, Tensor u, int[] counts, int[] pads, bool need_x, bool need_gate, bool need_w) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("topk_indices(Tensor scores, int k) -> Tensor");
+  m.def("sort_by_expert(Tensor ids, int n_experts) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(deepseek_moe, CPU, m) {
   m.impl("grouped_swiglu", &grouped_swiglu);
   m.impl("grouped_swiglu_backward", &grouped_swiglu_backward);
+  m.impl("topk_indices", &topk_indices);
+  m.impl("sort_by_expert", &sort_by_expert);
 }

@@ -32,6 +32,7 @@ from typing import Optional
 
 import torch
 
+from .. import kernels
 from .experts import GroupedExperts, compute_dtype
 
 
@@ -61,7 +62,10 @@ def permute(topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor, n_experts:
     ``counts_E``: ``expert_counts`` of these ids, when the caller has it already."""
     T = topk_ids_TK.shape[0]
     ids_M = topk_ids_TK.t().reshape(-1)
-    sorted_ids_M, order_M = torch.sort(ids_M, stable=True)
+    if kernels.cpu_routing_kernels(ids_M):  # a counting sort: the same result
+        sorted_ids_M, order_M = kernels.sort_by_expert(ids_M, n_experts)
+    else:
+        sorted_ids_M, order_M = torch.sort(ids_M, stable=True)
     if counts_E is None:
         counts_E = expert_counts(ids_M, n_experts)
     gate_M = topk_weights_TK.t().reshape(-1).index_select(0, order_M)

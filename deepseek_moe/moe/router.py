@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
+
 
 @dataclass
 class RouterOutput:
@@ -69,12 +71,18 @@ class TopKRouter(nn.Module):
         if not 1 <= k <= self.n_experts - disable_top:
             raise ValueError(f"cannot route to {k} of {self.n_experts} experts with "
                              f"{disable_top} disabled")
-        logits_TE = F.linear(x_TD.float(), self._centroids_fp32())
+        # fp32 under autocast too (which would run the product, and then the softmax, in bf16)
+        with torch.autocast(x_TD.device.type, enabled=False):
+            logits_TE = F.linear(x_TD.float(), self._centroids_fp32())
         scores_TE = logits_TE.softmax(dim=-1)
         if disable_top > 0:
             masked_TE = scores_TE.clone()
             masked_TE.scatter_(-1, torch.topk(scores_TE, disable_top, dim=-1).indices, -1.0)
             _, topk_ids_TK = torch.topk(masked_TE, k, dim=-1)
+            topk_weights_TK = scores_TE.gather(-1, topk_ids_TK)
+        elif kernels.cpu_routing_kernels(scores_TE):
+            # The selection alone in the package's kernel; the gates gathered with their gradient.
+            topk_ids_TK = kernels.topk_indices(scores_TE.detach(), k)
             topk_weights_TK = scores_TE.gather(-1, topk_ids_TK)
         else:
             topk_weights_TK, topk_ids_TK = torch.topk(scores_TE, k, dim=-1)
