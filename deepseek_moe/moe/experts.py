@@ -63,6 +63,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .. import kernels
+
 
 # In bf16/fp16 the row counts of the per-expert GEMMs whose rows are independent are rounded up
 # to a block of about 1/16 of the count (at least 8; at most 6% more rows). Their CPU GEMMs are
@@ -452,12 +454,11 @@ class _ThreadedGroupedSwiGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, token_M, weight_M, w1_EID, w3_EID, w2_EDI, counts):  # type: ignore[override]
-        from .. import kernels
-
         pads = [_rounded(n, x.dtype, 1 << 62) for n in counts]
         gate_M = None if weight_M is None else weight_M.float().contiguous()
         ws = [w.contiguous() for w in (w1_EID, w3_EID, w2_EDI)]
-        out, g_PI, u_PI = kernels.grouped_swiglu(x.contiguous(), token_M, gate_M, *ws, counts, pads)
+        x = x.contiguous()
+        out, g_PI, u_PI = kernels.grouped_swiglu(x, token_M, gate_M, *ws, counts, pads)
         ctx.save_for_backward(x, token_M, gate_M, *ws, g_PI, u_PI)
         ctx.layout = counts, pads, weight_M.dtype if weight_M is not None else None
         return out
@@ -465,15 +466,13 @@ class _ThreadedGroupedSwiGLU(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):  # type: ignore[override]
-        from .. import kernels
-
         x, token_M, gate_M, w1, w3, w2, g_PI, u_PI = ctx.saved_tensors
         need_x, _, need_w, need_w1, need_w3, need_w2, _ = ctx.needs_input_grad
         counts, pads, gate_dtype = ctx.layout
         if grad_out.dtype not in (torch.float32, x.dtype):
             grad_out = grad_out.float()
         gx, ggate, gw1, gw3, gw2 = kernels.grouped_swiglu_backward(
-            grad_out.contiguous(), x.contiguous(), token_M, gate_M, w1, w3, w2, g_PI, u_PI, counts, pads,
+            grad_out.contiguous(), x, token_M, gate_M, w1, w3, w2, g_PI, u_PI, counts, pads,
             need_x, need_w, need_w1 or need_w3 or need_w2)
         if ggate is not None:
             ggate = ggate.to(gate_dtype)
@@ -528,8 +527,6 @@ def _grouped_mm_rows(x_MD, counts_E, gate_M, w1, w3, w2):
 def _threaded_usable(x: torch.Tensor) -> bool:
     """Whether the ``threaded`` backend can serve ``x``: a CPU tensor of fp32 or bf16 compute
     dtype, and the package's kernels loaded."""
-    from .. import kernels
-
     return (x.device.type == "cpu" and compute_dtype(x) in (torch.float32, torch.bfloat16)
             and kernels.library_reason() is None)
 
