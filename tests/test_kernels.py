@@ -432,6 +432,25 @@ def test_grouped_swiglu_is_the_same_on_any_number_of_threads(dtype):
 
 
 @needs_library
+def test_grouped_swiglu_bf16_weight_gradients_from_transposed_copies():
+    """At 2^18 weights per matrix and more, bf16 multiplies a row-major copy of each weight
+    gradient's left operand (dy^T, dg^T, du^T) instead of a transposed view: the gradients must be
+    those of the same arithmetic in fp32, to bf16 precision."""
+    x, perm, ws, counts = _grouped_inputs(torch.bfloat16, T=29, D=512, I=512, E=3, K=2)
+    assert ws[0].shape[1] * ws[0].shape[2] >= 1 << 18
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).bfloat16()
+    results = []
+    for dtype in (torch.bfloat16, torch.float32):
+        xs, gs, wd = x.to(dtype), grad.to(dtype), [w.to(dtype) for w in ws]
+        _, g, u = kernels.grouped_swiglu(xs, perm.token_M, perm.gate_M, *wd, counts, counts)
+        results.append(kernels.grouped_swiglu_backward(gs, xs, perm.token_M, perm.gate_M, *wd, g, u, counts,
+                                                       counts, True, True, True))
+    for bf, fp in zip(*results):
+        assert bf.abs().max() > 0
+        torch.testing.assert_close(bf.float(), fp, rtol=3e-2, atol=3e-2 * fp.abs().max().item())
+
+
+@needs_library
 def test_grouped_swiglu_refuses_what_it_cannot_compute():
     x, perm, ws, counts = _grouped_inputs(torch.float32)
     bad = perm.token_M.clone()
