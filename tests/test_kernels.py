@@ -405,12 +405,19 @@ def _grouped_inputs(dtype, T=37, D=24, I=20, E=6, K=3):
     return x, perm, ws, counts
 
 
+def _fused(ws):
+    """(w1, w3, w2) -> (w13, None, w2): the kernel's fused form, each expert's gate rows then up rows."""
+    return torch.cat(ws[:2], 1), None, ws[2]
+
+
 @needs_library
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_swiglu_is_the_same_on_any_number_of_threads(dtype):
+def test_grouped_swiglu_is_the_same_on_any_number_of_threads(dtype, fused):
     """Each expert is computed whole by one thread and each token's rows are summed in row order,
     so one thread and two give the same bits, outputs and every gradient (padded rows too)."""
     x, perm, ws, counts = _grouped_inputs(dtype)
+    ws = _fused(ws) if fused else ws
     pads = [n + (n % 3) for n in counts]  # some experts padded with zero rows
     grad = torch.randn(x.shape)
     results = []
@@ -425,27 +432,95 @@ def test_grouped_swiglu_is_the_same_on_any_number_of_threads(dtype):
     finally:
         torch.set_num_threads(threads)
     assert results[0][0].dtype == torch.float32 and results[0][3].dtype == dtype  # fp32 sum, gx as x
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
+    for i, (a, b) in enumerate(zip(*results)):
+        if fused and i == 6:
+            assert a is None and b is None  # fused: gw1 is gw13, no gw3
+        else:
+            assert torch.equal(a, b)
     unpadded = kernels.grouped_swiglu(x, perm.token_M, perm.gate_M, *ws, counts, counts)[0]
     torch.testing.assert_close(unpadded, results[0][0], rtol=0, atol=1e-5 if dtype == torch.float32 else 1e-2)
 
 
 @needs_library
-def test_grouped_swiglu_bf16_weight_gradients_from_transposed_copies():
+@pytest.mark.parametrize("token", [True, False])
+def test_grouped_swiglu_fused_gate_up_equals_separate(token):
+    """w1 and w3 fused into one [E, 2I, D] tensor (one GEMM for both up projections, one for their
+    input gradient, one for their weight gradient): the same results as the separate weights,
+    routed (with the combine) and as the plain stage."""
+    x, perm, ws, counts = _grouped_inputs(torch.float32)
+    tok = perm.token_M if token else None
+    if not token:
+        x = x.index_select(0, perm.token_M)
+    pads = [n + (n % 3) for n in counts]
+    grad = torch.randn(x.shape if token else (sum(counts), x.shape[1]))
+    out, g, u = kernels.grouped_swiglu(x, tok, perm.gate_M, *ws, counts, pads)
+    out_f, gu, u_f = kernels.grouped_swiglu(x, tok, perm.gate_M, *_fused(ws), counts, pads)
+    I = ws[0].shape[1]
+    assert gu.shape == (sum(pads), 2 * I) and u_f.numel() == 0
+    torch.testing.assert_close(out_f, out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gu, torch.cat([g, u], 1), rtol=1e-5, atol=1e-5)
+    gx, ggate, gw1, gw3, gw2 = kernels.grouped_swiglu_backward(grad, x, tok, perm.gate_M, *ws, g, u, counts, pads,
+                                                               True, True, True)
+    gx_f, ggate_f, gw13, none, gw2_f = kernels.grouped_swiglu_backward(
+        grad, x, tok, perm.gate_M, *_fused(ws), gu, u_f, counts, pads, True, True, True)
+    assert none is None
+    for fused, separate in ((gx_f, gx), (ggate_f, ggate), (gw13, torch.cat([gw1, gw3], 1)), (gw2_f, gw2)):
+        assert separate.abs().max() > 0
+        torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="fused gu"):
+        kernels.grouped_swiglu_backward(grad, x, tok, perm.gate_M, *_fused(ws), g, u, counts, pads, True, True, True)
+
+
+@needs_library
+def test_autocast_training_casts_gate_and_up_into_one_tensor(monkeypatch):
+    """Under bf16 autocast the fp32 weights are cast anyway: the threaded experts get w1 and w3 cast
+    into one fused tensor, and the gradients reach both parameters in fp32, equal to those of the
+    separate casts."""
+    from deepseek_moe.moe import GroupedExperts, dispatch
+
+    calls = []
+    real = kernels.grouped_swiglu
+    monkeypatch.setattr(kernels, "grouped_swiglu", lambda *a: calls.append(a[4] is None) or real(*a))
+    experts = GroupedExperts(5, 16, 24)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, generator=torch.Generator().manual_seed(1))
+    x, ids, w = torch.randn(9, 16), torch.randint(0, 5, (9, 2)), torch.rand(9, 2)
+    grads = []
+    for w13_fused in (True, False):
+        if not w13_fused:  # the separate casts: a bf16 copy of the weights
+            experts16 = GroupedExperts(5, 16, 24)
+            experts16.load_state_dict(experts.state_dict())
+            experts16.bfloat16()
+        module = experts if w13_fused else experts16
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, _ = dispatch(x, ids, w, module)
+        y.backward(torch.ones_like(y))
+        grads.append([p.grad.float() for p in (module.w1, module.w3, module.w2)])
+    assert calls == [True, False]
+    assert all(p.grad.dtype == torch.float32 for p in experts.parameters())
+    for fused, separate in zip(*grads):
+        torch.testing.assert_close(fused, separate, rtol=2e-2, atol=1e-2 * separate.abs().max().item())
+
+
+@needs_library
+@pytest.mark.parametrize("fused", [False, True])
+def test_grouped_swiglu_bf16_weight_gradients_from_transposed_copies(fused):
     """At 2^18 weights per matrix and more, bf16 multiplies a row-major copy of each weight
     gradient's left operand (dy^T, dg^T, du^T) instead of a transposed view: the gradients must be
     those of the same arithmetic in fp32, to bf16 precision."""
     x, perm, ws, counts = _grouped_inputs(torch.bfloat16, T=29, D=512, I=512, E=3, K=2)
+    ws = _fused(ws) if fused else ws
     assert ws[0].shape[1] * ws[0].shape[2] >= 1 << 18
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).bfloat16()
     results = []
     for dtype in (torch.bfloat16, torch.float32):
-        xs, gs, wd = x.to(dtype), grad.to(dtype), [w.to(dtype) for w in ws]
+        xs, gs, wd = x.to(dtype), grad.to(dtype), [None if w is None else w.to(dtype) for w in ws]
         _, g, u = kernels.grouped_swiglu(xs, perm.token_M, perm.gate_M, *wd, counts, counts)
         results.append(kernels.grouped_swiglu_backward(gs, xs, perm.token_M, perm.gate_M, *wd, g, u, counts,
                                                        counts, True, True, True))
     for bf, fp in zip(*results):
+        if fp is None:  # fused: no gw3
+            continue
         assert bf.abs().max() > 0
         torch.testing.assert_close(bf.float(), fp, rtol=3e-2, atol=3e-2 * fp.abs().max().item())
 

@@ -140,11 +140,13 @@ def test_loop_with_row_blocks_matches_reference(monkeypatch, min_block, backend)
         torch.testing.assert_close(g_fast[name], g_ref[name], rtol=1e-5, atol=1e-5 * scale, msg=name)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("backend", ["loop", "loop-unfused", "padded", "padded-unfused", "threaded",
                                      "threaded-unfused", "grouped_mm"])
-def test_bf16_backends_match_reference(backend):
+def test_bf16_backends_match_reference(backend, autocast):
     """In bf16 (row blocks of 32 in the loop backend) every backend stays within bf16 rounding of
-    the fp32 reference, outputs and gradients."""
+    the fp32 reference, outputs and gradients: a bf16 layer, and an fp32 layer under bf16 autocast
+    (where ``threaded`` casts w1 and w3 into one fused tensor)."""
     torch.manual_seed(4)
     # grouped_mm needs rows of a multiple of 16 bytes: widths of multiples of 8 in bf16
     layer = DeepseekMoE(moe_config(num_experts_per_tok=3, n_shared_experts=1, hidden_size=96,
@@ -152,9 +154,15 @@ def test_bf16_backends_match_reference(backend):
     init_(layer, seed=6)
     x = torch.randn(3, 37, 96)
     y_ref, gx_ref, g_ref = run_layer(layer, x, "reference")
-    layer16 = DeepseekMoE(layer.config).to(torch.bfloat16)
-    layer16.load_state_dict(layer.state_dict())
-    y16, gx16, g16 = run_layer(layer16, x.to(torch.bfloat16), "fast", backend)
+    if autocast:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y16, gx16, g16 = run_layer(layer, x, "fast", backend)
+        assert all(g.dtype == torch.float32 for g in g16.values())
+        assert (y16 - y_ref).abs().max() > 1e-3  # bf16 arithmetic, not fp32
+    else:
+        layer16 = DeepseekMoE(layer.config).to(torch.bfloat16)
+        layer16.load_state_dict(layer.state_dict())
+        y16, gx16, g16 = run_layer(layer16, x.to(torch.bfloat16), "fast", backend)
 
     def rel(a, b):
         return ((a.float() - b).norm() / b.norm()).item()

@@ -159,26 +159,27 @@ def _require_library() -> None:
 
 
 def grouped_swiglu(x: torch.Tensor, token_M: Optional[torch.Tensor], gate_M: Optional[torch.Tensor],
-                   w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, counts: list[int],
+                   w1: torch.Tensor, w3: Optional[torch.Tensor], w2: torch.Tensor, counts: list[int],
                    pads: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The routed experts' SwiGLU over rows sorted by expert, one expert per thread:
     ``(out, g, u)``; out is the fp32 [T, D] sum of each token's gated rows when ``token_M`` is
-    given, else the rows' results [M, D]; g and u are kept for the backward. See
-    ``grouped_swiglu.cpp``."""
+    given, else the rows' results [M, D]; g and u are kept for the backward. Without ``w3``,
+    ``w1`` is the fused w13 [E, 2I, D] (gate rows, then up rows). See ``grouped_swiglu.cpp``."""
     _require_library()
     return torch.ops.deepseek_moe.grouped_swiglu(x, token_M, gate_M, w1, w3, w2, counts, pads)
 
 
 def grouped_swiglu_backward(grad: torch.Tensor, x: torch.Tensor, token_M: Optional[torch.Tensor],
-                            gate_M: Optional[torch.Tensor], w1: torch.Tensor, w3: torch.Tensor,
+                            gate_M: Optional[torch.Tensor], w1: torch.Tensor, w3: Optional[torch.Tensor],
                             w2: torch.Tensor, g: torch.Tensor, u: torch.Tensor, counts: list[int],
                             pads: list[int], need_x: bool, need_gate: bool, need_w: bool):
     """The gradients of ``grouped_swiglu``: ``(gx, ggate, gw1, gw3, gw2)``, each None where not
-    asked for."""
+    asked for (fused: gw1 is gw13, gw3 None)."""
     _require_library()
     outs = torch.ops.deepseek_moe.grouped_swiglu_backward(grad, x, token_M, gate_M, w1, w3, w2, g, u, counts,
                                                           pads, need_x, need_gate, need_w)
     gx, ggate, gw1, gw3, gw2 = outs
+    gw3 = None if w3 is None else gw3  # fused: gw1 holds both
     return (gx if need_x else None, ggate if need_gate and gate_M is not None else None,
             *(t if need_w else None for t in (gw1, gw3, gw2)))
 

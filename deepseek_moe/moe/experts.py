@@ -445,18 +445,43 @@ class _PaddedGroupedSwiGLU(torch.autograd.Function):
         return gx, None, gweight_M, gw1, gw3, gw2, None
 
 
+class _GateUpCast(torch.autograd.Function):
+    """(w1 [E, I, D], w3 [E, I, D]) -> w13 [E, 2I, D] in ``dtype``, each expert's gate rows then
+    its up rows, in one cast pass (what ``w.to(dtype)`` of each costs); the backward casts the two
+    halves of the gradient back. The fused form of the ``threaded`` backend's weights, built where
+    autocast casts the weights anyway."""
+
+    @staticmethod
+    def forward(ctx, w1_EID, w3_EID, dtype):  # type: ignore[override]
+        E, I, D = w1_EID.shape
+        w13 = w1_EID.new_empty((E, 2 * I, D), dtype=dtype)
+        w13[:, :I].copy_(w1_EID)
+        w13[:, I:].copy_(w3_EID)
+        ctx.dtypes = w1_EID.dtype, w3_EID.dtype
+        return w13
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g13):  # type: ignore[override]
+        I = g13.shape[1] // 2
+        return (g13[:, :I].to(ctx.dtypes[0], memory_format=torch.contiguous_format),
+                g13[:, I:].to(ctx.dtypes[1], memory_format=torch.contiguous_format), None)
+
+
 class _ThreadedGroupedSwiGLU(torch.autograd.Function):
     """The grouped SwiGLU with one expert per thread (the package's ``grouped_swiglu`` kernel):
     each thread gathers an expert's rows, runs its three GEMMs and the gated SwiGLU in buffers that
     stay in its cache, and takes the next expert when done; the combine sums each token's rows in
     row order (deterministic). The same two modes, inputs and result as ``_LoopGroupedSwiGLU``;
-    rows are padded per expert to the bf16 row blocks (``_rounded``) with zero rows."""
+    rows are padded per expert to the bf16 row blocks (``_rounded``) with zero rows. With
+    ``w3_EID`` None, ``w1_EID`` is the fused w13 [E, 2I, D] (``_GateUpCast``): one GEMM for both up
+    projections, one for their input gradient and one for their weight gradient."""
 
     @staticmethod
     def forward(ctx, x, token_M, weight_M, w1_EID, w3_EID, w2_EDI, counts):  # type: ignore[override]
         pads = [_rounded(n, x.dtype, 1 << 62) for n in counts]
         gate_M = None if weight_M is None else weight_M.float().contiguous()
-        ws = [w.contiguous() for w in (w1_EID, w3_EID, w2_EDI)]
+        ws = [None if w is None else w.contiguous() for w in (w1_EID, w3_EID, w2_EDI)]
         x = x.contiguous()
         out, g_PI, u_PI = kernels.grouped_swiglu(x, token_M, gate_M, *ws, counts, pads)
         ctx.save_for_backward(x, token_M, gate_M, *ws, g_PI, u_PI)
@@ -599,12 +624,17 @@ class GroupedExperts(nn.Module):
                              f"choose from auto, {', '.join(BACKENDS)}")
         return self.backend
 
-    def local_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def local_weights(self, dtype: torch.dtype, fuse: bool = False
+                      ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
         """(w1, w3, w2) in ``dtype``, as plain tensors: the experts this process holds. Under expert
         parallelism the parameters are DTensors sharded over experts, and the computation runs on
-        the local shard (``to_local`` is differentiable, so gradients reach the DTensor)."""
-        ws = (w.to_local() if hasattr(w, "to_local") else w for w in map(self.weight, ("w1", "w3", "w2")))
-        return tuple(w.to(dtype) for w in ws)  # type: ignore[return-value]
+        the local shard (``to_local`` is differentiable, so gradients reach the DTensor). With
+        ``fuse``, where the weights are cast anyway (autocast), (w13, None, w2): w1 and w3 cast into
+        one [E, 2I, D] tensor (``_GateUpCast``) for the ``threaded`` backend."""
+        w1, w3, w2 = (w.to_local() if hasattr(w, "to_local") else w for w in map(self.weight, ("w1", "w3", "w2")))
+        if fuse and w1.dtype != dtype and w3.dtype != dtype:
+            return _GateUpCast.apply(w1, w3, dtype), None, w2.to(dtype)
+        return w1.to(dtype), w3.to(dtype), w2.to(dtype)
 
     def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor,
                 gate_M: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -613,7 +643,8 @@ class GroupedExperts(nn.Module):
         dtype = compute_dtype(x_MD)
         backend = self.resolve_backend(x_MD)
         with torch.autocast(x_MD.device.type, enabled=False):
-            return BACKENDS[backend](x_MD.to(dtype), counts_E, gate_M, *self.local_weights(dtype))
+            return BACKENDS[backend](x_MD.to(dtype), counts_E, gate_M,
+                                     *self.local_weights(dtype, fuse=backend == "threaded"))
 
     def fuses_dispatch(self, x_TD: torch.Tensor) -> bool:
         """Whether ``routed_forward`` serves this call: the ``loop``, ``padded`` or ``threaded``
@@ -636,7 +667,8 @@ class GroupedExperts(nn.Module):
         fn = FUSED[self.resolve_backend(x_TD)]
         counts = counts_E.tolist()  # the one host synchronisation of this path
         with torch.autocast(x_TD.device.type, enabled=False):
-            return fn.apply(x_TD.to(dtype), token_M, gate_M, *self.local_weights(dtype), counts)
+            return fn.apply(x_TD.to(dtype), token_M, gate_M,
+                            *self.local_weights(dtype, fuse=fn is _ThreadedGroupedSwiGLU), counts)
 
     def few_tokens(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor,
                    topk_weights_TK: torch.Tensor) -> Optional[torch.Tensor]:
