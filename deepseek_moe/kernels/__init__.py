@@ -5,7 +5,8 @@ decoding spends its time in, for many weights in one call (see the source for th
 ``dequant_int4``: an int4 weight to bf16 in one pass, for prefill's GEMMs; ``grouped_swiglu``
 (``grouped_swiglu.cpp``): the routed experts of a training step, one expert per thread, and the
 routing's top-k selection and sort by expert (``topk_indices``, ``sort_by_expert``).
-The library is compiled once per source, torch version and compiler into
+The library is compiled for this processor (``-march=native``) once per source, torch version,
+compiler and processor into
 ``$DEEPSEEK_MOE_CACHE/kernels`` (default ``~/.cache/deepseek_moe/kernels``), about 30 s, and loaded
 with ``torch.ops.load_library``. Where it cannot be (no compiler, another processor than x86-64
 with AVX512-VNNI, or ``DEEPSEEK_MOE_KERNELS=0``), ``available()`` is False and callers use torch's
@@ -51,8 +52,9 @@ def _compile_command(srcs: list[Path], out: Path) -> list[str]:
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     # -fno-trapping-math: floating-point comparisons may become selects, so that loops with them
     # vectorise (nothing here enables floating-point traps).
-    cmd = [_compiler(), "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-trapping-math", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-           "-DTORCH_API_INCLUDE_EXTENSION_H"]
+    # -march=native: built where it runs (the library's name includes the processor, _cpu_identity).
+    cmd = [_compiler(), "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-trapping-math",
+           f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DTORCH_API_INCLUDE_EXTENSION_H"]
     cmd += [f"-I{p}" for p in cpp_extension.include_paths()]
     cmd += [f"-I{sysconfig.get_paths()['include']}"]
     cmd += [*map(str, srcs), "-o", str(out)]
@@ -62,9 +64,20 @@ def _compile_command(srcs: list[Path], out: Path) -> list[str]:
     return cmd
 
 
+def _cpu_identity() -> str:
+    """The processor's model and features (Linux: the first processor of /proc/cpuinfo), so that a
+    cache folder shared by different machines keeps one library per processor."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read().split("\n\n")[0]
+        return "\n".join(line for line in info.splitlines() if line.startswith(("model name", "flags")))
+    except OSError:
+        return platform.processor()
+
+
 def _library_path() -> Path:
     key = b"".join([*(p.read_bytes() for p in _SOURCES), torch.__version__.encode(), _compiler().encode(),
-                    sys.version.encode()])
+                    sys.version.encode(), _cpu_identity().encode()])
     key = hashlib.sha256(key).hexdigest()[:16]
     return cache_dir() / f"deepseek_moe-{key}.so"
 
