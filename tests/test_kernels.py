@@ -125,6 +125,16 @@ def test_the_kernels_can_be_switched_off():
     assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
 
 
+def test_a_failed_build_is_the_reason_and_leaves_nothing(tmp_path):
+    """A compiler that fails: the kernels are not used, the reason names the library, and the
+    build's temporary library and object files are gone."""
+    code = "from deepseek_moe import kernels; print(kernels.library_reason())"
+    env = dict(os.environ, CXX="false", DEEPSEEK_MOE_CACHE=str(tmp_path))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("compiling deepseek_moe-") and "failed" in r.stdout
+    assert list((tmp_path / "kernels").iterdir()) == []
+
+
 def _quantized_experts(bits, group, n_experts=5, hidden=64, inter=128):
     torch.manual_seed(0)
     experts = ExpertList(n_experts, hidden, inter)

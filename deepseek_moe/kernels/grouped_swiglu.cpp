@@ -129,7 +129,8 @@ void for_each_expert(const Layout& L, Init init, Body body) {
 
 // The element-wise passes are functions over arrays of the storage type with fp32 arithmetic and
 // an exp the compiler can vectorise; the library is compiled for the processor it runs on
-// (-march=native), which makes them 1.5-2x faster than clones for generic AVX-512 or AVX2 did.
+// (-march=native for this file), which makes them 1.5-2x faster than clones for generic AVX-512
+// or AVX2 did.
 
 // exp(x) for x <= 0 (clamped below at -87), within 2 ulp: 2^n * p(r), r = x - n ln 2 (Cephes'
 // expf), written without branches so that it vectorises.
