@@ -50,8 +50,9 @@ def _compiler() -> str:
 _NATIVE = {"grouped_swiglu.cpp"}
 
 
-def _compile_commands(srcs: list[Path], out: Path) -> list[list[str]]:
-    """One command per source (an object file beside ``out``), then the link into ``out``."""
+def _compile_commands(srcs: list[Path], out: Path) -> tuple[list[list[str]], list[Path]]:
+    """One command per source (an object file beside ``out``), then the link into ``out``; and the
+    object files, which the build removes."""
     import sysconfig
 
     from torch.utils import cpp_extension
@@ -70,7 +71,7 @@ def _compile_commands(srcs: list[Path], out: Path) -> list[list[str]]:
     link += [f"-L{p}" for p in cpp_extension.library_paths()]
     link += [f"-Wl,-rpath,{p}" for p in cpp_extension.library_paths()]
     link += ["-lc10", "-ltorch_cpu", "-ltorch"]
-    return [*cmds, link]
+    return [*cmds, link], objs
 
 
 def _cpu_identity() -> str:
@@ -97,8 +98,7 @@ def _build(lib: Path) -> None:
     lib.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
     os.close(fd)
-    cmds = _compile_commands(_SOURCES, Path(tmp))
-    objs = [c[-1] for c in cmds[:-1]]
+    cmds, objs = _compile_commands(_SOURCES, Path(tmp))
     try:
         for cmd in cmds:
             r = subprocess.run(cmd, capture_output=True, text=True)

@@ -451,7 +451,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
     gather_rows(xp, tok ? tok + s : nullptr, s, n, np, D, xe.data_ptr<T>());
     // fused: dgu [np, 2I]; else dg and du [np, I]
     Tensor dge = at::from_blob(dgv, {np, L.J}, x.options());
-    Tensor due = at::from_blob(duv, {np, I}, x.options());
+    Tensor due = L.fused ? Tensor() : at::from_blob(duv, {np, I}, x.options());
     if (need_w) {
       Tensor gw1e = gw1[e], gw2e = gw2[e];
       T* t = buf.t.data_ptr<T>();
