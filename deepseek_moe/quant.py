@@ -17,17 +17,24 @@ Stored tensors, for a weight ``W`` [N, K] named ``X.weight``:
 
 Products of a few rows (decoding: one row per token) use this package's kernel
 (``deepseek_moe.kernels.quant_gemv``: int8 activations per block of 32, integer dot products,
-every weight read once per call) where it is available (x86-64 with AVX512-VNNI): a mixture of
+every weight read once per call) where it is available (x86-64 with AVX2 and FMA): a mixture of
 experts hands it all of a token's experts in two calls (``moe.experts.ExpertList``), layers that
 share an input (query, key and value; gate and up) go in one call (``fused_linears``), and a
-single int8 layer takes it for its few rows (``GEMV_SINGLE_ROWS``). Elsewhere products use torch's CPU kernels
-for weight-only int8 and int4 (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) with
-bf16 activations, whose cost grows with the rows; past a
-number of rows measured on the development machine (2 cores; the dequantization costs about 0.5
-ms at 1408 x 2048 for int8, and for int4 with the package's one-pass kernel, 3.8 ms without it;
-a row of torch's int4 kernel about 60 us there, so that the GEMM wins from 20-48 rows by shape),
-the weight is dequantized to bf16 and multiplied as a dense GEMM instead. Prefill of the dense and shared
-layers (all the tokens) takes the GEMM.
+single layer takes it for its few rows (``GEMV_SINGLE_ROWS``). What happens past those rows
+depends on the CPU's bf16 GEMM (``_cpu_gemm_dtype``, measured once):
+
+- Where bf16 is the faster (AMX, AVX512-BF16), products use torch's CPU kernels for weight-only
+  int8 and int4 (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) with bf16 activations,
+  whose cost grows with the rows; past a number of rows measured on such a machine (2 cores; the
+  dequantization costs about 0.5 ms at 1408 x 2048 for int8, and for int4 with the package's
+  one-pass kernel, 3.8 ms without it; a row of torch's int4 kernel about 60 us there, so that the
+  GEMM wins from 20-48 rows by shape), the weight is dequantized to bf16 and multiplied as a dense
+  GEMM instead.
+- Where it is not (AVX2 alone: a bf16 GEMM there runs at a few GFLOP/s, and torch's two kernels
+  are slower than this package's at every row count), a layer takes this package's kernel for up
+  to ``GEMV_SINGLE_ROWS_FP32`` rows and otherwise dequantizes its weight to fp32 for an fp32 GEMM.
+
+Prefill of the dense and shared layers (all the tokens) takes the GEMM.
 """
 
 from __future__ import annotations
@@ -54,6 +61,11 @@ GEMV_ROWS = 8  # at most this many rows per expert: the routed experts take this
 # rows, even at 8; int4 0.7-0.96x (torch's int4 kernel is as fast for one weight alone; many
 # weights in one call, as the experts make, are where this package's kernel gains).
 GEMV_SINGLE_ROWS = {8: 4, 4: 0}  # bits -> most rows of a single layer that take this package's kernel
+# Where the CPU has no fast bf16 GEMM (AVX2 without AVX512-BF16 or AMX; ``_cpu_gemm_dtype``),
+# torch's two kernels are slower than this package's at every row count (1408 x 2048, 2 threads,
+# AVX2: int8 1.2-1.5x, int4 1.7-2x, 1-64 rows), which beats dequantizing to fp32 and an fp32 GEMM
+# up to about 32 rows (int8; int4 up to about 64); more rows take that GEMM.
+GEMV_SINGLE_ROWS_FP32 = 32
 FUSED_ROWS = 4  # at most this many rows: layers sharing an input take the kernel together
 _ROUTER = "mlp.gate.weight"
 
@@ -131,12 +143,12 @@ def dequantize(t: dict[str, torch.Tensor], bits: int, group_size: int,
     if bits == 8:
         return t["weight"].to(dtype) * t["weight_scale"].to(dtype)[:, None]
     packed = t["weight_packed"]
-    if dtype == torch.bfloat16 and packed.device.type == "cpu":
+    if dtype in (torch.bfloat16, torch.float32) and packed.device.type == "cpu":
         from . import kernels
 
         if kernels.available():
             return kernels.dequant_int4(packed.contiguous(), t["weight_scale"].contiguous(),
-                                        t["weight_zero"].contiguous(), group_size)
+                                        t["weight_zero"].contiguous(), group_size, dtype)
     N = packed.shape[0]
     q = torch.stack([packed & 15, packed >> 4], -1).view(N, -1, group_size).to(dtype)
     return (q * t["weight_scale"].to(dtype)[..., None] + t["weight_zero"].to(dtype)[..., None]).view(N, -1)
@@ -193,11 +205,18 @@ class QuantLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
         rows = x2.shape[0]
-        if rows <= GEMV_SINGLE_ROWS[self.bits] and gemv_usable([self], rows, x2):
+        cpu = x2.device.type == "cpu"
+        fp32_gemm = cpu and _cpu_gemm_dtype() == torch.float32
+        single_rows = GEMV_SINGLE_ROWS_FP32 if fp32_gemm else GEMV_SINGLE_ROWS[self.bits]
+        if rows <= single_rows and gemv_usable([self], rows, x2, most_rows=single_rows):
             y = gemv([self], x2, [0], [rows]).to(torch.bfloat16)
-        elif x2.device.type == "cpu" and self.bits == 8 and rows < INT8_KERNEL_ROWS and self.in_features % 16 == 0:
+        elif fp32_gemm:
+            # No fast bf16 GEMM on this CPU (several times slower than fp32): dequantize to fp32.
+            w = dequantize(self.stored(), self.bits, self.group_size, torch.float32)
+            y = F.linear(x2.float(), w).to(torch.bfloat16)
+        elif cpu and self.bits == 8 and rows < INT8_KERNEL_ROWS and self.in_features % 16 == 0:
             y = torch.ops.aten._weight_int8pack_mm(x2, self._int8_kernel_weight(), self.weight_scale)
-        elif x2.device.type == "cpu" and self.bits == 4 and rows < INT4_KERNEL_ROWS:
+        elif cpu and self.bits == 4 and rows < INT4_KERNEL_ROWS:
             packed, sz = self._int4_kernel_weight()
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, self.group_size, sz)
         else:
@@ -213,12 +232,21 @@ class QuantLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, int{self.bits}{g}"
 
 
-def gemv_usable(layers: list[QuantLinear], rows_per_layer: int, x: torch.Tensor) -> bool:
+def _cpu_gemm_dtype() -> torch.dtype:
+    """What dequantized weights are multiplied in on the CPU: bf16 where this CPU's bf16 GEMM is
+    the faster (``runtime.fastest_cpu_dtype``, measured once), else fp32."""
+    from .runtime import fastest_cpu_dtype
+
+    return fastest_cpu_dtype()
+
+
+def gemv_usable(layers: list[QuantLinear], rows_per_layer: int, x: torch.Tensor,
+                most_rows: int = GEMV_ROWS) -> bool:
     """Whether ``gemv`` serves these layers (one scheme and shape, on the CPU) for this many rows
-    each: the package's kernel is available and takes their shape (inputs a multiple of 32; int4
-    groups a multiple of 64)."""
+    each (at most ``most_rows``): the package's kernel is available and takes their shape (inputs
+    a multiple of 32; int4 groups a multiple of 64)."""
     scheme = getattr(layers[0], "scheme", None)  # QuantLinear's (bits, group, in, out)
-    if scheme is None or x.device.type != "cpu" or rows_per_layer > GEMV_ROWS or scheme[2] % 32:
+    if scheme is None or x.device.type != "cpu" or rows_per_layer > most_rows or scheme[2] % 32:
         return False
     if scheme[0] == 4 and scheme[1] % 64:
         return False

@@ -293,7 +293,7 @@ def test_a_quantized_ffn_makes_two_calls():
 @pytest.mark.parametrize("group", [32, 64, 128, 256])
 def test_int4_dequantized_in_one_pass(group):
     """The one-pass int4 -> bf16 weight equals q * scale + zero computed exactly and rounded once
-    to bf16, and is within a bf16 rounding of the tensor operations' result (which round the
+    to bf16 (fp32: rounded once to fp32), and is within a bf16 rounding of the tensor operations' result (which round the
     product and the sum each)."""
     t = quantize_weight(torch.randn(37, 512) * 0.05, 4, group)
     fast = dequantize(t, 4, group)
@@ -305,6 +305,8 @@ def test_int4_dequantized_in_one_pass(group):
     ops = (q.bfloat16() * t["weight_scale"][..., None] + t["weight_zero"][..., None]).view(37, -1)
     terms = (q * t["weight_scale"].double()[..., None].abs() + t["weight_zero"].double()[..., None].abs()).view(37, -1)
     assert ((fast.double() - ops.double()).abs() <= 2 ** -7 * terms).all()  # a rounding of the terms apart
+    fp32 = dequantize(t, 4, group, torch.float32)  # for CPUs without a fast bf16 GEMM
+    assert fp32.dtype == torch.float32 and torch.equal(fp32, exact.float())  # q * scale exact: one rounding
     with pytest.raises(RuntimeError, match="must be even and divide"):
         kernels.dequant_int4(p, t["weight_scale"], t["weight_zero"], 24)
 

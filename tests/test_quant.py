@@ -17,7 +17,7 @@ from deepseek_moe.generate import generate
 from deepseek_moe.model import DeepseekForCausalLM
 from deepseek_moe.moe.experts import ExpertList
 from deepseek_moe.presets import get_config
-from deepseek_moe.quant import (GEMV_SINGLE_ROWS, INT4_KERNEL_ROWS, INT8_KERNEL_ROWS, QuantLinear, dequantize, bits_for,
+from deepseek_moe.quant import (GEMV_SINGLE_ROWS, GEMV_SINGLE_ROWS_FP32, INT4_KERNEL_ROWS, INT8_KERNEL_ROWS, QuantLinear, dequantize, bits_for,
                                 quantize_weight)
 from deepseek_moe.quantize import quantize_checkpoint
 
@@ -28,8 +28,16 @@ SMALL = dict(vocab_size=512, hidden_size=64, num_attention_heads=4, num_key_valu
              n_shared_experts=2, n_routed_experts=8, num_experts_per_tok=2)
 
 
+@pytest.mark.parametrize("gemm_dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_quant_linear_kernels_equal_the_dequantized_weight(bits):
+def test_quant_linear_kernels_equal_the_dequantized_weight(bits, gemm_dtype, monkeypatch):
+    """Every path of ``QuantLinear`` on both sides of each switch: on a CPU whose bf16 GEMM is the
+    faster, torch's int8 / int4 kernels then a bf16 GEMM; on one without (fp32), this package's
+    kernel for up to ``GEMV_SINGLE_ROWS_FP32`` rows, then an fp32 GEMM."""
+    from deepseek_moe import kernels, quant, runtime
+
+    monkeypatch.setenv(runtime.AUTO_DTYPE_ENV, gemm_dtype)
+    runtime.fastest_cpu_dtype.cache_clear()
     torch.manual_seed(0)
     w = torch.randn(96, 256) * 0.02
     stored = quantize_weight(w, bits, 64)
@@ -39,13 +47,25 @@ def test_quant_linear_kernels_equal_the_dequantized_weight(bits):
     m = QuantLinear(256, 96, bits, 64)
     for k, v in stored.items():
         getattr(m, k).copy_(v)
-    limit = INT8_KERNEL_ROWS if bits == 8 else INT4_KERNEL_ROWS
-    for rows in (1, 3, limit - 1, limit, 2 * limit):  # both sides of the kernel / GEMM switch
-        x = torch.randn(2, rows, 256)
-        ref = x.bfloat16().float() @ deq.T
-        y = m(x)
-        assert y.shape == (2, rows, 96) and y.dtype == torch.bfloat16
-        assert ((y.float() - ref).norm() / ref.norm()).item() < 0.01
+    if gemm_dtype == "float32":
+        limit = GEMV_SINGLE_ROWS_FP32
+    else:
+        limit = INT8_KERNEL_ROWS if bits == 8 else INT4_KERNEL_ROWS
+    calls = []
+    real = kernels.quant_gemv
+    monkeypatch.setattr(kernels, "quant_gemv", lambda x, *a: calls.append(x.shape[0]) or real(x, *a))
+    row_counts = (1, 3, limit - 1, limit, limit + 1, 2 * limit)  # both sides of the switches
+    try:
+        for rows in row_counts:
+            x = torch.randn(2, rows, 256)
+            ref = x.bfloat16().float() @ deq.T
+            y = m(x)
+            assert y.shape == (2, rows, 96) and y.dtype == torch.bfloat16
+            assert ((y.float() - ref).norm() / ref.norm()).item() < 0.01
+    finally:
+        runtime.fastest_cpu_dtype.cache_clear()
+    if gemm_dtype == "float32" and kernels.available():  # the package's kernel up to the limit only
+        assert calls == [2 * r for r in row_counts if 2 * r <= limit] and len(calls) >= 2
 
 
 def test_what_is_quantized():

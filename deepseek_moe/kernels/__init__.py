@@ -2,14 +2,14 @@
 
 ``quant_gemv`` (``quant_gemv.cpp``): the few-row product of weight-only quantized weights that
 decoding spends its time in, for many weights in one call (see the source for the arithmetic);
-``dequant_int4``: an int4 weight to bf16 in one pass, for prefill's GEMMs; ``grouped_swiglu``
+``dequant_int4``: an int4 weight to bf16 or fp32 in one pass, for prefill's GEMMs; ``grouped_swiglu``
 (``grouped_swiglu.cpp``): the routed experts of a training step, one expert per thread, and the
 routing's top-k selection and sort by expert (``topk_indices``, ``sort_by_expert``).
 The library is compiled (``grouped_swiglu.cpp`` for this processor, ``-march=native``) once per
 source, torch version, compiler and processor into
 ``$DEEPSEEK_MOE_CACHE/kernels`` (default ``~/.cache/deepseek_moe/kernels``), about 30 s, and loaded
 with ``torch.ops.load_library``. Where it cannot be (no compiler, another processor than x86-64
-with AVX512-VNNI, or ``DEEPSEEK_MOE_KERNELS=0``), ``available()`` is False and callers use torch's
+with AVX2 and FMA, or ``DEEPSEEK_MOE_KERNELS=0``), ``available()`` is False and callers use torch's
 own kernels; the reason is logged once. ``grouped_swiglu.cpp`` is plain C++ and needs only the
 library (``library_reason()``; ``cpu_routing_kernels(x)`` says whether a tensor's routing takes it).
 """
@@ -141,7 +141,7 @@ def load() -> Optional[str]:
         return _state["reason"]  # type: ignore[return-value]
     reason = library_reason()
     if reason is None and not torch.ops.deepseek_moe.quant_gemv_supported():
-        reason = "this processor lacks AVX512-VNNI"
+        reason = "this processor lacks AVX2 and FMA"
         log.info("quantized products use torch's kernels: %s", reason)
     _state["reason"] = reason
     return reason
@@ -160,10 +160,14 @@ def quant_gemv(x: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.
     return torch.ops.deepseek_moe.quant_gemv(x, weights, scales, zeros, starts, counts, bits, group)
 
 
-def dequant_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> torch.Tensor:
-    """The bf16 [N, K] weight of a group-wise int4 one (``quant`` module's layout): ``q * scale +
-    zero`` in fp32, rounded once to bf16, in one pass over the weight. See ``quant_gemv.cpp``."""
-    return torch.ops.deepseek_moe.dequant_int4(packed, scale, zero, group)
+def dequant_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
+                 dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The [N, K] weight of a group-wise int4 one (``quant`` module's layout) in ``dtype`` (bf16 or
+    fp32): ``q * scale + zero`` in fp32 (bf16: rounded once), in one pass over the weight. See
+    ``quant_gemv.cpp``."""
+    if dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"dequant_int4 writes bf16 or fp32, not {dtype}")
+    return torch.ops.deepseek_moe.dequant_int4(packed, scale, zero, group, dtype == torch.float32)
 
 
 def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

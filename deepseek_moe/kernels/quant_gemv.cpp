@@ -12,16 +12,18 @@
 //
 // The activations are quantized per block of 32 inputs to int8 (symmetric, the block's largest
 // magnitude as 127), as llama.cpp quantizes them for its Q8_0 / Q4_0 products, and the dot
-// products run on integers (AVX512-VNNI vpdpbusd: 256-bit vectors for int8 and for int4 groups
-// of 64, 512-bit ones for int4 groups of 128 and 256), with one fp32 fused multiply-add per
-// block's scale. The int4 zero term uses the group sums of
-// the quantized activations, so that the result is the product with the dequantized weight of
-// the quantized activations, as for int8 (the unquantized sums would not cancel the zeros'
-// share of the quantized dot products: about twice the error).
+// products run on integers, with one fp32 fused multiply-add per block's scale: on any processor
+// with AVX2 and FMA, unsigned-by-signed byte products summed by fours into int32 lanes (vpmaddubsw
+// then vpmaddwd, exact for these ranges); for int4 groups of a multiple of 128 on processors with
+// AVX512-VNNI, 512-bit vpdpbusd (the 256-bit kernels wait on memory; this one halves the
+// instructions of the int4 unpacking, which limit it there). The int4 zero term uses the group
+// sums of the quantized activations, so that the result is the product with the dequantized
+// weight of the quantized activations, as for int8 (the unquantized sums would not cancel the
+// zeros' share of the quantized dot products: about twice the error).
 //
-// The kernels need AVX512-VNNI (and AVX512-VL/BW, AVX2, FMA); `quant_gemv_supported()` says
-// whether this processor has them. The file is compiled without those flags (only the kernel
-// functions carry them), so the library loads on any x86-64 processor.
+// `quant_gemv_supported()` says whether this processor has AVX2 and FMA. The file is compiled
+// without such flags (only the kernel functions carry them), so the library loads on any x86-64
+// processor.
 
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -39,7 +41,8 @@ constexpr int64_t kBlock = 32;  // inputs per activation scale
 constexpr int64_t kChunk = 64;  // inputs of one 32-byte vector of packed int4 weights
 constexpr int64_t kPrefetch = 4096;  // bytes ahead of the weights read (software prefetch)
 constexpr int64_t kRowsPerTask = 32;  // output channels per parallel task
-#define KERNEL_TARGET __attribute__((target("avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni")))
+#define KERNEL_TARGET __attribute__((target("avx2,fma")))
+#define VNNI_TARGET __attribute__((target("avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni")))
 
 inline float bf16_to_float(uint16_t v) {
   uint32_t bits = static_cast<uint32_t>(v) << 16;
@@ -53,6 +56,12 @@ KERNEL_TARGET inline float hsum(__m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
+}
+
+// Unsigned-by-signed byte products summed by fours into int32 lanes (lane i: bytes 4i to 4i + 3),
+// the lanes of AVX512-VNNI's vpdpbusd; exact while each pair of products fits in int16.
+KERNEL_TARGET inline __m256i dot_u8s8(__m256i u, __m256i s) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 }
 
 // The activations of one call, quantized: per row, K int8 values (for int4, each chunk of 64 or
@@ -128,7 +137,7 @@ KERNEL_TARGET void int8_channels(const int8_t* w, const uint16_t* w_scale, const
           const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wn + k));
           const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k));
           const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + k));
-          const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, _mm256_sign_epi8(wv, q));
+          const __m256i dot = dot_u8s8(a, _mm256_sign_epi8(wv, q));  // |q| <= 127: pairs fit
           acc[u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(xs[b + u]), acc[u]);
         }
       }
@@ -137,7 +146,7 @@ KERNEL_TARGET void int8_channels(const int8_t* w, const uint16_t* w_scale, const
         const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wn + k));
         const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k));
         const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + k));
-        const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, _mm256_sign_epi8(wv, q));
+        const __m256i dot = dot_u8s8(a, _mm256_sign_epi8(wv, q));  // |q| <= 127: pairs fit
         acc[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(xs[b]), acc[0]);
       }
       const __m256 sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
@@ -183,8 +192,9 @@ KERNEL_TARGET inline void int4_tile(const uint8_t* w, const uint16_t* w_scale, c
               reinterpret_cast<const __m256i*>(w + (n0 + c) * (K / 2) + ch * (kChunk / 2)));
           const __m256i lo = _mm256_and_si256(p, low);
           const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(p, 4), low);
-          __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, even);
-          dot = _mm256_dpbusd_epi32(dot, hi, odd);
+          // 15 * 127 * 4 fits in int16: the two halves' pairs are added before widening
+          const __m256i dot = _mm256_madd_epi16(
+              _mm256_add_epi16(_mm256_maddubs_epi16(lo, even), _mm256_maddubs_epi16(hi, odd)), _mm256_set1_epi16(1));
           gacc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, gacc[c]);
         }
       }
@@ -203,7 +213,7 @@ KERNEL_TARGET inline void int4_tile(const uint8_t* w, const uint16_t* w_scale, c
 // activations reordered as 64 even-numbered inputs then 64 odd-numbered ones. Half the
 // instructions per weight of the 256-bit kernel, which its arithmetic limits (measured).
 template <int C>
-KERNEL_TARGET inline void int4_tile_512(const uint8_t* w, const uint16_t* w_scale, const uint16_t* w_zero,
+VNNI_TARGET inline void int4_tile_512(const uint8_t* w, const uint16_t* w_scale, const uint16_t* w_zero,
                                         int64_t group, const QuantizedRows& x, const float* lane_scale,
                                         int64_t row0, int64_t rows, int64_t n0, int64_t N, float* out) {
   const int64_t K = x.K;
@@ -249,33 +259,41 @@ KERNEL_TARGET inline void int4_tile_512(const uint8_t* w, const uint16_t* w_scal
   }
 }
 
+VNNI_TARGET void int4_channels_512(const uint8_t* w, const uint16_t* w_scale, const uint16_t* w_zero,
+                                   int64_t group, const QuantizedRows& x, const float* lane_scale,
+                                   int64_t row0, int64_t rows, int64_t n0, int64_t n1, int64_t N,
+                                   float* out) {
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) int4_tile_512<4>(w, w_scale, w_zero, group, x, lane_scale, row0, rows, n, N, out);
+  for (; n < n1; ++n) int4_tile_512<1>(w, w_scale, w_zero, group, x, lane_scale, row0, rows, n, N, out);
+}
+
 KERNEL_TARGET void int4_channels(const uint8_t* w, const uint16_t* w_scale, const uint16_t* w_zero,
                                  int64_t group, const QuantizedRows& x, const float* lane_scale,
                                  int64_t row0, int64_t rows, int64_t n0, int64_t n1, int64_t N,
                                  float* out) {
   int64_t n = n0;
-  if (group % 128 == 0) {
-    for (; n + 4 <= n1; n += 4) int4_tile_512<4>(w, w_scale, w_zero, group, x, lane_scale, row0, rows, n, N, out);
-    for (; n < n1; ++n) int4_tile_512<1>(w, w_scale, w_zero, group, x, lane_scale, row0, rows, n, N, out);
-    return;
-  }
   for (; n + 4 <= n1; n += 4) int4_tile<4>(w, w_scale, w_zero, group, x, lane_scale, row0, rows, n, N, out);
   for (; n < n1; ++n) int4_tile<1>(w, w_scale, w_zero, group, x, lane_scale, row0, rows, n, N, out);
 }
 
-bool cpu_supported() {
+// What this processor runs: 2 with AVX512-VNNI (and F, VL, BW), 1 with AVX2 and FMA only, 0 without.
+int cpu_level() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-         __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
+  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return 0;
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                 __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni")
+             ? 2
+             : 1;
 }
 
-bool quant_gemv_supported() { return cpu_supported(); }
+bool quant_gemv_supported() { return cpu_level() > 0; }
 
 at::Tensor quant_gemv(const at::Tensor& x, at::TensorList weights, at::TensorList scales,
                       at::TensorList zeros, at::IntArrayRef starts, at::IntArrayRef counts,
                       int64_t bits, int64_t group) {
-  TORCH_CHECK(cpu_supported(), "quant_gemv needs a processor with AVX512-VNNI");
+  const int level = cpu_level();
+  TORCH_CHECK(level > 0, "quant_gemv needs a processor with AVX2 and FMA");
   TORCH_CHECK(bits == 8 || bits == 4, "bits must be 8 or 4, got ", bits);
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "x must be a 2-D CPU tensor");
   const int64_t W = static_cast<int64_t>(weights.size());
@@ -307,7 +325,8 @@ at::Tensor quant_gemv(const at::Tensor& x, at::TensorList weights, at::TensorLis
     offset[i + 1] = offset[i] + counts[i];
   }
   const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const int64_t chunk = bits == 4 && group % 128 == 0 ? 128 : 64;  // int4: 512-bit steps or 256-bit
+  const bool wide = bits == 4 && group % 128 == 0 && level == 2;  // int4 in 512-bit steps
+  const int64_t chunk = wide ? 128 : 64;
   const QuantizedRows q = quantize_rows(xf.data_ptr<float>(), M, K, static_cast<int>(bits), group, chunk);
   // int4: per row and chunk of inputs, its blocks' scales, one per lane of the chunk's dot
   // products (four lanes per block of 32 inputs).
@@ -332,38 +351,44 @@ at::Tensor quant_gemv(const at::Tensor& x, at::TensorList weights, at::TensorLis
                       o + offset[i] * N);
       } else {
         const uint16_t* z = reinterpret_cast<const uint16_t*>(zeros[i].data_ptr<at::BFloat16>());
-        int4_channels(weights[i].data_ptr<uint8_t>(), s, z, group, q, lane_scale.data(), starts[i], counts[i], n0, n1, N,
-                      o + offset[i] * N);
+        (wide ? int4_channels_512 : int4_channels)(weights[i].data_ptr<uint8_t>(), s, z, group, q,
+                                                   lane_scale.data(), starts[i], counts[i], n0, n1, N,
+                                                   o + offset[i] * N);
       }
     }
   });
   return out;
 }
 
-// The bf16 weight of a group-wise int4 one, in one pass (prefill multiplies it as a GEMM):
-// w[n, k] = q[n, k] * scale[n, g] + zero[n, g], g = k / group, computed in fp32 and rounded once
-// to bf16 (to nearest, ties to even). q * scale is exact in fp32 (4 by 8 significant bits).
+// The weight of a group-wise int4 one in bf16 or fp32, in one pass (prefill multiplies it as a
+// GEMM): w[n, k] = q[n, k] * scale[n, g] + zero[n, g], g = k / group, computed in fp32 (bf16: then
+// rounded once, to nearest, ties to even). q * scale is exact in fp32 (4 by 8 significant bits).
+KERNEL_TARGET inline void put(float* o, int64_t i, float v) { o[i] = v; }
+KERNEL_TARGET inline void put(uint16_t* o, int64_t i, float v) {
+  uint32_t a;
+  std::memcpy(&a, &v, 4);
+  o[i] = static_cast<uint16_t>((a + 0x7FFF + ((a >> 16) & 1)) >> 16);
+}
+
+template <typename O>
 KERNEL_TARGET void dequant_int4_rows(const uint8_t* packed, const uint16_t* scale, const uint16_t* zero,
-                                     int64_t K, int64_t group, int64_t n0, int64_t n1, uint16_t* out) {
+                                     int64_t K, int64_t group, int64_t n0, int64_t n1, O* out) {
   const int64_t groups = K / group;
   for (int64_t n = n0; n < n1; ++n) {
     for (int64_t g = 0; g < groups; ++g) {
       const float s = bf16_to_float(scale[n * groups + g]), z = bf16_to_float(zero[n * groups + g]);
       const uint8_t* p = packed + n * (K / 2) + g * (group / 2);
-      uint16_t* o = out + n * K + g * group;
+      O* o = out + n * K + g * group;
       for (int64_t j = 0; j < group / 2; ++j) {
-        const float lo = static_cast<float>(p[j] & 15) * s + z, hi = static_cast<float>(p[j] >> 4) * s + z;
-        uint32_t a, b;
-        std::memcpy(&a, &lo, 4);
-        std::memcpy(&b, &hi, 4);
-        o[2 * j] = static_cast<uint16_t>((a + 0x7FFF + ((a >> 16) & 1)) >> 16);
-        o[2 * j + 1] = static_cast<uint16_t>((b + 0x7FFF + ((b >> 16) & 1)) >> 16);
+        put(o, 2 * j, static_cast<float>(p[j] & 15) * s + z);
+        put(o, 2 * j + 1, static_cast<float>(p[j] >> 4) * s + z);
       }
     }
   }
 }
 
-at::Tensor dequant_int4(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero, int64_t group) {
+at::Tensor dequant_int4(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero, int64_t group,
+                        bool fp32) {
   TORCH_CHECK(packed.dim() == 2 && packed.device().is_cpu() && packed.scalar_type() == at::kByte && packed.is_contiguous(),
               "packed must be a contiguous uint8 [N, K/2] CPU tensor");
   const int64_t N = packed.size(0), K = 2 * packed.size(1);
@@ -371,12 +396,17 @@ at::Tensor dequant_int4(const at::Tensor& packed, const at::Tensor& scale, const
   for (const at::Tensor* t : {&scale, &zero})
     TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous() && t->numel() == N * (K / group),
                 "scales and zeros must be contiguous bf16 [N, K/group] tensors");
-  at::Tensor out = at::empty({N, K}, packed.options().dtype(at::kBFloat16));
+  TORCH_CHECK(cpu_level() > 0, "dequant_int4 needs a processor with AVX2 and FMA");
+  at::Tensor out = at::empty({N, K}, packed.options().dtype(fp32 ? at::kFloat : at::kBFloat16));
   const uint8_t* p = packed.data_ptr<uint8_t>();
   const uint16_t* s = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::BFloat16>());
   const uint16_t* z = reinterpret_cast<const uint16_t*>(zero.data_ptr<at::BFloat16>());
-  uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) { dequant_int4_rows(p, s, z, K, group, begin, end, o); });
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    if (fp32)
+      dequant_int4_rows(p, s, z, K, group, begin, end, out.data_ptr<float>());
+    else
+      dequant_int4_rows(p, s, z, K, group, begin, end, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
+  });
   return out;
 }
 
@@ -434,7 +464,7 @@ TORCH_LIBRARY(deepseek_moe, m) {
   m.def("quant_gemv(Tensor x, Tensor[] weights, Tensor[] scales, Tensor[] zeros, int[] starts, "
         "int[] counts, int bits, int group) -> Tensor");
   m.def("quant_gemv_supported() -> bool", &quant_gemv_supported);
-  m.def("dequant_int4(Tensor packed, Tensor scale, Tensor zero, int group) -> Tensor");
+  m.def("dequant_int4(Tensor packed, Tensor scale, Tensor zero, int group, bool fp32=False) -> Tensor");
   m.def("rms_norm_rows(Tensor x, Tensor weight, float eps) -> Tensor");
 }
 
