@@ -346,7 +346,11 @@ def main() -> None:
         if ours in by_mode and theirs in by_mode:
             a, b = by_mode[ours], by_mode[theirs]
             ratios = {}
+            paired = a.get("earlier") == b.get("earlier") and not a.get("earlier")  # both from this invocation
             for key in ("decode_tok_s", "prefill_tok_s"):
+                if not paired:  # one side from --also: the medians' ratio, not paired within rounds
+                    ratios[key] = (a[key] / b[key], " (unpaired: one side from --also)")
+                    continue
                 per = [next(r for r in rd["rows"] if r["mode"] == ours)[key]
                        / next(r for r in rd["rows"] if r["mode"] == theirs)[key] for rd in rounds]
                 ratios[key] = (statistics.median(per),

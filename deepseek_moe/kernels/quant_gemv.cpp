@@ -188,8 +188,9 @@ KERNEL_TARGET inline void int4_tile(const uint8_t* w, const uint16_t* w_scale, c
         const __m256i odd = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + ch * kChunk + 32));
         const __m256 s = _mm256_loadu_ps(ls + ch * 8);
         for (int c = 0; c < C; ++c) {
-          const __m256i p = _mm256_loadu_si256(
-              reinterpret_cast<const __m256i*>(w + (n0 + c) * (K / 2) + ch * (kChunk / 2)));
+          const uint8_t* wp = w + (n0 + c) * (K / 2) + ch * (kChunk / 2);
+          _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetch), _MM_HINT_T0);
+          const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
           const __m256i lo = _mm256_and_si256(p, low);
           const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(p, 4), low);
           // 15 * 127 * 4 fits in int16: the two halves' pairs are added before widening
