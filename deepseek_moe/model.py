@@ -235,10 +235,13 @@ class Attention(nn.Module):
             k_buf[:, :, start : start + S] = k
             v_buf[:, :, start : start + S] = v
             k, v = k_buf[:, :, : start + S], v_buf[:, :, : start + S]  # (B, Hkv, T, hd)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and S > 1,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )  # (B, H, S, hd)
+        if S == 1 and mask is None and kernels.decode_attention_serves(q):
+            y = kernels.decode_attention(q, k, v, self.head_dim ** -0.5)  # (B, H, 1, hd)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and S > 1,
+                enable_gqa=self.n_kv_heads != self.n_heads,
+            )  # (B, H, S, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, S, -1))
 
 

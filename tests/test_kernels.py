@@ -597,3 +597,47 @@ def test_routing_selection_and_sort_equal_torchs():
         kernels.sort_by_expert(torch.tensor([0, 63]), 63)
     with pytest.raises(RuntimeError, match="k must be in"):
         kernels.topk_indices(scores, 64)
+
+
+@pytest.mark.parametrize("H, Hkv, T", [(4, 4, 1), (4, 2, 37), (8, 8, 130)])
+def test_decode_attention_equals_sdpa(H, Hkv, T):
+    """One new token's attention over a cache (views of a longer buffer, as the cache hands them
+    over; grouped heads too) equals torch's attention computed exactly, within a bf16 rounding
+    (fp32: to 1e-5), and a bf16 model's decode step takes it."""
+    if kernels.library_reason() is not None:
+        pytest.skip(f"no library here: {kernels.library_reason()}")
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    d = 64
+    k_buf, v_buf = (torch.randn(2, Hkv, T + 5, d, generator=g) for _ in range(2))
+    q = torch.randn(2, 1, H, d, generator=g).transpose(1, 2)  # [B, H, 1, d], not contiguous
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2 ** -8)):
+        qd, k, v = q.to(dtype), k_buf.to(dtype)[:, :, :T], v_buf.to(dtype)[:, :, :T]
+        exact = F.scaled_dot_product_attention(qd.double(), k.double(), v.double(), enable_gqa=Hkv != H)
+        out = kernels.decode_attention(qd, k, v, d ** -0.5)
+        assert out.shape == (2, H, 1, d) and out.dtype == dtype
+        assert ((out.double() - exact).abs() <= tol * exact.abs().clamp_min(0.1)).all()
+    with pytest.raises(RuntimeError, match="must all be fp32 or all bf16"):
+        kernels.decode_attention(q, k_buf.bfloat16(), v_buf, 1.0)
+
+
+def test_a_bf16_models_decode_step_takes_the_attention_kernel(monkeypatch):
+    if kernels.library_reason() is not None:
+        pytest.skip(f"no library here: {kernels.library_reason()}")
+    from deepseek_moe.model import DeepseekForCausalLM, KVCache
+    from deepseek_moe.presets import get_config
+
+    torch.manual_seed(0)
+    model = DeepseekForCausalLM(get_config("tiny", vocab_size=97, num_hidden_layers=2)).eval().to(torch.bfloat16)
+    ids = torch.randint(0, 97, (1, 9))
+    calls = []
+    real = kernels.decode_attention
+    monkeypatch.setattr(kernels, "decode_attention", lambda *a: calls.append(1) or real(*a))
+    with torch.inference_mode():
+        full = model(ids).logits[0, -1].float()
+        cache = KVCache.for_model(model, 1, 16)
+        model(ids[:, :8], cache=cache)
+        step = model(ids[:, 8:], cache=cache).logits[0, -1].float()
+    assert len(calls) == 2  # one per layer, for the one new token only
+    assert torch.allclose(step, full, atol=0.05 * full.abs().max().item())

@@ -3,8 +3,9 @@
 ``quant_gemv`` (``quant_gemv.cpp``): the few-row product of weight-only quantized weights that
 decoding spends its time in, for many weights in one call (see the source for the arithmetic);
 ``dequant_int4``: an int4 weight to bf16 or fp32 in one pass, for prefill's GEMMs; ``grouped_swiglu``
-(``grouped_swiglu.cpp``): the routed experts of a training step, one expert per thread, and the
-routing's top-k selection and sort by expert (``topk_indices``, ``sort_by_expert``).
+(``grouped_swiglu.cpp``): the routed experts of a training step, one expert per thread, the
+routing's top-k selection and sort by expert (``topk_indices``, ``sort_by_expert``), and one new
+token's attention over the cache in bf16 (``decode_attention``).
 The library is compiled (``grouped_swiglu.cpp`` for this processor, ``-march=native``) once per
 source, torch version, compiler and processor into
 ``$DEEPSEEK_MOE_CACHE/kernels`` (default ``~/.cache/deepseek_moe/kernels``), about 30 s, and loaded
@@ -180,6 +181,22 @@ def cpu_routing_kernels(x: torch.Tensor) -> bool:
     """Whether the routing of ``x`` takes this package's kernels: a CPU tensor, the library loaded,
     and no ``torch.compile`` tracing (a compiled model keeps torch's operations)."""
     return x.device.type == "cpu" and not torch.compiler.is_compiling() and library_reason() is None
+
+
+def decode_attention_serves(q: torch.Tensor) -> bool:
+    """Whether one new token's attention (``q`` [B, H, 1, d]) takes ``decode_attention``: bf16 on
+    the CPU, no gradient, no ``torch.compile`` tracing, the library loaded. (In fp32 torch's
+    attention is as fast.)"""
+    return (q.dtype == torch.bfloat16 and q.device.type == "cpu" and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling() and library_reason() is None)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of one new token per row over a cache: ``softmax(scale * q k^T) v`` per head, in
+    fp32 rounded once, for q [B, H, 1, d] and k, v [B, Hkv, T, d] (the cache's views; query head h
+    reads key-value head h // (H / Hkv), as ``enable_gqa``). See ``grouped_swiglu.cpp``."""
+    _require_library()
+    return torch.ops.deepseek_moe.decode_attention(q, k, v, scale)
 
 
 def _require_library() -> None:

@@ -4,7 +4,8 @@
 //   deepseek_moe::grouped_swiglu_backward(grad, x, token, gate, w1, w3, w2, g, u, counts, pads,
 //                                         need_x, need_gate, need_w) -> (gx, ggate, gw1, gw3, gw2)
 //   deepseek_moe::topk_indices(scores, k), deepseek_moe::sort_by_expert(ids, n_experts): the
-//   routing's selection and sort (at the end of this file).
+//   routing's selection and sort, and deepseek_moe::decode_attention(q, k, v, scale): one new
+//   token's attention over the cache (inference; at the end of this file).
 //
 // w1, w3 [E, I, D] and w2 [E, D, I]; or, without w3 (None), w1 = w13 [E, 2I, D], each expert's gate
 // rows then its up rows (the fused form): the two up projections are then one GEMM [np, D] x
@@ -566,6 +567,77 @@ std::tuple<Tensor, Tensor> sort_by_expert(const Tensor& ids, int64_t E) {
   return {sorted, order};
 }
 
+// sum_i a[i] b[i] in 16 partial sums (so that it vectorises), then added in order.
+inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  constexpr int64_t L = 16;
+  float acc[L] = {0.f};
+  int64_t i = 0;
+  for (; i + L <= n; i += L)
+    for (int64_t j = 0; j < L; ++j) acc[j] += a[i + j] * b[i + j];
+  float sum = 0.f;
+  for (; i < n; ++i) sum += a[i] * b[i];
+  for (int64_t j = 0; j < L; ++j) sum += acc[j];
+  return sum;
+}
+
+// Attention of one new token over a cache, for decoding (inference only): q [B, H, 1, d] and the
+// cache's keys and values k, v [B, Hkv, T, d] (views: rows contiguous, other strides free; query
+// head h reads key-value head h / (H / Hkv)), all fp32 or all bf16; out [B, H, 1, d] of q's dtype.
+// Per head: s_t = scale * q . k_t, p = softmax(s), out = sum_t p_t v_t, in fp32 and rounded once.
+// torch's scaled_dot_product_attention takes 0.13-1.3 ms for 16 heads of 128 over 32-450 keys on
+// a 2-core AVX2 machine (bf16; 0.1-0.85 ms in fp32): a GEMM kernel's setup for one query row.
+Tensor decode_attention(const Tensor& q, const Tensor& k, const Tensor& v, double scale) {
+  TORCH_CHECK(q.device().is_cpu() && q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1,
+              "q must be [B, H, 1, d] and k, v [B, Hkv, T, d] CPU tensors");
+  TORCH_CHECK((q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16) &&
+                  k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "q, k and v must all be fp32 or all bf16");
+  const int64_t B = q.size(0), H = q.size(1), d = q.size(3), Hkv = k.size(1), T = k.size(2);
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(3) == d && Hkv > 0 && H % Hkv == 0 && T > 0,
+              "k and v must be [B, Hkv, T, d] with H a multiple of Hkv and T > 0");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "rows of q, k and v must be contiguous");
+  Tensor out = at::empty({B, H, 1, d}, q.options());
+  auto run = [&](auto tag) {
+    using T_ = decltype(tag);
+    const T_* qp = q.data_ptr<T_>();
+    const T_* kp = k.data_ptr<T_>();
+    const T_* vp = v.data_ptr<T_>();
+    T_* op = out.data_ptr<T_>();
+    at::parallel_for(0, B * H, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<float> qf(d), acc(d), row(d), p(T);
+      for (int64_t bh = b0; bh < b1; ++bh) {
+        const int64_t b = bh / H, h = bh % H, g = h / (H / Hkv);
+        convert_row(qp + b * q.stride(0) + h * q.stride(1), qf.data(), d);
+        const T_* kh = kp + b * k.stride(0) + g * k.stride(1);
+        const T_* vh = vp + b * v.stride(0) + g * v.stride(1);
+        float m = -INFINITY;
+        for (int64_t t = 0; t < T; ++t) {
+          convert_row(kh + t * k.stride(2), row.data(), d);
+          p[t] = dot(qf.data(), row.data(), d) * static_cast<float>(scale);
+          m = std::max(m, p[t]);
+        }
+        float sum = 0.f;
+        for (int64_t t = 0; t < T; ++t) {
+          p[t] = exp_nonpositive(p[t] - m);
+          sum += p[t];
+        }
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t t = 0; t < T; ++t) {
+          convert_row(vh + t * v.stride(2), row.data(), d);
+          const float w = p[t] / sum;
+          for (int64_t i = 0; i < d; ++i) acc[i] += w * row[i];
+        }
+        convert_row(acc.data(), op + bh * d, d);
+      }
+    });
+  };
+  if (q.scalar_type() == at::kBFloat16)
+    run(at::BFloat16());
+  else
+    run(float());
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(deepseek_moe, m) {
@@ -576,6 +648,7 @@ TORCH_LIBRARY_FRAGMENT(deepseek_moe, m) {
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("topk_indices(Tensor scores, int k) -> Tensor");
   m.def("sort_by_expert(Tensor ids, int n_experts) -> (Tensor, Tensor)");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(deepseek_moe, CPU, m) {
@@ -583,4 +656,5 @@ TORCH_LIBRARY_IMPL(deepseek_moe, CPU, m) {
   m.impl("grouped_swiglu_backward", &grouped_swiglu_backward);
   m.impl("topk_indices", &topk_indices);
   m.impl("sort_by_expert", &sort_by_expert);
+  m.impl("decode_attention", &decode_attention);
 }
