@@ -21,7 +21,7 @@ every weight read once per call) where it is available (x86-64 with AVX2 and FMA
 experts hands it all of a token's experts in two calls (``moe.experts.ExpertList``), layers that
 share an input (query, key and value; gate and up) go in one call (``fused_linears``), and a
 single layer takes it for its few rows (``GEMV_SINGLE_ROWS``). What happens past those rows
-depends on the CPU's bf16 GEMM (``_cpu_gemm_dtype``, measured once):
+depends on the CPU's bf16 GEMM (``runtime.fastest_cpu_dtype``, measured once):
 
 - Where bf16 is the faster (AMX, AVX512-BF16), products use torch's CPU kernels for weight-only
   int8 and int4 (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) with bf16 activations,
@@ -46,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .runtime import fastest_cpu_dtype
+
 QUANT_METHOD = "deepseek_moe_weight_only"
 BITS = (8, 4)
 DEFAULT_GROUP_SIZE = 128
@@ -61,7 +63,7 @@ GEMV_ROWS = 8  # at most this many rows per expert: the routed experts take this
 # rows, even at 8; int4 0.7-0.96x (torch's int4 kernel is as fast for one weight alone; many
 # weights in one call, as the experts make, are where this package's kernel gains).
 GEMV_SINGLE_ROWS = {8: 4, 4: 0}  # bits -> most rows of a single layer that take this package's kernel
-# Where the CPU has no fast bf16 GEMM (AVX2 without AVX512-BF16 or AMX; ``_cpu_gemm_dtype``),
+# Where the CPU has no fast bf16 GEMM (AVX2 without AVX512-BF16 or AMX; ``fastest_cpu_dtype``),
 # torch's two kernels are slower than this package's at every row count (1408 x 2048, 2 threads,
 # AVX2: int8 1.2-1.5x, int4 1.7-2x, 1-64 rows), which beats dequantizing to fp32 and an fp32 GEMM
 # up to about 32 rows (int8; int4 up to about 64); more rows take that GEMM.
@@ -206,7 +208,7 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
         rows = x2.shape[0]
         cpu = x2.device.type == "cpu"
-        fp32_gemm = cpu and _cpu_gemm_dtype() == torch.float32
+        fp32_gemm = cpu and fastest_cpu_dtype() == torch.float32
         single_rows = GEMV_SINGLE_ROWS_FP32 if fp32_gemm else GEMV_SINGLE_ROWS[self.bits]
         if rows <= single_rows and gemv_usable([self], rows, x2, most_rows=single_rows):
             y = gemv([self], x2, [0], [rows]).to(torch.bfloat16)
@@ -230,14 +232,6 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.bits == 4 else ""
         return f"in={self.in_features}, out={self.out_features}, int{self.bits}{g}"
-
-
-def _cpu_gemm_dtype() -> torch.dtype:
-    """What dequantized weights are multiplied in on the CPU: bf16 where this CPU's bf16 GEMM is
-    the faster (``runtime.fastest_cpu_dtype``, measured once), else fp32."""
-    from .runtime import fastest_cpu_dtype
-
-    return fastest_cpu_dtype()
 
 
 def gemv_usable(layers: list[QuantLinear], rows_per_layer: int, x: torch.Tensor,
