@@ -13,8 +13,9 @@ every time taken after a ``cuda.synchronize``):
 "fwd+bwd" adds ``y.backward(g)`` with a fixed random upstream gradient ``g`` (a ``y.sum()``
 would hand every kernel a stride-0 gradient, which real training never does). Parameter
 gradients are reset to ``None`` before every step, as ``optimizer.zero_grad()`` does. Each time is
-the median over ``--repeats`` after one warm-up; dense and MoE runs alternate inside each repeat
-so that machine noise hits both alike. The ratio is dense time / MoE time (1.0 = the MoE layer
+the median over ``--repeats`` after the warm-up (``warm_up``: until the heap has stopped growing,
+as it has after training's first few steps); dense and MoE runs alternate inside each repeat
+so that machine noise hits both alike, and the table shows each path's page faults per timed step. The ratio is dense time / MoE time (1.0 = the MoE layer
 costs no more than the dense FFN it replaces FLOP for FLOP).
 
 Memory allocation matters on CPU: glibc returns every freed block above 32 MB to the OS, so
@@ -46,6 +47,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+try:
+    import resource  # Unix only
+except ImportError:  # pragma: no cover - Windows
+    resource = None
 
 from deepseek_moe.config import DeepseekMoEConfig
 from deepseek_moe.ffn import SwiGLU
@@ -125,6 +131,37 @@ def timed(fn: Callable[[], None]) -> float:
     return time.perf_counter() - t0
 
 
+def page_faults() -> int:
+    """Minor page faults of this process so far (0 where the platform does not count them)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
+
+
+# A warm-up round that faults in more than this many fresh pages (16 MiB) has not yet reached
+# the steady state of training, where the heap already holds every block a step needs.
+SETTLED_FAULTS = 4096
+
+
+def warm_up(runs: dict[tuple[str, str], Callable[[], None]], args: argparse.Namespace) -> int:
+    """Untimed rounds of every run in the timed order (allocator, MKL/oneDNN kernels): at least
+    ``--warmup``, then more (up to ``--max-warmup``) while a round still page-faults in fresh
+    memory. With freed memory kept, the heap grows over the first few steps until it holds a hole
+    for each of a step's big blocks (the 16B shape's expert gradients are three 738 MB tensors
+    in fp32); a step that grows it pays a fault per fresh page, about a second at that shape, so
+    timing before the heap has settled measures the first steps of training, not the rest.
+    Returns the rounds run."""
+    # Under glibc's defaults (--system-malloc) the faults recur every step: nothing to wait for.
+    limit = args.warmup if args.system_malloc else max(args.warmup, args.max_warmup)
+    rounds = 0
+    while 0 < args.warmup and rounds < limit:
+        f0 = page_faults()
+        for fn in runs.values():
+            fn()
+        rounds += 1
+        if rounds >= args.warmup and page_faults() - f0 <= SETTLED_FAULTS * len(runs):
+            break
+    return rounds
+
+
 def saved_activation_bytes(step: Callable[[], torch.Tensor], params: list[torch.Tensor]) -> int:
     """Bytes of the distinct tensors autograd saves for backward, parameters excluded."""
     param_ptrs = {p.untyped_storage().data_ptr() for p in params}
@@ -185,16 +222,18 @@ def bench_shape(s: Shape, args: argparse.Namespace, dtype: torch.dtype) -> dict:
             runs[(args.compare_backend, kind)] = with_backend(
                 args.compare_backend, lambda b=bwd: step(moe, moe_out, b))
     moe.dispatch = "fast"
-    for fn in runs.values():  # warm-up (allocator, MKL/oneDNN kernels), in the timed order
-        for _ in range(args.warmup):
-            fn()
+    res: dict = {"shape": vars(s) | {"dense_intermediate": s.dense_intermediate}, "times_s": {}}
+    res["warmup_rounds"] = warm_up(runs, args)
     samples: dict[tuple[str, str], list[float]] = {k: [] for k in runs}
+    faults: dict[tuple[str, str], list[int]] = {k: [] for k in runs}
     for _ in range(args.repeats):
         for key, fn in runs.items():
+            f0 = page_faults()
             samples[key].append(timed(fn))
-    res: dict = {"shape": vars(s) | {"dense_intermediate": s.dense_intermediate}, "times_s": {}}
+            faults[key].append(page_faults() - f0)
     for (name, kind), ts in samples.items():
-        res["times_s"][f"{name}/{kind}"] = {"median": statistics.median(ts), "all": ts}
+        res["times_s"][f"{name}/{kind}"] = {"median": statistics.median(ts), "all": ts,
+                                            "page_faults": faults[(name, kind)]}
 
     # Routing load: how uneven is it (max / mean assignments per expert)?
     with torch.no_grad():
@@ -248,12 +287,14 @@ def device_name(device: str) -> str:
 
 def print_table(results: list[dict], args: argparse.Namespace, dtype: str) -> None:
     print(f"\ntorch {torch.__version__}, {device_name(args.device)}, dtype {dtype}, "
-          f"median of {args.repeats} (reference: {args.reference_repeats}) after {args.warmup} "
-          f"warm-up; {allocator_settings(args)}")
+          f"median of {args.repeats} (reference: {args.reference_repeats}) after "
+          f"{'/'.join(str(r['warmup_rounds']) for r in results)} warm-up round(s) "
+          f"({', '.join(r['shape']['name'] for r in results)}); {allocator_settings(args)}")
     # Other processes on these cores slow the MoE layer's many per-expert ops down more than
     # the dense FFN's few big ones: a load above the thread count makes the ratios pessimistic.
     print(f"1-minute load average {args.load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
-    hdr = f"{'shape':<6}{'path':<11}{'forward ms':>12}{'fwd+bwd ms':>12}{'dense/x fwd':>13}{'dense/x f+b':>13}"
+    hdr = (f"{'shape':<6}{'path':<11}{'forward ms':>12}{'fwd+bwd ms':>12}{'dense/x fwd':>13}{'dense/x f+b':>13}"
+           f"{'faults/step':>13}")
     print(hdr)
     print("-" * len(hdr))
     for r in results:
@@ -264,7 +305,9 @@ def print_table(results: list[dict], args: argparse.Namespace, dtype: str) -> No
             if not path or f"{path}/forward" not in t:
                 continue
             f, fb = t[f"{path}/forward"]["median"], t[f"{path}/fwd+bwd"]["median"]
-            print(f"{name:<6}{path:<11}{f * 1e3:>12.1f}{fb * 1e3:>12.1f}{dense_f / f:>13.3f}{dense_fb / fb:>13.3f}")
+            flt = t[f"{path}/fwd+bwd"].get("page_faults") or [0]
+            print(f"{name:<6}{path:<11}{f * 1e3:>12.1f}{fb * 1e3:>12.1f}{dense_f / f:>13.3f}{dense_fb / fb:>13.3f}"
+                  f"{statistics.mean(flt):>13,.0f}")
         if args.compare_backend and f"{args.compare_backend}/fwd+bwd" in t:
             alt = t[f"{args.compare_backend}/fwd+bwd"]["median"]
             print(f"{name:<6}fast ({r['backend']}) is {alt / t['fast/fwd+bwd']['median']:.2f}x as fast as "
@@ -298,7 +341,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="2b,16b", help="comma-separated, from: " + ", ".join(SHAPES))
     p.add_argument("--repeats", type=int, default=5, help="timed repeats of the fast and dense paths")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs of each before timing")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds of every run before timing")
+    p.add_argument("--max-warmup", type=int, default=6,
+                   help="more untimed rounds, up to this many in all, while a round still page-faults "
+                   "in fresh memory (the heap not yet at its steady-state size)")
     p.add_argument("--reference-repeats", type=int, default=1,
                    help="timed repeats of the slow reference loop (no warm-up)")
     p.add_argument("--skip-reference", action="store_true", help="do not time the reference loop")

@@ -538,6 +538,59 @@ def test_grouped_swiglu_bf16_weight_gradients_from_transposed_copies(fused):
 
 
 @needs_library
+def test_expert_weight_gradients_reuse_the_memory_of_the_last_steps():
+    """Weight gradients of 1 MiB and more come from blocks the library keeps: once a step's
+    gradients are freed (zero_grad), the next step's take the same memory instead of fresh pages,
+    live gradients never share a block, and a reused block is overwritten entirely (an expert
+    without rows gets zeros, not the last step's values)."""
+    from deepseek_moe.moe import GroupedExperts, dispatch
+
+    E, D, I = 8, 264, 136  # 1.1 MB per gradient, a size no other test uses
+    experts = GroupedExperts(E, D, I)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(40, D, generator=g)
+    ids_all = torch.randint(0, E, (40, 2), generator=g)
+    ids_some = torch.randint(0, E // 2, (40, 2), generator=g)  # experts 4-7 get no rows
+    w = torch.rand(40, 2, generator=g)
+
+    def step(ids, backend="threaded"):
+        experts.backend = backend
+        for p in experts.parameters():
+            p.grad = None
+        y, _ = dispatch(x, ids, w, experts)
+        y.backward(torch.ones_like(y))
+        return [p.grad for p in (experts.w1, experts.w3, experts.w2)]
+
+    nbytes = experts.w1.numel() * 4
+    first = step(ids_all)
+    ptrs = {t.data_ptr() for t in first}
+    assert len(ptrs) == 3
+    free = kernels.gradient_blocks_free_bytes()
+    del first
+    for p in experts.parameters():
+        p.grad = None  # as zero_grad: the blocks go back to the library
+    assert kernels.gradient_blocks_free_bytes() == free + 3 * nbytes
+    second = step(ids_some)
+    assert {t.data_ptr() for t in second} == ptrs  # the same memory, not fresh pages
+    assert kernels.gradient_blocks_free_bytes() == free
+    reference = step(ids_some, backend="reference")
+    for a, b in zip(second, reference):
+        assert torch.equal(a[E // 2:], torch.zeros_like(a[E // 2:]))
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    x16, perm, ws, counts = _grouped_inputs(torch.float32, T=40, D=D, I=I, E=E, K=2)
+    grad = torch.randn(x16.shape, generator=g)
+    _, gg, uu = kernels.grouped_swiglu(x16, perm.token_M, perm.gate_M, *ws, counts, counts)
+    live = [kernels.grouped_swiglu_backward(grad, x16, perm.token_M, perm.gate_M, *ws, gg, uu, counts, counts,
+                                            True, True, True)[2:] for _ in range(2)]
+    live_ptrs = [t.data_ptr() for grads in live for t in grads]
+    assert len(set(live_ptrs)) == 6 and not set(live_ptrs) & {t.data_ptr() for t in second}
+    for a, b in zip(*live):
+        assert torch.equal(a, b)
+
+
+@needs_library
 def test_grouped_swiglu_refuses_what_it_cannot_compute():
     x, perm, ws, counts = _grouped_inputs(torch.float32)
     bad = perm.token_M.clone()

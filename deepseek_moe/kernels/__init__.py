@@ -221,7 +221,8 @@ def grouped_swiglu_backward(grad: torch.Tensor, x: torch.Tensor, token_M: Option
                             w2: torch.Tensor, g: torch.Tensor, u: torch.Tensor, counts: list[int],
                             pads: list[int], need_x: bool, need_gate: bool, need_w: bool):
     """The gradients of ``grouped_swiglu``: ``(gx, ggate, gw1, gw3, gw2)``, each None where not
-    asked for (fused: gw1 is gw13, gw3 None)."""
+    asked for (fused: gw1 is gw13, gw3 None). The weight gradients' memory comes back to the
+    library when they are freed, for the next step's (``gradient_blocks_free_bytes``)."""
     _require_library()
     outs = torch.ops.deepseek_moe.grouped_swiglu_backward(grad, x, token_M, gate_M, w1, w3, w2, g, u, counts,
                                                           pads, need_x, need_gate, need_w)
@@ -229,6 +230,13 @@ def grouped_swiglu_backward(grad: torch.Tensor, x: torch.Tensor, token_M: Option
     gw3 = None if w3 is None else gw3  # fused: gw1 holds both
     return (gx if need_x else None, ggate if need_gate and gate_M is not None else None,
             *(t if need_w else None for t in (gw1, gw3, gw2)))
+
+
+def gradient_blocks_free_bytes() -> int:
+    """Bytes of freed expert weight gradients that the library keeps for the next backward's (a
+    gradient of the same size takes one instead of fresh memory). See ``grouped_swiglu.cpp``."""
+    _require_library()
+    return torch.ops.deepseek_moe.gradient_blocks_free_bytes()
 
 
 def topk_indices(scores_TE: torch.Tensor, k: int) -> torch.Tensor:

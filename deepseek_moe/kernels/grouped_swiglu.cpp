@@ -6,6 +6,8 @@
 //   deepseek_moe::topk_indices(scores, k), deepseek_moe::sort_by_expert(ids, n_experts): the
 //   routing's selection and sort, and deepseek_moe::decode_attention(q, k, v, scale): one new
 //   token's attention over the cache (inference; at the end of this file).
+//   deepseek_moe::gradient_blocks_free_bytes(): the memory of freed expert weight gradients kept
+//   for the next step's (GradientBlocks).
 //
 // w1, w3 [E, I, D] and w2 [E, D, I]; or, without w3 (None), w1 = w13 [E, 2I, D], each expert's gate
 // rows then its up rows (the fused form): the two up projections are then one GEMM [np, D] x
@@ -39,19 +41,87 @@
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
 #include <numeric>
 #include <tuple>
 #include <type_traits>
+#include <unordered_map>
 #include <vector>
 
 namespace {
 
 using at::Tensor;
+
+// The routed experts' weight gradients, from blocks of memory kept across training steps. They
+// are the biggest tensors of a step (at the 16B layer shape, three of 738 MB in fp32: 8x the
+// parameters of the dense FFN of the same activated FLOPs), made afresh by every backward and
+// freed by the optimizer's zero_grad. From the C heap, a block that finds no free hole of its size
+// (the heap's free space is fragmented differently from step to step) grows the heap, and every
+// fresh page is a page fault on first touch: about 10 us a 4 KiB page on a virtual machine, some
+// two seconds for one such gradient, in steps chosen by chance. Here a freed gradient's block
+// goes back to a pool and the next gradient of the same size takes it, so after the first step no
+// gradient touches fresh memory; new blocks are mapped on their own and advised to the kernel as
+// huge pages (512x fewer first-touch faults where it grants them). The pool keeps its blocks for
+// the life of the process, as the C heap does with freed memory under keep_freed_memory: the
+// memory a process once needed for its gradients stays with it.
+class GradientBlocks {
+ public:
+  static constexpr size_t kMinBytes = size_t{1} << 20;  // smaller ones come from the C heap
+
+  static GradientBlocks& instance() {
+    static GradientBlocks* pool = new GradientBlocks();  // never destroyed: gradients may outlive statics
+    return *pool;
+  }
+
+  Tensor empty_like(const Tensor& w) {
+    const size_t bytes = static_cast<size_t>(w.numel()) * w.element_size();
+    if (bytes < kMinBytes || !w.is_contiguous()) return at::empty_like(w);
+    void* p = take(bytes);
+    return at::from_blob(p, w.sizes(), [bytes](void* q) { GradientBlocks::instance().give(q, bytes); },
+                         w.options());
+  }
+
+  int64_t free_bytes() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    size_t n = 0;
+    for (const auto& kv : free_) n += kv.first * kv.second.size();
+    return static_cast<int64_t>(n);
+  }
+
+ private:
+  void* take(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = free_.find(bytes);
+      if (it != free_.end() && !it->second.empty()) {
+        void* p = it->second.back();
+        it->second.pop_back();
+        return p;
+      }
+    }
+    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    TORCH_CHECK(p != MAP_FAILED, "out of memory: could not map ", bytes, " bytes for an expert weight gradient");
+#ifdef MADV_HUGEPAGE
+    madvise(p, bytes, MADV_HUGEPAGE);  // advice only: without huge pages the block still works
+#endif
+    return p;
+  }
+
+  void give(void* p, size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    free_[bytes].push_back(p);
+  }
+
+  std::mutex mutex_;
+  std::unordered_map<size_t, std::vector<void*>> free_;  // by size in bytes
+};
 
 struct Layout {
   int64_t E = 0, D = 0, I = 0, M = 0, P = 0, max_pad = 0;
@@ -404,9 +474,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
   const float* gp = gate.has_value() ? gate->data_ptr<float>() : nullptr;
   Tensor gw1, gw3, gw2, ggate, dx, gx;  // fused: gw1 is gw13
   if (need_w) {
-    gw1 = at::empty_like(w1);
-    gw3 = L.fused ? at::empty({0}, w1.options()) : at::empty_like(*w3);
-    gw2 = at::empty_like(w2);
+    GradientBlocks& blocks = GradientBlocks::instance();
+    gw1 = blocks.empty_like(w1);
+    gw3 = L.fused ? at::empty({0}, w1.options()) : blocks.empty_like(*w3);
+    gw2 = blocks.empty_like(w2);
     for (int64_t e = 0; e < L.E; ++e)
       if (L.counts[e] == 0) {
         gw1[e].zero_();
@@ -649,6 +720,7 @@ TORCH_LIBRARY_FRAGMENT(deepseek_moe, m) {
   m.def("topk_indices(Tensor scores, int k) -> Tensor");
   m.def("sort_by_expert(Tensor ids, int n_experts) -> (Tensor, Tensor)");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
+  m.def("gradient_blocks_free_bytes() -> int", [] { return GradientBlocks::instance().free_bytes(); });
 }
 
 TORCH_LIBRARY_IMPL(deepseek_moe, CPU, m) {
