@@ -89,6 +89,15 @@ def test_optimizer_groups_and_one_adamw_step_by_hand():
     torch.testing.assert_close(w.detach(), want_w)
     torch.testing.assert_close(n.detach(), want_n)
     assert opt.defaults["betas"] == (0.9, 0.95)
+    assert opt.defaults["fused"]  # plain CPU parameters: AdamW's fused kernel
+
+
+def test_adamw_takes_the_per_operation_loop_where_the_fused_kernel_cannot_serve():
+    from deepseek_moe.train import fused_adamw_serves
+
+    assert fused_adamw_serves([torch.zeros(3, requires_grad=True)])
+    assert not fused_adamw_serves([torch.zeros(3, device="meta")])
+    assert not fused_adamw_serves([torch.zeros(3), torch.zeros(3, dtype=torch.long)])
 
 
 def test_balance_losses_enter_the_gradient_with_their_alphas():
