@@ -1,5 +1,5 @@
 """Training tokens/s of the tiny DeepSeekMoE vs a tiny Dense model with the same activated
-parameters, measured in one run (interleaved rounds, medians).
+parameters, measured in one run (the two models' steps interleaved one by one, medians).
 
 The Dense model is ``dense-tiny`` with its FFN widened to the MoE layer's activated width
 ((shared + top-k) x expert width = 8 x 88 = 704), so both do the same matmul FLOPs per token and
@@ -37,17 +37,16 @@ def make(name: str, **overrides):
     return cfg, model, opt
 
 
-def time_steps(model, opt, batches: list[torch.Tensor], dtype) -> float:
-    """Seconds per optimizer step (forward, backward, clip, AdamW) over ``batches``."""
+def time_step(model, opt, x: torch.Tensor, dtype) -> float:
+    """Seconds of one optimizer step (forward, backward, clip, AdamW) on batch ``x``."""
     t0 = time.perf_counter()
-    for x in batches:
-        with autocast(dtype, torch.device("cpu")):
-            out = model(x, labels=x)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return (time.perf_counter() - t0) / len(batches)
+    with autocast(dtype, torch.device("cpu")):
+        out = model(x, labels=x)
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -55,8 +54,8 @@ def main() -> None:
     p.add_argument("--preset", default="deepseekmoe-tiny")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--steps", type=int, default=5, help="timed steps per round")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median taken)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps of each model per round (batches)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds over the batches (median of all steps)")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -83,12 +82,17 @@ def main() -> None:
     print(f"{'model':<34}{'dtype':>10}{'activated':>11}{'total':>10}{'s/step':>9}{'tokens/s':>10}")
     for name in dtypes:
         dt = None if name == "float32" else getattr(torch, name)
-        for model, opt in ((moe, moe_opt), (dense, dense_opt)):  # warm-up
-            time_steps(model, opt, batches[:2], dt)
+        for x in batches[:2]:  # warm-up
+            for model, opt in ((moe, moe_opt), (dense, dense_opt)):
+                time_step(model, opt, x, dt)
+        # The two models' steps alternate one by one (which goes first alternating too), so that
+        # a slow spell of a shared machine (seconds long) hits both alike; medians of all steps.
         t_moe, t_dense = [], []
-        for _ in range(args.rounds):
-            t_moe.append(time_steps(moe, moe_opt, batches, dt))
-            t_dense.append(time_steps(dense, dense_opt, batches, dt))
+        for r in range(args.rounds):
+            for i, x in enumerate(batches):
+                pair = ((moe, moe_opt, t_moe), (dense, dense_opt, t_dense))
+                for model, opt, ts in (pair if (r + i) % 2 == 0 else pair[::-1]):
+                    ts.append(time_step(model, opt, x, dt))
         m, d = statistics.median(t_moe), statistics.median(t_dense)
         print(f"{moe_cfg.name:<34}{name:>10}{r_moe.active / 1e6:>10.2f}M{r_moe.total / 1e6:>9.2f}M"
               f"{m:>9.3f}{tokens / m:>10,.0f}")

@@ -70,7 +70,8 @@ def _call(x, stored, bits, group, starts, counts):
 
 
 @needs_kernel
-@pytest.mark.parametrize("bits, group, K", [(8, 0, 96), (8, 0, 2080), (4, 64, 192), (4, 128, 384), (4, 256, 512)])
+@pytest.mark.parametrize("bits, group, K", [(8, 0, 96), (8, 0, 2080), (4, 64, 192), (4, 128, 384), (4, 256, 512),
+                                           (4, 64, 1216)])  # 19 groups of 64 inputs
 def test_quant_gemv_equals_its_arithmetic(bits, group, K):
     """Odd numbers of channels (tiles of 4 and a remainder), several weights, spans of 0-3 rows
     that overlap and skip rows; fp32 and bf16 activations; a block of zeros (scale 0)."""
