@@ -14,9 +14,10 @@ every time taken after a ``cuda.synchronize``):
 would hand every kernel a stride-0 gradient, which real training never does). Parameter
 gradients are reset to ``None`` before every step, as ``optimizer.zero_grad()`` does. Each time is
 the median over ``--repeats`` after the warm-up (``warm_up``: until the heap has stopped growing,
-as it has after training's first few steps); dense and MoE runs alternate inside each repeat
-so that machine noise hits both alike, and the table shows each path's page faults per timed step. The ratio is dense time / MoE time (1.0 = the MoE layer
-costs no more than the dense FFN it replaces FLOP for FLOP).
+as it has after training's first few steps); dense and MoE runs alternate inside each repeat so
+that machine noise hits both alike, and the table shows each path's page faults per timed step.
+The ratio is dense time / MoE time (1.0 = the MoE layer costs no more than the dense FFN it
+replaces FLOP for FLOP).
 
 Memory allocation matters on CPU: glibc returns every freed block above 32 MB to the OS, so
 each step's big tensors (the MoE layer's weight gradients above all: 8x the dense FFN's
