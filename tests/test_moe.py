@@ -372,6 +372,22 @@ def test_layer_reports_counts_and_losses():
     assert aux.expert_balance_loss.item() > 0 and aux.device_balance_loss.item() > 0
 
 
+def test_routing_entropy_is_the_mean_entropy_of_the_scores():
+    layer = DeepseekMoE(moe_config(num_experts_per_tok=3))
+    init_(layer)
+    x = torch.randn(2, 5, 100)
+    _, aux = layer(x)
+    s = layer.gate(x.reshape(10, 100)).scores_TE.double()
+    want = -(s * s.log()).sum(-1).mean()
+    assert abs(aux.routing_entropy.item() - want.item()) < 1e-5
+    # scores that underflow to exactly 0 (a very confident router) count 0, not NaN
+    with torch.no_grad():
+        layer.gate.weight.mul_(1e4)
+    _, aux = layer(x)
+    assert (layer.gate(x.reshape(10, 100)).scores_TE == 0).any()
+    assert 0 <= aux.routing_entropy.item() < 1e-3
+
+
 # --- hash routing -----------------------------------------------------------------------------
 
 def test_hash_routing_is_a_fixed_function_of_the_token_id():

@@ -128,6 +128,10 @@ struct Layout {
   bool fused = false;  // w1 is w13 [E, 2I, D] (no w3)
   int64_t J = 0;       // the up projections' output width: I, or 2I fused
   std::vector<int64_t> counts, pads, start, pstart, order;  // order: experts with rows, largest first
+  // Routed: row m's result goes to row dest[m] of the [M, D] results, which hold token t's rows in
+  // [first[t], first[t + 1]), in increasing m (a counting sort by token), so that the combine reads
+  // each token's rows contiguously.
+  std::vector<int64_t> first, dest;
 };
 
 Layout make_layout(const Tensor& x, const c10::optional<Tensor>& token, const c10::optional<Tensor>& gate,
@@ -168,8 +172,16 @@ Layout make_layout(const Tensor& x, const c10::optional<Tensor>& token, const c1
                     token->is_contiguous(),
                 "token must be a contiguous int64 [M] tensor");
     const int64_t* t = token->data_ptr<int64_t>();
-    for (int64_t m = 0; m < L.M; ++m)
-      TORCH_CHECK(t[m] >= 0 && t[m] < x.size(0), "token index ", t[m], " out of range for ", x.size(0), " rows");
+    const int64_t T = x.size(0);
+    L.first.assign(T + 1, 0);
+    for (int64_t m = 0; m < L.M; ++m) {
+      TORCH_CHECK(t[m] >= 0 && t[m] < T, "token index ", t[m], " out of range for ", T, " rows");
+      ++L.first[t[m] + 1];
+    }
+    for (int64_t i = 0; i < T; ++i) L.first[i + 1] += L.first[i];
+    std::vector<int64_t> fill(L.first.begin(), L.first.end() - 1);
+    L.dest.resize(L.M);
+    for (int64_t m = 0; m < L.M; ++m) L.dest[m] = fill[t[m]]++;
   } else {
     TORCH_CHECK(x.size(0) == L.M, "without tokens x must hold the M = ", L.M, " rows");
   }
@@ -361,21 +373,32 @@ void gather_rows(const S* src, const int64_t* idx, int64_t r0, int64_t n, int64_
   std::memset(static_cast<void*>(dst + n * D), 0, (np - n) * D * sizeof(T));
 }
 
-// out[t] = sum of the rows m of y with token[m] == t, in increasing m, fp32 (then stored as O).
+// Rows [0, n) of `src` to the results `y`: row r to row dest[r] (routed, Layout::dest), else to r.
+template <typename T>
+void put_rows(const T* src, const int64_t* dest, int64_t n, int64_t D, T* y) {
+  if (!dest) {
+    std::memcpy(static_cast<void*>(y), src, n * D * sizeof(T));
+    return;
+  }
+  for (int64_t r = 0; r < n; ++r) std::memcpy(static_cast<void*>(y + dest[r] * D), src + r * D, D * sizeof(T));
+}
+
+// out[t] = the sum of rows [first[t], first[t + 1]) of y (token t's rows, in increasing m), fp32
+// (then stored as O).
 template <typename S, typename O>
-void token_sums(const S* y, const int64_t* token, int64_t M, int64_t T, int64_t D, O* out) {
-  std::vector<int64_t> first(T + 1, 0), rows(M);
-  for (int64_t m = 0; m < M; ++m) ++first[token[m] + 1];
-  for (int64_t t = 0; t < T; ++t) first[t + 1] += first[t];
-  std::vector<int64_t> fill(first.begin(), first.end() - 1);
-  for (int64_t m = 0; m < M; ++m) rows[fill[token[m]]++] = m;
+void token_sums(const S* y, const std::vector<int64_t>& first, int64_t D, O* out) {
+  const int64_t T = static_cast<int64_t>(first.size()) - 1;
   at::parallel_for(0, T, 64, [&](int64_t b, int64_t e) {
     std::vector<float> acc(D), row(D);
     for (int64_t t = b; t < e; ++t) {
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t j = first[t]; j < first[t + 1]; ++j) {
-        convert_row(y + rows[j] * D, row.data(), D);
-        add_row(row.data(), acc.data(), D);
+        if constexpr (std::is_same_v<S, float>) {
+          add_row(y + j * D, acc.data(), D);
+        } else {
+          convert_row(y + j * D, row.data(), D);
+          add_row(row.data(), acc.data(), D);
+        }
       }
       convert_row(acc.data(), out + t * D, D);
     }
@@ -395,7 +418,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Tensor& x, const c10::opti
   const bool routed = token.has_value();
   Tensor g = at::empty({L.P, L.J}, x.options());  // fused: gu
   Tensor u = at::empty({L.fused ? 0 : L.P, I}, x.options());
-  Tensor y = at::empty({L.M, D}, x.options());  // each row's result, in row order
+  Tensor y = at::empty({L.M, D}, x.options());  // each row's result: routed by token (L.dest), else in row order
   const T* xp = x.data_ptr<T>();
   const int64_t* tok = routed ? token->data_ptr<int64_t>() : nullptr;
   const float* gp = gate.has_value() ? gate->data_ptr<float>() : nullptr;
@@ -420,11 +443,11 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Tensor& x, const c10::opti
     gates(gp, s, n, np, f);
     swiglu_block(bits(gv), bits(uv), L.J, f, bits(he.data_ptr<T>()), np, I);
     at::mm_out(xe, he, w2[e].t());  // the gathered rows are dead: their buffer takes the result
-    std::memcpy(static_cast<void*>(y.data_ptr<T>() + s * D), xe.data_ptr<T>(), n * D * sizeof(T));
+    put_rows(xe.data_ptr<T>(), routed ? L.dest.data() + s : nullptr, n, D, y.data_ptr<T>() + (routed ? 0 : s * D));
   });
   if (!routed) return {y, g, u};
   Tensor out = at::empty({x.size(0), D}, x.options().dtype(at::kFloat));
-  token_sums(y.data_ptr<T>(), tok, L.M, x.size(0), D, out.data_ptr<float>());
+  token_sums(y.data_ptr<T>(), L.first, D, out.data_ptr<float>());
   return {out, g, u};
 }
 
@@ -490,7 +513,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
     ggate = at::empty({L.M}, gate->options());
     ggp = ggate.data_ptr<float>();
   }
-  if (need_x) dx = at::empty({L.M, D}, x.options());  // each row's input gradient, in row order
+  if (need_x) dx = at::empty({L.M, D}, x.options());  // each row's input gradient, placed as the forward's y
   const T* xp = x.data_ptr<T>();
   const T* gv0 = g.data_ptr<T>();
   const T* uv0 = L.fused ? gv0 + I : u.data_ptr<T>();  // fused: g is gu
@@ -537,7 +560,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
     if (need_x) {
       at::mm_out(dy, dge, w1[e]);  // the gathered gradient is dead: its buffer takes dx
       if (!L.fused) dy.addmm_(due, w3->select(0, e));
-      std::memcpy(static_cast<void*>(dx.data_ptr<T>() + s * D), dy.data_ptr<T>(), n * D * sizeof(T));
+      put_rows(dy.data_ptr<T>(), routed ? L.dest.data() + s : nullptr, n, D, dx.data_ptr<T>() + (routed ? 0 : s * D));
     }
   };
   if (grad.scalar_type() == at::kFloat) {
@@ -550,7 +573,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
   if (need_x) {
     if (routed) {
       gx = at::empty_like(x);
-      token_sums(dx.data_ptr<T>(), tok, L.M, x.size(0), D, gx.data_ptr<T>());
+      token_sums(dx.data_ptr<T>(), L.first, D, gx.data_ptr<T>());
     } else {
       gx = dx;
     }

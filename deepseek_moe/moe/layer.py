@@ -113,8 +113,8 @@ class DeepseekMoE(nn.Module):
             exp_loss, dev_loss, entropy = zero, zero, zero
         else:
             with torch.no_grad():
-                s_TE = r.scores_TE
-                entropy = -(s_TE * s_TE.clamp_min(1e-30).log()).sum(-1).mean()
+                # H(s_t) = sum_i -s log s (entr: 0 at s = 0), one pass over the scores
+                entropy = torch.special.entr(r.scores_TE).sum(-1).mean()
             exp_loss, dev_loss = balance_losses(
                 r.scores_TE.view(B, S, -1),
                 r.topk_ids_TK.view(B, S, -1),
