@@ -373,14 +373,17 @@ void gather_rows(const S* src, const int64_t* idx, int64_t r0, int64_t n, int64_
   std::memset(static_cast<void*>(dst + n * D), 0, (np - n) * D * sizeof(T));
 }
 
-// Rows [0, n) of `src` to the results `y`: row r to row dest[r] (routed, Layout::dest), else to r.
+// The n rows of `src` as rows s, s + 1, ... of the results `y` [M, D]: routed, row m to row
+// L.dest[m] (its token's group); else to row m itself.
 template <typename T>
-void put_rows(const T* src, const int64_t* dest, int64_t n, int64_t D, T* y) {
-  if (!dest) {
-    std::memcpy(static_cast<void*>(y), src, n * D * sizeof(T));
+void put_rows(const T* src, const Layout& L, int64_t s, int64_t n, T* y) {
+  const int64_t D = L.D;
+  if (L.dest.empty()) {
+    std::memcpy(static_cast<void*>(y + s * D), src, n * D * sizeof(T));
     return;
   }
-  for (int64_t r = 0; r < n; ++r) std::memcpy(static_cast<void*>(y + dest[r] * D), src + r * D, D * sizeof(T));
+  for (int64_t r = 0; r < n; ++r)
+    std::memcpy(static_cast<void*>(y + L.dest[s + r] * D), src + r * D, D * sizeof(T));
 }
 
 // out[t] = the sum of rows [first[t], first[t + 1]) of y (token t's rows, in increasing m), fp32
@@ -443,7 +446,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Tensor& x, const c10::opti
     gates(gp, s, n, np, f);
     swiglu_block(bits(gv), bits(uv), L.J, f, bits(he.data_ptr<T>()), np, I);
     at::mm_out(xe, he, w2[e].t());  // the gathered rows are dead: their buffer takes the result
-    put_rows(xe.data_ptr<T>(), routed ? L.dest.data() + s : nullptr, n, D, y.data_ptr<T>() + (routed ? 0 : s * D));
+    put_rows(xe.data_ptr<T>(), L, s, n, y.data_ptr<T>());
   });
   if (!routed) return {y, g, u};
   Tensor out = at::empty({x.size(0), D}, x.options().dtype(at::kFloat));
@@ -560,7 +563,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
     if (need_x) {
       at::mm_out(dy, dge, w1[e]);  // the gathered gradient is dead: its buffer takes dx
       if (!L.fused) dy.addmm_(due, w3->select(0, e));
-      put_rows(dy.data_ptr<T>(), routed ? L.dest.data() + s : nullptr, n, D, dx.data_ptr<T>() + (routed ? 0 : s * D));
+      put_rows(dy.data_ptr<T>(), L, s, n, dx.data_ptr<T>());
     }
   };
   if (grad.scalar_type() == at::kFloat) {
