@@ -653,6 +653,27 @@ def test_routing_selection_and_sort_equal_torchs():
         kernels.topk_indices(scores, 64)
 
 
+@needs_library
+@pytest.mark.parametrize("E, k", [(63, 7), (8, 8), (5, 2), (130, 9), (64, 64)])
+def test_topk_indices_order_by_score_then_index(E, k):
+    """The top-k kernel equals a readable selection (sort by score, largest first, then by index)
+    on rows full of ties, NaN, infinities and both zeros, for expert counts that fill whole vectors
+    of 8, leave a tail, or span more than one word of 64."""
+    g = torch.Generator().manual_seed(E)
+    values = torch.tensor([0.0, -0.0, 1.0, -1.0, 0.5, float("inf"), -float("inf"), float("nan"), 1e-30, -1e30])
+    scores = torch.cat([values[torch.randint(0, len(values), (200, E), generator=g)],
+                        torch.randn(50, E, generator=g)])
+    scores[-1] = -float("inf")  # every key at the bottom of the order
+    scores[-2] = float("nan")
+
+    def expected(row):
+        key = [float("inf") if v != v else v for v in row.tolist()]
+        return sorted(range(E), key=lambda e: (-key[e], e))[:k]
+
+    got = kernels.topk_indices(scores, k)
+    assert got.tolist() == [expected(row) for row in scores]
+
+
 @pytest.mark.parametrize("H, Hkv, T", [(4, 4, 1), (4, 2, 37), (8, 8, 130)])
 def test_decode_attention_equals_sdpa(H, Hkv, T):
     """One new token's attention over a cache (views of a longer buffer, as the cache hands them

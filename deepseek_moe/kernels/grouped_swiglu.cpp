@@ -43,6 +43,10 @@
 
 #include <sys/mman.h>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -413,6 +417,41 @@ inline void gates(const float* gate, int64_t s, int64_t n, int64_t np, float* w)
   for (int64_t r = 0; r < np; ++r) w[r] = r >= n ? 0.f : (gate ? gate[s + r] : 1.f);
 }
 
+// The BLAS's fp32 GEMM (column-major, 32-bit sizes), as torch's own GEMM calls it on the CPU; a
+// weak reference, null where the loaded libraries have none (then torch's GEMM is used).
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+
+// C = op(A) op(B) (+ C with accumulate) for row-major arrays: C [m, n] (rows ldc apart), op(A)
+// [m, k] (A stored [k, m] when ta), op(B) [k, n] (B stored [n, k] when tb). A row-major product
+// is the column-major one of the transposes, C^T = op(B)^T op(A)^T: the BLAS takes B first. fp32
+// calls the BLAS directly: torch's GEMM adds about 2.6 us a call of checks, dispatch and views,
+// and a layer's experts make some 600 calls a step (1.5 ms; 455 x 128 x 88 takes 130 us).
+template <typename T>
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
+          bool accumulate, T* c, int64_t ldc) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (sgemm_ != nullptr && std::max({m, n, k, lda, ldb, ldc}) <= INT32_MAX) {
+      const int M = static_cast<int>(m), N = static_cast<int>(n), K = static_cast<int>(k);
+      const int LDA = static_cast<int>(lda), LDB = static_cast<int>(ldb), LDC = static_cast<int>(ldc);
+      const float one = 1.f, beta = accumulate ? 1.f : 0.f;
+      sgemm_(tb ? "T" : "N", ta ? "T" : "N", &N, &M, &K, &one, b, &LDB, a, &LDA, &beta, c, &LDC);
+      return;
+    }
+  }
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  auto view = [&](const T* p, int64_t rows, int64_t cols, int64_t ld, bool t) {
+    Tensor v = at::from_blob(const_cast<T*>(p), {t ? cols : rows, t ? rows : cols}, {ld, 1}, opts);
+    return t ? v.t() : v;
+  };
+  Tensor out = at::from_blob(c, {m, n}, {ldc, 1}, opts);
+  if (accumulate)
+    out.addmm_(view(a, m, k, lda, ta), view(b, k, n, ldb, tb));
+  else
+    at::mm_out(out, view(a, m, k, lda, ta), view(b, k, n, ldb, tb));
+}
+
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor> forward_impl(const Tensor& x, const c10::optional<Tensor>& token,
                                                const c10::optional<Tensor>& gate, const Tensor& w1,
@@ -423,6 +462,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Tensor& x, const c10::opti
   Tensor u = at::empty({L.fused ? 0 : L.P, I}, x.options());
   Tensor y = at::empty({L.M, D}, x.options());  // each row's result: routed by token (L.dest), else in row order
   const T* xp = x.data_ptr<T>();
+  const T *w1p = w1.data_ptr<T>(), *w3p = L.fused ? nullptr : w3->data_ptr<T>(), *w2p = w2.data_ptr<T>();
   const int64_t* tok = routed ? token->data_ptr<int64_t>() : nullptr;
   const float* gp = gate.has_value() ? gate->data_ptr<float>() : nullptr;
   auto init = [&] {
@@ -431,22 +471,22 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Tensor& x, const c10::opti
   };
   for_each_expert(L, init, [&](int64_t e, auto& buf) {
     const int64_t n = L.counts[e], np = L.pads[e], s = L.start[e];
-    Tensor xe = std::get<0>(buf).narrow(0, 0, np), he = std::get<1>(buf).narrow(0, 0, np);
-    gather_rows(xp, tok ? tok + s : nullptr, s, n, np, D, xe.data_ptr<T>());
-    Tensor ge = g.narrow(0, L.pstart[e], np);
-    at::mm_out(ge, xe, w1[e].t());
-    const T* gv = ge.data_ptr<T>();
+    T* xe = std::get<0>(buf).template data_ptr<T>();  // [np, D]
+    T* he = std::get<1>(buf).template data_ptr<T>();  // [np, I]
+    gather_rows(xp, tok ? tok + s : nullptr, s, n, np, D, xe);
+    T* gv = g.data_ptr<T>() + L.pstart[e] * L.J;
+    gemm<T>(false, true, np, L.J, D, xe, D, w1p + e * L.J * D, D, false, gv, L.J);
     const T* uv = gv + I;  // fused: the up projection's columns follow the gate's
     if (!L.fused) {
-      Tensor ue = u.narrow(0, L.pstart[e], np);
-      at::mm_out(ue, xe, w3->select(0, e).t());
-      uv = ue.data_ptr<T>();
+      T* ue = u.data_ptr<T>() + L.pstart[e] * I;
+      gemm<T>(false, true, np, I, D, xe, D, w3p + e * I * D, D, false, ue, I);
+      uv = ue;
     }
     float* f = std::get<2>(buf).data();  // the rows' gates
     gates(gp, s, n, np, f);
-    swiglu_block(bits(gv), bits(uv), L.J, f, bits(he.data_ptr<T>()), np, I);
-    at::mm_out(xe, he, w2[e].t());  // the gathered rows are dead: their buffer takes the result
-    put_rows(xe.data_ptr<T>(), L, s, n, y.data_ptr<T>());
+    swiglu_block(bits(gv), bits(uv), L.J, f, bits(he), np, I);
+    gemm<T>(false, true, np, D, I, he, I, w2p + e * D * I, I, false, xe, D);  // xe is dead: it takes the result
+    put_rows(xe, L, s, n, y.data_ptr<T>());
   });
   if (!routed) return {y, g, u};
   Tensor out = at::empty({x.size(0), D}, x.options().dtype(at::kFloat));
@@ -478,14 +518,15 @@ constexpr bool copies_transposed(int64_t weights) {
   return !std::is_same_v<T, float> && weights >= (int64_t{1} << 18);
 }
 
+// out [m, n] = a^T b, a [rows, m] and b [rows, n] contiguous.
 template <typename T>
-void weight_grad(Tensor& out, const Tensor& a, const Tensor& b, T* t) {
-  if (!copies_transposed<T>(out.numel())) {
-    at::mm_out(out, a.t(), b);
+void weight_grad(T* out, const T* a, const T* b, int64_t rows, int64_t m, int64_t n, T* t) {
+  if (!copies_transposed<T>(m * n)) {
+    gemm<T>(true, false, m, n, rows, a, m, b, n, false, out, n);
   } else {
-    Tensor at_ = at::from_blob(t, {a.size(1), a.size(0)}, a.options());
-    at_.copy_(a.t());
-    at::mm_out(out, at_, b);
+    const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+    at::from_blob(t, {m, rows}, opts).copy_(at::from_blob(const_cast<T*>(a), {rows, m}, opts).t());
+    gemm<T>(false, false, m, n, rows, t, rows, b, n, false, out, n);
   }
 }
 
@@ -518,6 +559,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
   }
   if (need_x) dx = at::empty({L.M, D}, x.options());  // each row's input gradient, placed as the forward's y
   const T* xp = x.data_ptr<T>();
+  const T *w1p = w1.data_ptr<T>(), *w3p = L.fused ? nullptr : w3->data_ptr<T>(), *w2p = w2.data_ptr<T>();
+  T *gw1p = need_w ? gw1.data_ptr<T>() : nullptr, *gw2p = need_w ? gw2.data_ptr<T>() : nullptr;
+  T* gw3p = need_w && !L.fused ? gw3.data_ptr<T>() : nullptr;
   const T* gv0 = g.data_ptr<T>();
   const T* uv0 = L.fused ? gv0 + I : u.data_ptr<T>();  // fused: g is gu
   auto init = [&] {
@@ -528,42 +572,37 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
   };
   auto body = [&](int64_t e, BackwardBuffers& buf, auto grad_ptr) {
     const int64_t n = L.counts[e], np = L.pads[e], s = L.start[e], p = L.pstart[e];
-    Tensor dy = buf.dy.narrow(0, 0, np), xe = buf.x.narrow(0, 0, np);
-    gather_rows(grad_ptr, tok ? tok + s : nullptr, s, n, np, D, dy.data_ptr<T>());
+    T* dy = buf.dy.data_ptr<T>();  // [np, D]
+    T* xe = buf.x.data_ptr<T>();   // [np, D]
+    gather_rows(grad_ptr, tok ? tok + s : nullptr, s, n, np, D, dy);
     // dh and h, contiguous [np, I]; then dg and du: [np, I] each, or fused one [np, 2I] dgu.
-    T* work = buf.work.data_ptr<T>();
-    Tensor dhe = at::from_blob(work, {np, I}, x.options());
-    Tensor he = at::from_blob(work + np * I, {np, I}, x.options());
-    T* dgv = work + 2 * np * I;
+    T* dhe = buf.work.data_ptr<T>();
+    T* he = dhe + np * I;
+    T* dgv = dhe + 2 * np * I;
     T* duv = L.fused ? dgv + I : dgv + np * I;
-    at::mm_out(dhe, dy, w2[e]);
+    gemm<T>(false, false, np, I, D, dy, D, w2p + e * D * I, I, false, dhe, I);
     const T* gv = gv0 + p * L.J;
     const T* uv = uv0 + p * L.J;
     float* f = buf.f.data();  // gates, dL/dgates, [np, I] products
     float *fw = f, *fdw = f + L.max_pad, *ft = fdw + L.max_pad;
     gates(gp, s, n, np, fw);
     // h again (as the forward computed it, for the down projection's weight gradient), dg, du
-    swiglu_block_backward(bits(gv), bits(uv), L.J, bits(dhe.data_ptr<T>()), fw, bits(he.data_ptr<T>()), bits(dgv),
-                          bits(duv), L.J, fdw, ft, np, I);
+    swiglu_block_backward(bits(gv), bits(uv), L.J, bits(dhe), fw, bits(he), bits(dgv), bits(duv), L.J, fdw, ft,
+                          np, I);
     if (ggp) std::memcpy(ggp + s, fdw, n * sizeof(float));
-    gather_rows(xp, tok ? tok + s : nullptr, s, n, np, D, xe.data_ptr<T>());
-    // fused: dgu [np, 2I]; else dg and du [np, I]
-    Tensor dge = at::from_blob(dgv, {np, L.J}, x.options());
-    Tensor due = L.fused ? Tensor() : at::from_blob(duv, {np, I}, x.options());
+    gather_rows(xp, tok ? tok + s : nullptr, s, n, np, D, xe);
+    // fused: dgu [np, 2I] (dgv); else dg and du [np, I] (dgv, duv)
     if (need_w) {
-      Tensor gw1e = gw1[e], gw2e = gw2[e];
       T* t = buf.t.data_ptr<T>();
-      weight_grad(gw2e, dy, he, t);
-      weight_grad(gw1e, dge, xe, t);
-      if (!L.fused) {
-        Tensor gw3e = gw3[e];
-        weight_grad(gw3e, due, xe, t);
-      }
+      weight_grad(gw2p + e * D * I, dy, he, np, D, I, t);
+      weight_grad(gw1p + e * L.J * D, dgv, xe, np, L.J, D, t);
+      if (!L.fused) weight_grad(gw3p + e * I * D, duv, xe, np, I, D, t);
     }
     if (need_x) {
-      at::mm_out(dy, dge, w1[e]);  // the gathered gradient is dead: its buffer takes dx
-      if (!L.fused) dy.addmm_(due, w3->select(0, e));
-      put_rows(dy.data_ptr<T>(), L, s, n, dx.data_ptr<T>());
+      // the gathered gradient is dead: its buffer takes dx
+      gemm<T>(false, false, np, D, L.J, dgv, L.J, w1p + e * L.J * D, D, false, dy, D);
+      if (!L.fused) gemm<T>(false, false, np, D, I, duv, I, w3p + e * I * D, D, true, dy, D);
+      put_rows(dy, L, s, n, dx.data_ptr<T>());
     }
   };
   if (grad.scalar_type() == at::kFloat) {
@@ -609,6 +648,85 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> grouped_swiglu_backward(
 
 // The indices of the k largest scores of each row [T, E] (fp32), largest first, a tie going to
 // the lower index and NaN counting as the largest: int64 [T, k].
+//
+// With AVX2 (this file is compiled for the processor it runs on): each row's scores become int32
+// keys in the same order (`score_key`), padded to whole vectors with a key below them all, and
+// the k picks are k passes of a vector maximum and a search for its first position, which then
+// takes the padding key. No branch depends on the scores' order, so a row costs the same whatever
+// its scores (the insertion below mispredicts a branch for about a third of the experts: 4x
+// slower at 4096 x 63, k = 7).
+#if defined(__AVX2__)
+// An int32 that orders as the score does: the float's bits, the magnitude bits flipped for
+// negative numbers; NaN taken as +inf and -0 as +0 (a tie, as the comparison of floats has it).
+inline int32_t score_key(float v) {
+  v = std::isnan(v) ? INFINITY : v + 0.f;
+  int32_t b;
+  std::memcpy(&b, &v, sizeof(b));
+  return b ^ ((b >> 31) & 0x7FFFFFFF);
+}
+
+inline __m256i score_keys(__m256 v) {
+  v = _mm256_blendv_ps(_mm256_add_ps(v, _mm256_setzero_ps()), _mm256_set1_ps(INFINITY), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  const __m256i b = _mm256_castps_si256(v);
+  return _mm256_xor_si256(b, _mm256_and_si256(_mm256_srai_epi32(b, 31), _mm256_set1_epi32(0x7FFFFFFF)));
+}
+
+void topk_rows(const float* sp, int64_t E, int64_t k, int64_t t0, int64_t t1, int64_t* op) {
+  const int64_t nv = (E + 7) / 8;
+  std::vector<int32_t> keys(nv * 8, INT32_MIN);  // below every score's key
+  int32_t* kp = keys.data();
+  for (int64_t t = t0; t < t1; ++t) {
+    const float* row = sp + t * E;
+    int64_t e = 0;
+    for (; e + 8 <= E; e += 8)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(kp + e), score_keys(_mm256_loadu_ps(row + e)));
+    for (; e < E; ++e) kp[e] = score_key(row[e]);
+    for (int64_t j = 0; j < k; ++j) {
+      __m256i m = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kp));
+      for (int64_t v = 1; v < nv; ++v)
+        m = _mm256_max_epi32(m, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kp + 8 * v)));
+      __m128i h = _mm_max_epi32(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
+      h = _mm_max_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+      h = _mm_max_epi32(h, _mm_shuffle_epi32(h, 0xB1));
+      const __m256i best = _mm256_broadcastd_epi32(h);
+      // its first position: the lowest set bit of the matches, 64 keys a word (no branch on
+      // where it is)
+      int64_t at = -1;
+      for (int64_t w = 0; at < 0; w += 8) {
+        uint64_t found = 0;
+        for (int64_t v = w; v < std::min(nv, w + 8); ++v) {
+          const __m256i c = _mm256_cmpeq_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(kp + 8 * v)), best);
+          found |= static_cast<uint64_t>(_mm256_movemask_ps(_mm256_castsi256_ps(c))) << (8 * (v - w));
+        }
+        if (found) at = 8 * w + __builtin_ctzll(found);
+      }
+      op[t * k + j] = at;
+      kp[at] = INT32_MIN;  // taken (k <= E real keys, all above it, remain to pick from)
+    }
+  }
+}
+#else
+void topk_rows(const float* sp, int64_t E, int64_t k, int64_t t0, int64_t t1, int64_t* op) {
+  std::vector<float> best(k);
+  for (int64_t t = t0; t < t1; ++t) {
+    const float* row = sp + t * E;
+    int64_t* ids = op + t * k;
+    int64_t n = 0;  // kept so far, best[0] >= best[1] >= ...
+    for (int64_t e = 0; e < E; ++e) {
+      const float v = std::isnan(row[e]) ? INFINITY : row[e];
+      if (n == k && !(v > best[k - 1])) continue;
+      int64_t j = n < k ? n++ : k - 1;  // the slot it takes, moved up past the smaller ones
+      for (; j > 0 && v > best[j - 1]; --j) {
+        best[j] = best[j - 1];
+        ids[j] = ids[j - 1];
+      }
+      best[j] = v;
+      ids[j] = e;
+    }
+  }
+}
+#endif
+
 Tensor topk_indices(const Tensor& scores, int64_t k) {
   TORCH_CHECK(scores.device().is_cpu() && scores.dim() == 2 && scores.is_contiguous() &&
                   scores.scalar_type() == at::kFloat,
@@ -618,25 +736,7 @@ Tensor topk_indices(const Tensor& scores, int64_t k) {
   Tensor out = at::empty({T, k}, scores.options().dtype(at::kLong));
   const float* sp = scores.data_ptr<float>();
   int64_t* op = out.data_ptr<int64_t>();
-  at::parallel_for(0, T, 256, [&](int64_t b, int64_t end) {
-    std::vector<float> best(k);
-    for (int64_t t = b; t < end; ++t) {
-      const float* row = sp + t * E;
-      int64_t* ids = op + t * k;
-      int64_t n = 0;  // kept so far, best[0] >= best[1] >= ...
-      for (int64_t e = 0; e < E; ++e) {
-        const float v = std::isnan(row[e]) ? INFINITY : row[e];
-        if (n == k && !(v > best[k - 1])) continue;
-        int64_t j = n < k ? n++ : k - 1;  // the slot it takes, moved up past the smaller ones
-        for (; j > 0 && v > best[j - 1]; --j) {
-          best[j] = best[j - 1];
-          ids[j] = ids[j - 1];
-        }
-        best[j] = v;
-        ids[j] = e;
-      }
-    }
-  });
+  at::parallel_for(0, T, 256, [&](int64_t b, int64_t end) { topk_rows(sp, E, k, b, end, op); });
   return out;
 }
 
