@@ -674,6 +674,25 @@ def test_topk_indices_order_by_score_then_index(E, k):
     assert got.tolist() == [expected(row) for row in scores]
 
 
+@needs_library
+def test_routing_entropy_equals_entr_in_float64():
+    """The entropy kernel's mean of -sum s log s equals torch's entr in float64 (softmax rows of
+    odd sizes, scores of exactly 0), -v log v of single values over the whole positive range
+    (its log), and keeps entr's rules: NaN stays NaN, a negative score gives -inf, no rows NaN."""
+    g = torch.Generator().manual_seed(0)
+    for T, E in [(4096, 63), (7, 5), (300, 130), (1, 1)]:
+        s = (3 * torch.randn(T, E, generator=g)).softmax(-1)
+        s[0, : E // 2] = 0
+        want = torch.special.entr(s.double()).sum(-1).mean()
+        torch.testing.assert_close(kernels.routing_entropy(s).double(), want, rtol=1e-6, atol=1e-7)
+    v = torch.cat([torch.logspace(-37, 36, 3001), torch.rand(2000, generator=g)])  # -v log v fits fp32
+    got = torch.stack([kernels.routing_entropy(x.view(1, 1)) for x in v])
+    torch.testing.assert_close(got.double(), torch.special.entr(v.double()), rtol=1e-6, atol=0)
+    assert kernels.routing_entropy(torch.tensor([[0.5, float("nan")]])).isnan()
+    assert kernels.routing_entropy(torch.tensor([[0.5, -0.1]])).item() == -float("inf")
+    assert kernels.routing_entropy(torch.zeros(0, 8)).isnan()  # as torch's mean over no rows
+
+
 @pytest.mark.parametrize("H, Hkv, T", [(4, 4, 1), (4, 2, 37), (8, 8, 130)])
 def test_decode_attention_equals_sdpa(H, Hkv, T):
     """One new token's attention over a cache (views of a longer buffer, as the cache hands them

@@ -247,6 +247,13 @@ def topk_indices(scores_TE: torch.Tensor, k: int) -> torch.Tensor:
     return torch.ops.deepseek_moe.topk_indices(scores_TE, k)
 
 
+def routing_entropy(scores_TE: torch.Tensor) -> torch.Tensor:
+    """The mean over rows of -sum_i s log s (nats) of fp32 scores [T, E], a score of 0 counting 0:
+    ``torch.special.entr(scores).sum(-1).mean()`` in one pass. See ``grouped_swiglu.cpp``."""
+    _require_library()
+    return torch.ops.deepseek_moe.routing_entropy(scores_TE)
+
+
 def sort_by_expert(ids_M: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.sort(ids_M, stable=True)`` of expert ids in [0, n_experts) by counting:
     ``(sorted ids, order)``. See ``grouped_swiglu.cpp``."""

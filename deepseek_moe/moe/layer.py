@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .. import kernels
 from ..config import DeepseekMoEConfig
 from ..ffn import SwiGLU
 from .dispatch import dispatch, dispatch_reference, expert_counts
@@ -114,7 +115,10 @@ class DeepseekMoE(nn.Module):
         else:
             with torch.no_grad():
                 # H(s_t) = sum_i -s log s (entr: 0 at s = 0), one pass over the scores
-                entropy = torch.special.entr(r.scores_TE).sum(-1).mean()
+                if kernels.cpu_routing_kernels(r.scores_TE):
+                    entropy = kernels.routing_entropy(r.scores_TE)
+                else:
+                    entropy = torch.special.entr(r.scores_TE).sum(-1).mean()
             exp_loss, dev_loss = balance_losses(
                 r.scores_TE.view(B, S, -1),
                 r.topk_ids_TK.view(B, S, -1),
