@@ -4,15 +4,15 @@
 decoding spends its time in, for many weights in one call (see the source for the arithmetic);
 ``dequant_int4``: an int4 weight to bf16 or fp32 in one pass, for prefill's GEMMs; ``grouped_swiglu``
 (``grouped_swiglu.cpp``): the routed experts of a training step, one expert per thread, the
-routing's top-k selection and sort by expert (``topk_indices``, ``sort_by_expert``), and one new
-token's attention over the cache in bf16 (``decode_attention``).
+routing's top-k selection, entropy and sort by expert (``topk_indices``, ``routing_entropy``,
+``sort_by_expert``), and one new token's attention over the cache in bf16 (``decode_attention``).
 The library is compiled (``grouped_swiglu.cpp`` for this processor, ``-march=native``) once per
 source, torch version, compiler and processor into
 ``$DEEPSEEK_MOE_CACHE/kernels`` (default ``~/.cache/deepseek_moe/kernels``), about 30 s, and loaded
 with ``torch.ops.load_library``. Where it cannot be (no compiler, another processor than x86-64
 with AVX2 and FMA, or ``DEEPSEEK_MOE_KERNELS=0``), ``available()`` is False and callers use torch's
-own kernels; the reason is logged once. ``grouped_swiglu.cpp`` is plain C++ and needs only the
-library (``library_reason()``; ``cpu_routing_kernels(x)`` says whether a tensor's routing takes it).
+own kernels; the reason is logged once. ``grouped_swiglu.cpp`` is plain C++ (with AVX2 where the
+processor has it) and needs only the library (``library_reason()``; ``cpu_routing_kernels(x)`` says whether a tensor's routing takes it).
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
 //   deepseek_moe::grouped_swiglu(x, token, gate, w1, w3, w2, counts, pads) -> (out, g, u)
 //   deepseek_moe::grouped_swiglu_backward(grad, x, token, gate, w1, w3, w2, g, u, counts, pads,
 //                                         need_x, need_gate, need_w) -> (gx, ggate, gw1, gw3, gw2)
-//   deepseek_moe::topk_indices(scores, k), deepseek_moe::sort_by_expert(ids, n_experts): the
-//   routing's selection and sort, and deepseek_moe::decode_attention(q, k, v, scale): one new
-//   token's attention over the cache (inference; at the end of this file).
+//   deepseek_moe::topk_indices(scores, k), deepseek_moe::routing_entropy(scores),
+//   deepseek_moe::sort_by_expert(ids, n_experts): the routing's selection, entropy and sort, and
+//   deepseek_moe::decode_attention(q, k, v, scale): one new token's attention over the cache
+//   (inference; at the end of this file).
 //   deepseek_moe::gradient_blocks_free_bytes(): the memory of freed expert weight gradients kept
 //   for the next step's (GradientBlocks).
 //
@@ -27,7 +28,7 @@
 // and the work between the GEMMs (gathers, SwiGLU, gate, combine) costs as much again in passes
 // over memory. Here each thread takes whole experts (largest first, the next free one when it is
 // done) and does everything for one expert in buffers that stay in its cache: the gather of its
-// rows, the three GEMMs (torch's, which run on the calling thread inside a parallel region), the
+// rows, the three GEMMs (the BLAS's, which run on the calling thread inside a parallel region), the
 // SwiGLU with the gate in one pass, and the backward's mirror of it. Rows are padded per expert to
 // pads[e] >= counts[e] rows of zeros (bf16: a few GEMM shapes that stay compiled); padding rows
 // have a zero gate and zero inputs and gradients, so they add exactly 0 everywhere. The forward
@@ -653,7 +654,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> grouped_swiglu_backward(
 // keys in the same order (`score_key`), padded to whole vectors with a key below them all, and
 // the k picks are k passes of a vector maximum and a search for its first position, which then
 // takes the padding key. No branch depends on the scores' order, so a row costs the same whatever
-// its scores (the insertion below mispredicts a branch for about a third of the experts: 4x
+// its scores (the insertion below mispredicts a branch for about a third of the experts: 3x
 // slower at 4096 x 63, k = 7).
 #if defined(__AVX2__)
 // An int32 that orders as the score does: the float's bits, the magnitude bits flipped for
