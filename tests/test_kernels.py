@@ -73,15 +73,16 @@ def _call(x, stored, bits, group, starts, counts):
 @pytest.mark.parametrize("bits, group, K", [(8, 0, 96), (8, 0, 2080), (4, 64, 192), (4, 128, 384), (4, 256, 512),
                                            (4, 64, 1216)])  # 19 groups of 64 inputs
 def test_quant_gemv_equals_its_arithmetic(bits, group, K):
-    """Odd numbers of channels (tiles of 4 and a remainder), several weights, spans of 0-3 rows
-    that overlap and skip rows; fp32 and bf16 activations; a block of zeros (scale 0)."""
+    """Odd numbers of channels (tiles of 4 and a remainder), several weights, spans of 0, 1, 2 and
+    3 rows (one row takes int4's channel-at-a-time path) that overlap and skip rows; fp32 and bf16
+    activations; a block of zeros (scale 0)."""
     N = 37 if bits == 8 else 48
     stored = _stored(bits, group or 128, 4, N, K)
     torch.manual_seed(1)
     x = torch.randn(6, K)
     x[2, :BLOCK] = 0
     x[4] *= 50  # large activations: the scales follow
-    starts, counts = [0, 1, 5, 3], [2, 3, 0, 3]
+    starts, counts = [0, 1, 5, 3], [2, 1, 0, 3]
     for dtype in (torch.float32, torch.bfloat16):
         xd = x.to(dtype)
         out = _call(xd, stored, bits, group, starts, counts)

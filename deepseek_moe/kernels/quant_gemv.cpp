@@ -273,8 +273,14 @@ KERNEL_TARGET void int4_channels(const uint8_t* w, const uint16_t* w_scale, cons
                                  int64_t group, const QuantizedRows& x, const float* lane_scale,
                                  int64_t row0, int64_t rows, int64_t n0, int64_t n1, int64_t N,
                                  float* out) {
+  // One row of activations (decoding one token): the weight channel by channel, one sequential
+  // stream of memory, which the processor prefetches best; four interleaved channel streams wait
+  // on memory (one row, experts' weights read cold, 2 cores: 24.4 GB/s against 18.5; one core
+  // 14.3 against 10.7). With more rows the arithmetic dominates, and four channels at a time
+  // share each load of the activations (two rows: 4 channels 1.04x faster cold, 1.2x in cache).
   int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) int4_tile<4>(w, w_scale, w_zero, group, x, lane_scale, row0, rows, n, N, out);
+  if (rows > 1)
+    for (; n + 4 <= n1; n += 4) int4_tile<4>(w, w_scale, w_zero, group, x, lane_scale, row0, rows, n, N, out);
   for (; n < n1; ++n) int4_tile<1>(w, w_scale, w_zero, group, x, lane_scale, row0, rows, n, N, out);
 }
 
