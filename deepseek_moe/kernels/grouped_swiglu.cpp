@@ -266,6 +266,21 @@ __attribute__((always_inline)) inline void store(uint16_t* p, int64_t i, float v
   p[i] = (a & 0x7FFFFFFFu) > 0x7F800000u ? static_cast<uint16_t>(0x7FC0u) : rounded;
 }
 
+// sum_{i < n} term(i) in 16 partial sums (a vector's worth, so that the loop vectorises), the
+// remainder then the partial sums added in order.
+template <typename Term>
+__attribute__((always_inline)) inline float lane_sum(int64_t n, Term term) {
+  constexpr int64_t L = 16;
+  float acc[L] = {0.f};
+  int64_t i = 0;
+  for (; i + L <= n; i += L)
+    for (int64_t j = 0; j < L; ++j) acc[j] += term(i + j);
+  float sum = 0.f;
+  for (; i < n; ++i) sum += term(i);
+  for (int64_t j = 0; j < L; ++j) sum += acc[j];
+  return sum;
+}
+
 // One expert's rows at once: [rows, n] arrays of the storage type S (g and u rows `ld` apart,
 // the others contiguous), a gate per row (0 for padding rows), the arithmetic in fp32.
 // h = w * silu(g) * u.
@@ -308,17 +323,9 @@ __attribute__((always_inline)) inline void swiglu_block_backward_impl(
       store(dgr, i, d * wr * ui * s * (1.f + gi * (1.f - s)));
     }
   }
-  constexpr int64_t L = 16;  // partial sums (a vector's worth, so that the sum vectorises)
   for (int64_t r = 0; r < rows; ++r) {
     const float* t = tmp + r * n;
-    float acc[L] = {0.f};
-    int64_t i = 0;
-    for (; i + L <= n; i += L)
-      for (int64_t j = 0; j < L; ++j) acc[j] += t[i + j];
-    float sum = 0.f;
-    for (; i < n; ++i) sum += t[i];
-    for (int64_t j = 0; j < L; ++j) sum += acc[j];
-    dw[r] = sum;
+    dw[r] = lane_sum(n, [&](int64_t i) { return t[i]; });
   }
 }
 
@@ -788,18 +795,9 @@ Tensor routing_entropy(const Tensor& scores) {
   const float* sp = scores.data_ptr<float>();
   std::vector<float> sums(blocks);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    constexpr int64_t L = 16;  // partial sums, so that the loop vectorises
     for (int64_t b = b0; b < b1; ++b) {
       const float* v = sp + b * kBlockElems;
-      const int64_t m = std::min(kBlockElems, n - b * kBlockElems);
-      float acc[L] = {0.f};
-      int64_t i = 0;
-      for (; i + L <= m; i += L)
-        for (int64_t j = 0; j < L; ++j) acc[j] += entr(v[i + j]);
-      float sum = 0.f;
-      for (; i < m; ++i) sum += entr(v[i]);
-      for (int64_t j = 0; j < L; ++j) sum += acc[j];
-      sums[b] = sum;
+      sums[b] = lane_sum(std::min(kBlockElems, n - b * kBlockElems), [&](int64_t i) { return entr(v[i]); });
     }
   });
   double total = 0.0;
@@ -831,17 +829,9 @@ std::tuple<Tensor, Tensor> sort_by_expert(const Tensor& ids, int64_t E) {
   return {sorted, order};
 }
 
-// sum_i a[i] b[i] in 16 partial sums (so that it vectorises), then added in order.
+// sum_i a[i] b[i] (lane_sum's order).
 inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
-  constexpr int64_t L = 16;
-  float acc[L] = {0.f};
-  int64_t i = 0;
-  for (; i + L <= n; i += L)
-    for (int64_t j = 0; j < L; ++j) acc[j] += a[i + j] * b[i + j];
-  float sum = 0.f;
-  for (; i < n; ++i) sum += a[i] * b[i];
-  for (int64_t j = 0; j < L; ++j) sum += acc[j];
-  return sum;
+  return lane_sum(n, [&](int64_t i) { return a[i] * b[i]; });
 }
 
 // Attention of one new token over a cache, for decoding (inference only): q [B, H, 1, d] and the
