@@ -171,11 +171,9 @@ class QuantLinear(nn.Module):
         for suffix, (shape, dtype) in quantized_shapes((out_features, in_features), bits, group_size).items():
             self.register_buffer(suffix, torch.zeros(shape, dtype=dtype, device=device))
         self._kernel_weight: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # int4: built on first use
-
-    @property
-    def scheme(self) -> tuple[int, int, int, int]:
-        """(bits, group size, inputs, outputs): what ``gemv_usable`` compares."""
-        return (self.bits, self.group_size, self.in_features, self.out_features)
+        # (bits, group size, inputs, outputs): what ``gemv_usable`` compares (an attribute, not a
+        # property: a decoded token asks hundreds of layers)
+        self.scheme = (bits, group_size, in_features, out_features)
 
     def stored(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.named_buffers(recurse=False)}

@@ -313,7 +313,7 @@ KERNEL_TARGET inline __m256 int4_row_group(const uint8_t* w, const uint16_t* w_s
   const int8_t* xgq = xq + g * (CPG * kChunk);
   const float* lg = ls + g * (CPG * 8);
   _mm_prefetch(reinterpret_cast<const char*>(wg + kPrefetch), _MM_HINT_T0);
-  if (CPG > 1) _mm_prefetch(reinterpret_cast<const char*>(wg + kPrefetch + 64), _MM_HINT_T0);
+  if (CPG > 2) _mm_prefetch(reinterpret_cast<const char*>(wg + kPrefetch + 64), _MM_HINT_T0);  // a second line
   __m256 gacc = _mm256_setzero_ps();
   for (int j = 0; j < CPG; ++j) {
     const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + j * 32));

@@ -49,9 +49,12 @@ class Permutation:
 
 
 def expert_counts(topk_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """Assignments per expert, int64 [E]. A scatter-add, not ``bincount``: the output size is
-    fixed, so a GPU need not read the ids' maximum back to the host."""
+    """Assignments per expert, int64 [E]. On a GPU a scatter-add, not ``bincount``: the output
+    size is fixed, so the GPU need not read the ids' maximum back to the host; on the CPU
+    ``bincount`` (one operation instead of three: a decoded token counts in every MoE layer)."""
     ids = topk_ids.reshape(-1)
+    if ids.device.type == "cpu" and not torch.compiler.is_compiling():
+        return torch.bincount(ids, minlength=n_experts)
     return torch.zeros(n_experts, dtype=torch.long, device=ids.device).scatter_add_(
         0, ids, torch.ones_like(ids))
 

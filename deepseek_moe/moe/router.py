@@ -71,8 +71,13 @@ class TopKRouter(nn.Module):
         if not 1 <= k <= self.n_experts - disable_top:
             raise ValueError(f"cannot route to {k} of {self.n_experts} experts with "
                              f"{disable_top} disabled")
-        # fp32 under autocast too (which would run the product, and then the softmax, in bf16)
-        with torch.autocast(x_TD.device.type, enabled=False):
+        # fp32 under autocast too (which would run the product, and then the softmax, in bf16);
+        # the context only where autocast is on (entering it costs more than a decoded token's
+        # routing product)
+        if torch.is_autocast_enabled(x_TD.device.type):
+            with torch.autocast(x_TD.device.type, enabled=False):
+                logits_TE = F.linear(x_TD.float(), self._centroids_fp32())
+        else:
             logits_TE = F.linear(x_TD.float(), self._centroids_fp32())
         scores_TE = logits_TE.softmax(dim=-1)
         if disable_top > 0:
