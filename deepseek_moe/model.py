@@ -220,6 +220,15 @@ class Attention(nn.Module):
         (B, 1, S, T) boolean; None means plain causal over the S new tokens (then start == 0), or,
         for one new token, every filled slot (a cache without padding)."""
         B, S, _ = x_BSD.shape
+        if (S == 1 and kv is not None and mask is None and self.n_kv_heads == self.n_heads
+                and kernels.decode_attention_serves(kv[0])):
+            # One new token of a quantized bf16 model: projections in one kernel call, then
+            # rotation, the cache's slot and the attention in one operation.
+            qkv = fused_linears((self.q_proj, self.k_proj, self.v_proj), x_BSD, fp32=True)
+            if qkv is not None:
+                y = kernels.decode_attention_rope(qkv.view(3, B, -1), cos, sin, kv[0], kv[1], start,
+                                                  self.head_dim ** -0.5)
+                return self.o_proj(y)
         qkv = fused_linears((self.q_proj, self.k_proj, self.v_proj), x_BSD)
         if qkv is not None:  # one tensor [3, B, S, H*hd] (decoding a quantized model): rotate q and k at once
             qkv = qkv.view(3, B, S, self.n_heads, self.head_dim).transpose(2, 3)

@@ -267,13 +267,14 @@ def gemv(layers: list[QuantLinear], x: torch.Tensor, starts: list[int], counts: 
                               counts, first.bits, first.group_size)
 
 
-def fused_linears(layers: Sequence[nn.Module], x: torch.Tensor) -> Optional[torch.Tensor]:
+def fused_linears(layers: Sequence[nn.Module], x: torch.Tensor, fp32: bool = False) -> Optional[torch.Tensor]:
     """Several quantized layers of one shape applied to the same input ``x`` [..., in] in one
     call of the package's kernel (the attention's query, key and value projections; an FFN's gate
     and up projections): each layer reads its weight once, and the call's fixed cost is paid
     once. Their results stacked, ``[len(layers), ..., out]``, bf16 as ``QuantLinear`` returns
-    them; None where the kernel does not serve (unquantized or mismatched layers, more rows than
-    ``FUSED_ROWS``, no kernel)."""
+    them (``fp32``: the kernel's fp32, for a caller that rounds them itself); None where the
+    kernel does not serve (unquantized or mismatched layers, more rows than ``FUSED_ROWS``, no
+    kernel)."""
     quantized = [m for m in layers if isinstance(m, QuantLinear)]
     if len(quantized) < len(layers) or torch.is_grad_enabled():
         return None
@@ -283,7 +284,7 @@ def fused_linears(layers: Sequence[nn.Module], x: torch.Tensor) -> Optional[torc
     if rows == 0 or rows > FUSED_ROWS or not gemv_usable(quantized, rows, x2):
         return None
     y = gemv(quantized, x2, [0] * len(quantized), [rows] * len(quantized))
-    return y.to(torch.bfloat16).view(len(quantized), *x.shape[:-1], first.out_features)
+    return (y if fp32 else y.to(torch.bfloat16)).view(len(quantized), *x.shape[:-1], first.out_features)
 
 
 def quantized_layers(model: nn.Module) -> list["QuantLinear"]:

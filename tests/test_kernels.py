@@ -736,3 +736,48 @@ def test_a_bf16_models_decode_step_takes_the_attention_kernel(monkeypatch):
         step = model(ids[:, 8:], cache=cache).logits[0, -1].float()
     assert len(calls) == 2  # one per layer, for the one new token only
     assert torch.allclose(step, full, atol=0.05 * full.abs().max().item())
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_one_operation_from_projections_to_attention_equals_the_steps(monkeypatch, batch):
+    """A quantized bf16 model's decode steps with rotation, the cache's slot and the attention in
+    one operation (``decode_attention_rope``) give the logits and the caches of the same steps
+    taken one by one, bit for bit, over several new tokens and rows."""
+    if not kernels.available():
+        pytest.skip(f"no kernel here: {kernels.load()}")
+    from deepseek_moe import model as model_module
+    from deepseek_moe.model import DeepseekForCausalLM, KVCache
+    from deepseek_moe.presets import get_config
+    from deepseek_moe.quant import quantize_modules, quantized_layers
+
+    torch.manual_seed(0)
+    model = DeepseekForCausalLM(get_config("tiny", vocab_size=97, num_hidden_layers=2)).eval()
+    quantize_modules(model, 4, 64)
+    g = torch.Generator().manual_seed(0)
+    for m in quantized_layers(model):
+        for k, v in quantize_weight(torch.randn(m.out_features, m.in_features, generator=g) * 0.05, m.bits,
+                                    m.group_size).items():
+            getattr(m, k).copy_(v)
+    model = model.to(torch.bfloat16)
+    prompt, steps = torch.randint(0, 97, (batch, 5), generator=g), torch.randint(0, 97, (batch, 4), generator=g)
+
+    def decode():
+        cache = KVCache.for_model(model, batch, 12)
+        with torch.inference_mode():
+            model(prompt, cache=cache)
+            logits = [model(steps[:, i:i + 1], cache=cache).logits for i in range(steps.shape[1])]
+        return torch.cat(logits, 1), cache
+
+    calls = []
+    real = kernels.decode_attention_rope
+    monkeypatch.setattr(kernels, "decode_attention_rope", lambda *a: calls.append(1) or real(*a))
+    fused, fused_cache = decode()
+    assert len(calls) == 2 * steps.shape[1]  # every layer's every new token
+    unfused_linears = model_module.fused_linears
+    monkeypatch.setattr(model_module, "fused_linears",
+                        lambda layers, x, fp32=False: None if fp32 else unfused_linears(layers, x))
+    stepwise, stepwise_cache = decode()
+    assert len(calls) == 2 * steps.shape[1]  # the steps one by one this time
+    assert torch.equal(fused, stepwise)
+    for a, b in zip(fused_cache.k + fused_cache.v, stepwise_cache.k + stepwise_cache.v):
+        assert torch.equal(a, b)

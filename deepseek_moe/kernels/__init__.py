@@ -199,6 +199,17 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return torch.ops.deepseek_moe.decode_attention(q, k, v, scale)
 
 
+def decode_attention_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                          v_cache: torch.Tensor, start: int, scale: float) -> torch.Tensor:
+    """One new token per row from its query, key and value projections ``qkv`` [3, B, H*d] (fp32
+    or bf16) to its attention output [B, 1, H*d] bf16: rounded to bf16, query and key rotated
+    (``model.apply_rope`` in bf16; ``cos``, ``sin`` bf16 [d] or [B, d] values), key and value
+    written to slot ``start`` of the bf16 caches [B, H, L, d], attention over slots 0..start as
+    ``decode_attention``. The numbers of those steps in one operation. See ``grouped_swiglu.cpp``."""
+    _require_library()
+    return torch.ops.deepseek_moe.decode_attention_rope(qkv, cos, sin, k_cache, v_cache, start, scale)
+
+
 def _require_library() -> None:
     reason = library_reason()
     if reason is not None:

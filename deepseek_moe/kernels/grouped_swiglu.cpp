@@ -834,6 +834,31 @@ inline float dot(const float* __restrict a, const float* __restrict b, int64_t n
   return lane_sum(n, [&](int64_t i) { return a[i] * b[i]; });
 }
 
+// One head of one new token's attention: s_t = scale * q . k_t over the T rows of kh (rows
+// `k_stride` apart), p = softmax(s), acc = sum_t p_t v_t, in fp32. `row` (d) and `p` (T) are the
+// caller's scratch.
+template <typename T_>
+void attend(const float* qf, const T_* kh, int64_t k_stride, const T_* vh, int64_t v_stride, int64_t T,
+            int64_t d, float scale, float* acc, float* row, float* p) {
+  float m = -INFINITY;
+  for (int64_t t = 0; t < T; ++t) {
+    convert_row(kh + t * k_stride, row, d);
+    p[t] = dot(qf, row, d) * scale;
+    m = std::max(m, p[t]);
+  }
+  float sum = 0.f;
+  for (int64_t t = 0; t < T; ++t) {
+    p[t] = exp_nonpositive(p[t] - m);
+    sum += p[t];
+  }
+  std::fill(acc, acc + d, 0.f);
+  for (int64_t t = 0; t < T; ++t) {
+    convert_row(vh + t * v_stride, row, d);
+    const float w = p[t] / sum;
+    for (int64_t i = 0; i < d; ++i) acc[i] += w * row[i];
+  }
+}
+
 // Attention of one new token over a cache, for decoding (inference only): q [B, H, 1, d] and the
 // cache's keys and values k, v [B, Hkv, T, d] (views: rows contiguous, other strides free; query
 // head h reads key-value head h / (H / Hkv)), all fp32 or all bf16; out [B, H, 1, d] of q's dtype.
@@ -862,30 +887,89 @@ Tensor decode_attention(const Tensor& q, const Tensor& k, const Tensor& v, doubl
       for (int64_t bh = b0; bh < b1; ++bh) {
         const int64_t b = bh / H, h = bh % H, g = h / (H / Hkv);
         convert_row(qp + b * q.stride(0) + h * q.stride(1), qf.data(), d);
-        const T_* kh = kp + b * k.stride(0) + g * k.stride(1);
-        const T_* vh = vp + b * v.stride(0) + g * v.stride(1);
-        float m = -INFINITY;
-        for (int64_t t = 0; t < T; ++t) {
-          convert_row(kh + t * k.stride(2), row.data(), d);
-          p[t] = dot(qf.data(), row.data(), d) * static_cast<float>(scale);
-          m = std::max(m, p[t]);
-        }
-        float sum = 0.f;
-        for (int64_t t = 0; t < T; ++t) {
-          p[t] = exp_nonpositive(p[t] - m);
-          sum += p[t];
-        }
-        std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t t = 0; t < T; ++t) {
-          convert_row(vh + t * v.stride(2), row.data(), d);
-          const float w = p[t] / sum;
-          for (int64_t i = 0; i < d; ++i) acc[i] += w * row[i];
-        }
+        attend(qf.data(), kp + b * k.stride(0) + g * k.stride(1), k.stride(2), vp + b * v.stride(0) + g * v.stride(1),
+               v.stride(2), T, d, static_cast<float>(scale), acc.data(), row.data(), p.data());
         convert_row(acc.data(), op + bh * d, d);
       }
     });
   };
   if (q.scalar_type() == at::kBFloat16)
+    run(at::BFloat16());
+  else
+    run(float());
+  return out;
+}
+
+// v rounded to bf16 (to nearest, ties to even) and back.
+inline float round_bf16(float v) {
+  uint16_t b;
+  store(&b, 0, v);
+  return load(&b, 0);
+}
+
+// One new token per row, from its query, key and value projections to its attention output, for
+// decoding a bf16 model (one operation instead of the fifteen or so of rotating, writing the cache
+// and viewing it): qkv [3, B, H * d] (fp32 or bf16, as the projections give them) are rounded to
+// bf16; the query and key rotated by RoPE as `apply_rope` does in bf16 (x cos and rotate_half(x)
+// sin each rounded, then their sum); the key and value written to slot `start` of the caches
+// k_cache, v_cache [B, H, L, d] (bf16, contiguous); the query attends over slots [0, start] as
+// `decode_attention`. cos and sin: bf16, d values for every row or B x d. Returns [B, 1, H * d]
+// bf16, the heads side by side (the output projection's input). The same numbers as those steps.
+Tensor decode_attention_rope(const Tensor& qkv, const Tensor& cos, const Tensor& sin, const Tensor& k_cache,
+                             const Tensor& v_cache, int64_t start, double scale) {
+  TORCH_CHECK(qkv.device().is_cpu() && qkv.dim() == 3 && qkv.size(0) == 3 && qkv.is_contiguous() &&
+                  (qkv.scalar_type() == at::kFloat || qkv.scalar_type() == at::kBFloat16),
+              "qkv must be a contiguous fp32 or bf16 [3, B, H * d] CPU tensor");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() &&
+                  v_cache.is_contiguous() && k_cache.scalar_type() == at::kBFloat16 &&
+                  v_cache.scalar_type() == at::kBFloat16,
+              "the caches must be contiguous bf16 [B, H, L, d] tensors");
+  const int64_t B = k_cache.size(0), H = k_cache.size(1), L = k_cache.size(2), d = k_cache.size(3);
+  TORCH_CHECK(qkv.size(1) == B && qkv.size(2) == H * d && d % 2 == 0, "qkv must be [3, ", B, ", ", H * d, "]");
+  TORCH_CHECK(start >= 0 && start < L, "slot ", start, " out of the cache's ", L);
+  TORCH_CHECK(cos.scalar_type() == at::kBFloat16 && sin.scalar_type() == at::kBFloat16 && cos.is_contiguous() &&
+                  sin.is_contiguous() && cos.numel() == sin.numel() && (cos.numel() == d || cos.numel() == B * d),
+              "cos and sin must be contiguous bf16 with ", d, " or ", B * d, " values");
+  Tensor out = at::empty({B, 1, H * d}, k_cache.options());
+  const uint16_t* cp = reinterpret_cast<const uint16_t*>(cos.data_ptr<at::BFloat16>());
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(sin.data_ptr<at::BFloat16>());
+  at::BFloat16* kc = k_cache.data_ptr<at::BFloat16>();
+  at::BFloat16* vc = v_cache.data_ptr<at::BFloat16>();
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  const bool per_row = cos.numel() == B * d;
+  auto run = [&](auto tag) {
+    using T_ = decltype(tag);
+    const T_* src = qkv.data_ptr<T_>();
+    at::parallel_for(0, B * H, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<float> x(d), qf(d), acc(d), row(d), p(start + 1);
+      std::vector<uint16_t> rotated(d);
+      for (int64_t bh = b0; bh < b1; ++bh) {
+        const int64_t b = bh / H, h = bh % H;
+        const uint16_t* c = cp + (per_row ? b * d : 0);
+        const uint16_t* s = sp + (per_row ? b * d : 0);
+        // the query (j = 0) and the key (j = 1), each rounded to bf16 and then rotated
+        for (int64_t j = 0; j < 2; ++j) {
+          convert_row(src + (j * B + b) * H * d + h * d, x.data(), d);
+          for (int64_t i = 0; i < d; ++i) x[i] = round_bf16(x[i]);
+          for (int64_t i = 0; i < d; ++i) {
+            const float r = i < d / 2 ? -x[i + d / 2] : x[i - d / 2];  // rotate_half
+            store(rotated.data(), i, round_bf16(x[i] * load(c, i)) + round_bf16(r * load(s, i)));
+          }
+          if (j == 0) {
+            for (int64_t i = 0; i < d; ++i) qf[i] = load(rotated.data(), i);
+          } else {
+            std::memcpy(kc + (bh * L + start) * d, rotated.data(), d * sizeof(uint16_t));
+          }
+        }
+        convert_row(src + (2 * B + b) * H * d + h * d, x.data(), d);
+        convert_row(x.data(), vc + (bh * L + start) * d, d);
+        attend(qf.data(), kc + bh * L * d, d, vc + bh * L * d, d, start + 1, d, static_cast<float>(scale), acc.data(),
+               row.data(), p.data());
+        convert_row(acc.data(), op + b * H * d + h * d, d);
+      }
+    });
+  };
+  if (qkv.scalar_type() == at::kBFloat16)
     run(at::BFloat16());
   else
     run(float());
@@ -904,6 +988,8 @@ TORCH_LIBRARY_FRAGMENT(deepseek_moe, m) {
   m.def("routing_entropy(Tensor scores) -> Tensor");
   m.def("sort_by_expert(Tensor ids, int n_experts) -> (Tensor, Tensor)");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
+  m.def("decode_attention_rope(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+        "int start, float scale) -> Tensor");
   m.def("gradient_blocks_free_bytes() -> int", [] { return GradientBlocks::instance().free_bytes(); });
 }
 
@@ -914,4 +1000,5 @@ TORCH_LIBRARY_IMPL(deepseek_moe, CPU, m) {
   m.impl("routing_entropy", &routing_entropy);
   m.impl("sort_by_expert", &sort_by_expert);
   m.impl("decode_attention", &decode_attention);
+  m.impl("decode_attention_rope", &decode_attention_rope);
 }
