@@ -8,6 +8,7 @@ losses of eq. 12-17 built from the scores) do not depend on a bf16 model's round
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
@@ -74,10 +75,8 @@ class TopKRouter(nn.Module):
         # fp32 under autocast too (which would run the product, and then the softmax, in bf16);
         # the context only where autocast is on (entering it costs more than a decoded token's
         # routing product)
-        if torch.is_autocast_enabled(x_TD.device.type):
-            with torch.autocast(x_TD.device.type, enabled=False):
-                logits_TE = F.linear(x_TD.float(), self._centroids_fp32())
-        else:
+        device = x_TD.device.type
+        with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext():
             logits_TE = F.linear(x_TD.float(), self._centroids_fp32())
         scores_TE = logits_TE.softmax(dim=-1)
         if disable_top > 0:
