@@ -171,12 +171,43 @@ class QuantLinear(nn.Module):
         for suffix, (shape, dtype) in quantized_shapes((out_features, in_features), bits, group_size).items():
             self.register_buffer(suffix, torch.zeros(shape, dtype=dtype, device=device))
         self._kernel_weight: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # int4: built on first use
+        self._pieces: dict[tuple[int, int], tuple[torch.Tensor, list[WeightPiece]]] = {}
         # (bits, group size, inputs, outputs): what ``gemv_usable`` compares (an attribute, not a
         # property: a decoded token asks hundreds of layers)
         self.scheme = (bits, group_size, in_features, out_features)
 
     def stored(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.named_buffers(recurse=False)}
+
+    def pieces(self, parts: int, dim: int) -> Optional[list["WeightPiece"]]:
+        """The weight cut into ``parts`` equal pieces along its outputs (``dim`` 0) or its inputs
+        (``dim`` 1), as views of the stored tensors (no copy) that ``gemv`` takes like layers of
+        that shape; None where a piece would not be whole (outputs that do not divide; inputs
+        that do not split into whole int4 groups, or blocks of 32). Kept for the next call while
+        the stored tensors are the same (a weight loaded in place stays the same tensor)."""
+        stored = self._buffers["weight" if self.bits == 8 else "weight_packed"]
+        kept = self._pieces.get((parts, dim))
+        if kept is not None and kept[0] is stored:
+            return kept[1]
+        N, K = self.out_features, self.in_features
+        size = (N if dim == 0 else K) // parts
+        if parts <= 0 or size * parts != (N if dim == 0 else K) or (dim == 1 and size % (
+                self.group_size if self.bits == 4 else 32)):
+            return None
+        views = []
+        for p in range(parts):
+            piece = {}
+            for name, t in self.stored().items():
+                if dim == 0:
+                    piece[name] = t[p * size:(p + 1) * size]
+                elif name == "weight_scale" and self.bits == 8:  # per output channel: whole
+                    piece[name] = t
+                else:  # inputs: int8 bytes, int4 packed bytes (two per byte), or int4 groups
+                    per = {"weight": 1, "weight_packed": 2}.get(name, self.group_size)
+                    piece[name] = t[:, p * size // per:(p + 1) * size // per]
+            views.append(WeightPiece(piece, self.bits, self.group_size, *((K, size) if dim == 0 else (size, N))))
+        self._pieces[(parts, dim)] = (stored, views)
+        return views
 
     def _int8_kernel_weight(self) -> torch.Tensor:
         """The int8 weight where the kernel can read it: it needs 16-byte aligned rows (it crashes
@@ -232,6 +263,18 @@ class QuantLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, int{self.bits}{g}"
 
 
+class WeightPiece:
+    """Part of a ``QuantLinear``'s weight (``QuantLinear.pieces``), as ``gemv`` and
+    ``gemv_usable`` take a layer: the stored tensors' views and the scheme."""
+
+    __slots__ = ("_buffers", "bits", "group_size", "scheme")
+
+    def __init__(self, buffers: dict[str, torch.Tensor], bits: int, group_size: int, in_features: int,
+                 out_features: int):
+        self._buffers, self.bits, self.group_size = buffers, bits, group_size
+        self.scheme = (bits, group_size, in_features, out_features)
+
+
 def gemv_usable(layers: list[QuantLinear], rows_per_layer: int, x: torch.Tensor,
                 most_rows: int = GEMV_ROWS) -> bool:
     """Whether ``gemv`` serves these layers (one scheme and shape, on the CPU) for this many rows
@@ -249,22 +292,25 @@ def gemv_usable(layers: list[QuantLinear], rows_per_layer: int, x: torch.Tensor,
     return kernels.available()
 
 
-def gemv(layers: list[QuantLinear], x: torch.Tensor, starts: list[int], counts: list[int]) -> torch.Tensor:
+def gemv(layers: "Sequence[QuantLinear | WeightPiece]", x: torch.Tensor, starts: list[int], counts: list[int]) -> torch.Tensor:
     """``layers[i]`` applied to the rows ``x[starts[i] : starts[i] + counts[i]]``, in one call of
     the package's kernel: fp32 [sum(counts), out_features], the layers' results in their order.
     Check ``gemv_usable`` first."""
     from . import kernels
 
     first = layers[0]
-    # The buffers straight from each module's dict (a decoded token makes hundreds of these
-    # lookups; nn.Module's attribute fallback costs several times more).
-    if first.bits == 8:
-        weights, zeros = [m._buffers["weight"] for m in layers], []
-    else:
-        weights = [m._buffers["weight_packed"] for m in layers]
-        zeros = [m._buffers["weight_zero"] for m in layers]
-    return kernels.quant_gemv(x, weights, [m._buffers["weight_scale"] for m in layers], zeros, starts,
-                              counts, first.bits, first.group_size)
+    return kernels.quant_gemv(x, *kernel_args(layers), starts, counts, first.bits, first.group_size)
+
+
+def kernel_args(layers: "Sequence[QuantLinear | WeightPiece]") -> tuple[list, list, list]:
+    """The stored tensors of layers of one scheme as the package's kernel takes them: weights,
+    scales, and (int4) zeros. Straight from each module's dict (a decoded token makes hundreds of
+    these lookups; nn.Module's attribute fallback costs several times more)."""
+    buffers = [m._buffers for m in layers]
+    if layers[0].bits == 8:
+        return [b["weight"] for b in buffers], [b["weight_scale"] for b in buffers], []
+    return ([b["weight_packed"] for b in buffers], [b["weight_scale"] for b in buffers],
+            [b["weight_zero"] for b in buffers])
 
 
 def fused_linears(layers: Sequence[nn.Module], x: torch.Tensor, fp32: bool = False) -> Optional[torch.Tensor]:
@@ -295,8 +341,8 @@ def quantized_layers(model: nn.Module) -> list["QuantLinear"]:
 def quantize_modules(model: nn.Module, bits: int, group_size: int) -> None:
     """Replace every linear layer of ``model`` that ``bits_for`` quantizes by a ``QuantLinear`` of
     the same shape (int4 groups: ``group_for``), on the same device (meta stays meta; values are
-    zeros: load the stored tensors afterwards). Its norms then decode through the package's
-    kernel (``RMSNorm.use_kernel``)."""
+    zeros: load the stored tensors afterwards). Its norms and routers then decode through the
+    package's kernels (``RMSNorm.use_kernel``, ``TopKRouter.use_kernel``)."""
     tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
     targets = [(name, m, b) for name, m in model.named_modules() if isinstance(m, nn.Linear)
                for b in [bits_for(name + ".weight", tuple(m.weight.shape), bits, tied)] if b is not None]
@@ -306,9 +352,10 @@ def quantize_modules(model: nn.Module, bits: int, group_size: int) -> None:
         g = group_for(m.in_features, group_size, name) if b == 4 else group_size
         setattr(parent, child, QuantLinear(m.in_features, m.out_features, b, g, device=m.weight.device))
     from .model import RMSNorm  # (model imports this module)
+    from .moe.router import TopKRouter
 
-    for m in model.modules():  # the norms of a quantized model decode through the package's kernel
-        if isinstance(m, RMSNorm):
+    for m in model.modules():  # its norms and routers decode through the package's kernels
+        if isinstance(m, (RMSNorm, TopKRouter)):
             m.use_kernel = True
 
 

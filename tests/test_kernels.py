@@ -196,7 +196,8 @@ def test_few_tokens_skip_the_permutation_with_the_same_result(bits, group, T):
     """A few tokens' assignments go to the quantized experts unsorted (``ExpertList.few_tokens``,
     which ``dispatch`` takes without a capacity): two kernel calls, and bit for bit the result of
     the three stages (permute, experts on the gathered rows, combine), also when tokens share
-    experts; many tokens, or a capacity, take the stages."""
+    experts; one token takes one operation (``experts_one_token``), within fp32 roundings of
+    them; many tokens, or a capacity, take the stages."""
     from deepseek_moe.moe.dispatch import combine, dispatch, permute
 
     experts = _quantized_experts(bits, group)
@@ -204,13 +205,18 @@ def test_few_tokens_skip_the_permutation_with_the_same_result(bits, group, T):
     x = torch.randn(T, 64, generator=g).to(torch.bfloat16)
     ids = torch.stack([torch.randperm(5, generator=g)[:3] for _ in range(T)])  # K = 3 of 5 experts
     weights = torch.rand(T, 3, generator=g)
+    used = len(set(ids.flatten().tolist()))
     with torch.no_grad():
         perm = permute(ids, weights, 5)
         staged = combine(experts(x.index_select(0, perm.token_M), perm.counts_E, perm.gate_M), perm)
         with _CountingKernel() as k:
             y, dropped = dispatch(x, ids, weights, experts)
-        assert k.calls == [2 * len(set(ids.flatten().tolist())), len(set(ids.flatten().tolist()))]
-        assert torch.equal(y, staged) and y.dtype == torch.float32 and int(dropped) == 0
+        assert k.calls == ([("one token", 2 * used, used)] if T == 1 else [2 * used, used])
+        assert y.dtype == torch.float32 and int(dropped) == 0
+        if T == 1:
+            assert torch.allclose(y, staged, rtol=1e-5, atol=1e-6 * staged.abs().max().item())
+        else:
+            assert torch.equal(y, staged)
         assert experts.few_tokens(x[:1].expand(9, 64), ids[:1].expand(9, 3), weights[:1].expand(9, 3)) is None
         with _CountingKernel() as k:
             y_cap, _ = dispatch(x, ids, weights, experts, capacity=T * 3)  # nothing dropped
@@ -219,9 +225,86 @@ def test_few_tokens_skip_the_permutation_with_the_same_result(bits, group, T):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             fast, _ = dispatch(x32, ids, weights, experts)
             slow, _ = dispatch(x32, ids, weights, experts, capacity=T * 3)
-        assert torch.equal(fast, slow)
+        assert torch.allclose(fast, slow, rtol=1e-5, atol=1e-6 * slow.abs().max().item())
     with torch.enable_grad():
         assert experts.few_tokens(x, ids, weights) is None
+
+
+def _quantized_shared(bits, group, hidden=64, width=256, seed=7):
+    """Shared experts two routed experts wide (``_quantized_experts``' width 128), quantized."""
+    ffn = SwiGLU(hidden, width)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        lin = getattr(ffn, name)
+        setattr(ffn, name, _quantized_linear(lin.in_features, lin.out_features, bits, group, seed + len(name)))
+    return ffn
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits, group", [(8, 128), (4, 64)])
+@pytest.mark.parametrize("T", [1, 3])
+def test_shared_experts_decode_in_the_routed_experts_calls(bits, group, T):
+    """The shared experts, cut into expert-wide pieces (views of their weights), go into the
+    routed experts' calls: the result is the routed experts' plus the shared experts' own product
+    by the kernel (whole weights, SwiGLU in fp32), within fp32 roundings; no call of their own."""
+    from deepseek_moe.moe.dispatch import dispatch
+
+    experts, shared = _quantized_experts(bits, group), _quantized_shared(bits, group)
+    g = torch.Generator().manual_seed(10 + T)
+    x = torch.randn(T, 64, generator=g).to(torch.bfloat16)
+    ids = torch.stack([torch.randperm(5, generator=g)[:3] for _ in range(T)])
+    weights = torch.rand(T, 3, generator=g)
+    used = len(set(ids.flatten().tolist()))
+    with torch.no_grad():
+        routed, _ = dispatch(x, ids, weights, experts)
+        h = torch.nn.functional.silu(gemv([shared.gate_proj], x, [0], [T])) * gemv([shared.up_proj], x, [0], [T])
+        want = routed + gemv([shared.down_proj], h, [0], [T])
+        with _CountingKernel() as k:
+            y = experts.few_tokens(x, ids, weights, shared)
+        assert k.calls == ([("one token", 2 * used + 4, used + 2)] if T == 1 else [2 * used + 4, used + 2])
+        assert y.dtype == torch.float32 and y.shape == (T, 64)
+        assert torch.allclose(y, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+        assert experts.few_tokens(x, ids, weights, _quantized_shared(bits, group, width=192)) is None  # 1.5 experts
+        assert experts.few_tokens(x[:1].expand(5, 64), ids[:1].expand(5, 3), weights[:1].expand(5, 3), shared) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits, group", [(8, 128), (4, 64)])
+def test_a_weight_in_pieces_computes_its_product(bits, group):
+    """``QuantLinear.pieces``: by outputs, the pieces' products are the weight's rows, bit for bit;
+    by inputs (slices of each row: strided views, no copy), they sum to its product; pieces that
+    would not be whole are refused; the same views come back while the weight is the same."""
+    lin = _quantized_linear(256, 96, bits, group, 3)
+    x = torch.randn(2, 256)
+    with torch.no_grad():
+        whole = gemv([lin], x, [0], [2])
+        rows = lin.pieces(3, 0)
+        assert torch.equal(gemv(rows, x, [0] * 3, [2] * 3).view(3, 2, 32).transpose(0, 1).reshape(2, 96), whole)
+        cols = lin.pieces(2, 1)
+        assert all(not p._buffers["weight" if bits == 8 else "weight_packed"].is_contiguous() for p in cols)
+        halves = gemv(cols, torch.cat([x[:, :128], x[:, 128:]]), [0, 2], [2, 2]).view(2, 2, 96).sum(0)
+        assert torch.allclose(halves, whole, rtol=1e-5, atol=1e-5 * whole.abs().max().item())
+        assert lin.pieces(5, 0) is None and lin.pieces(2 if bits == 4 else 3, 1) is (None if bits == 8 else cols)
+        assert lin.pieces(256 // (group if bits == 4 else 32) * 2, 1) is None
+        lin.weight_scale = lin.weight_scale.clone()  # (scales: the views follow the stored weight)
+        setattr(lin, "weight" if bits == 8 else "weight_packed", lin.stored()["weight" if bits == 8 else "weight_packed"].clone())
+        assert lin.pieces(2, 1) is not cols
+
+
+@needs_kernel
+def test_one_tokens_swiglu_follows_torch():
+    """The one-token operation's SwiGLU (its own e^x) against torch's silu over a wide range of
+    gate values (large ones: silu(g) = g; very negative: 0), and with a NaN among the inputs."""
+    experts = _quantized_experts(8, 128)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for scale in (0.1, 10.0, 1000.0, float("nan")):
+            x = (torch.randn(1, 64) * (1.0 if scale != scale else scale)).bfloat16()
+            if scale != scale:
+                x[0, 5] = scale
+            one = experts.few_tokens(x, torch.tensor([[0, 3, 1]]), torch.tensor([[0.5, 0.25, 0.125]]))
+            steps = experts(x.expand(3, 64).contiguous(), torch.tensor([1, 1, 0, 1, 0]), torch.tensor([0.5, 0.125, 0.25]))
+            want = steps.sum(0, keepdim=True)
+            assert torch.allclose(one, want, rtol=1e-5, atol=1e-6 * want.nan_to_num().abs().max().item(), equal_nan=True)
 
 
 def _quantized_linear(in_features, out_features, bits, group, seed):
@@ -242,11 +325,16 @@ class _CountingKernel:
             self.calls.append(len(a[1]))
             return self.real(*a, **k)
 
-        kernels.quant_gemv = counting
+        def one_token(*a, **k):
+            self.calls.append(("one token", len(a[1]), len(a[4])))
+            return self.real_one(*a, **k)
+
+        self.real_one = kernels.experts_one_token
+        kernels.quant_gemv, kernels.experts_one_token = counting, one_token
         return self
 
     def __exit__(self, *exc):
-        kernels.quant_gemv = self.real
+        kernels.quant_gemv, kernels.experts_one_token = self.real, self.real_one
 
 
 @needs_kernel
@@ -652,6 +740,43 @@ def test_routing_selection_and_sort_equal_torchs():
         kernels.sort_by_expert(torch.tensor([0, 63]), 63)
     with pytest.raises(RuntimeError, match="k must be in"):
         kernels.topk_indices(scores, 64)
+
+
+@needs_library
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("norm, scale", [(False, 1.0), (True, 2.5)])
+def test_routing_in_one_operation_picks_the_routers_experts(dtype, norm, scale):
+    """A quantized model's routing of a few tokens without scores (``kernels.route_tokens``) picks
+    the router's experts, largest first, with its gates within fp32 roundings (bf16 or fp32
+    tokens and centroids); with scores asked for, more tokens, options or gradients it is the
+    router's own steps."""
+    from deepseek_moe.moe.router import ROUTE_KERNEL_ROWS, TopKRouter
+
+    torch.manual_seed(0)
+    router = TopKRouter(96, 13, 4, norm, scale).to(dtype)
+    torch.nn.init.normal_(router.weight, std=0.3)
+    router.use_kernel = True
+    calls = []
+    real = kernels.route_tokens
+    kernels.route_tokens = lambda *a: calls.append(a[0].shape[0]) or real(*a)
+    try:
+        with torch.no_grad():
+            for T in (1, 3, ROUTE_KERNEL_ROWS):
+                x = torch.randn(T, 96).to(dtype)
+                want, got = router(x), router(x, need_scores=False)
+                assert got.scores_TE is None and want.scores_TE is not None
+                assert torch.equal(got.topk_ids_TK, want.topk_ids_TK)
+                torch.testing.assert_close(got.topk_weights_TK, want.topk_weights_TK, rtol=1e-5, atol=1e-7)
+            assert calls == [1, 3, ROUTE_KERNEL_ROWS]
+            assert router(torch.randn(ROUTE_KERNEL_ROWS + 1, 96).to(dtype), need_scores=False).scores_TE is not None
+            assert router(x, top_k=2, need_scores=False).scores_TE is not None
+        assert router(x, need_scores=False).scores_TE is not None  # with gradients
+        router.use_kernel = False  # (an unquantized model's router)
+        with torch.no_grad():
+            assert router(x, need_scores=False).scores_TE is not None
+        assert len(calls) == 3
+    finally:
+        kernels.route_tokens = real
 
 
 @needs_library

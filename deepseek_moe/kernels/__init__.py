@@ -270,3 +270,24 @@ def sort_by_expert(ids_M: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, t
     ``(sorted ids, order)``. See ``grouped_swiglu.cpp``."""
     _require_library()
     return torch.ops.deepseek_moe.sort_by_expert(ids_M, n_experts)
+
+
+def experts_one_token(x: torch.Tensor, gate_up: list, gate_up_scales: list, gate_up_zeros: list, down: list,
+                      down_scales: list, down_zeros: list, gates: torch.Tensor, bits: int, group: int,
+                      down_group: int) -> torch.Tensor:
+    """One token's experts in one operation (x [1, D]): ``gate_up`` the n experts' gate then up
+    projections, ``down`` their down projections, ``gates`` fp32 [k <= n] the first k experts'
+    gates (the rest: 1) -> fp32 [1, D], the gated first k's outputs summed, plus the rest's sum.
+    Two ``quant_gemv`` products (int4 groups: ``group`` for gate and up, ``down_group`` for
+    down) with silu(g) * u * gate between them. See ``quant_gemv.cpp``."""
+    return torch.ops.deepseek_moe.experts_one_token(x, gate_up, gate_up_scales, gate_up_zeros, down, down_scales,
+                                                    down_zeros, gates, bits, group, down_group)
+
+
+def route_tokens(x: torch.Tensor, centroids: torch.Tensor, k: int, norm: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A few tokens' routing (eq. 10-11) in one operation, for inference: fp32 logits of ``x``
+    [T, D] against ``centroids`` [E, D] (fp32 or bf16), softmax, the top ``k`` (largest first, a
+    tie to the lower index) and their gates (``norm``: divided by their sum; times ``scale``):
+    ``(ids int64 [T, k], gates fp32 [T, k])``. See ``grouped_swiglu.cpp``."""
+    _require_library()
+    return torch.ops.deepseek_moe.route_tokens(x, centroids, k, norm, scale)

@@ -834,6 +834,53 @@ inline float dot(const float* __restrict a, const float* __restrict b, int64_t n
   return lane_sum(n, [&](int64_t i) { return a[i] * b[i]; });
 }
 
+// The routing of a few tokens for inference (eq. 10-11) in one operation: the logits x W^T in fp32
+// (bf16 x and centroids W converted exactly), their softmax, the k largest scores (`topk_rows`:
+// largest first, a tie to the lower index) and their gates (divided by their sum plus 1e-20 where
+// `norm`, then times `scale`). Returns (ids int64 [T, k], gates fp32 [T, k]).
+std::tuple<Tensor, Tensor> route_tokens(const Tensor& x, const Tensor& w, int64_t k, bool norm, double scale) {
+  for (const Tensor* t : {&x, &w})
+    TORCH_CHECK(t->device().is_cpu() && t->dim() == 2 && t->is_contiguous() &&
+                    (t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16),
+                "x and the centroids must be contiguous fp32 or bf16 2-D CPU tensors");
+  const int64_t T = x.size(0), D = x.size(1), E = w.size(0);
+  TORCH_CHECK(w.size(1) == D, "the centroids [", E, ", ", w.size(1), "] do not take ", D, " inputs");
+  TORCH_CHECK(k >= 1 && k <= E, "k must be in [1, ", E, "], got ", k);
+  const Tensor xf = x.to(at::kFloat);
+  const float* xp = xf.data_ptr<float>();
+  Tensor scores = at::empty({T, E}, x.options().dtype(at::kFloat));
+  float* sp = scores.data_ptr<float>();
+  at::parallel_for(0, E, 16, [&](int64_t e0, int64_t e1) {
+    std::vector<float> row(w.scalar_type() == at::kBFloat16 ? D : 0);
+    for (int64_t e = e0; e < e1; ++e) {
+      const float* we = w.scalar_type() == at::kFloat ? w.data_ptr<float>() + e * D : row.data();
+      if (w.scalar_type() == at::kBFloat16) convert_row(w.data_ptr<at::BFloat16>() + e * D, row.data(), D);
+      for (int64_t t = 0; t < T; ++t) sp[t * E + e] = dot(xp + t * D, we, D);
+    }
+  });
+  for (int64_t t = 0; t < T; ++t) {  // softmax: exp(s - max) / sum
+    float* row = sp + t * E;
+    float m = -INFINITY, sum = 0.f;
+    for (int64_t e = 0; e < E; ++e) m = std::max(m, row[e]);
+    for (int64_t e = 0; e < E; ++e) sum += (row[e] = std::exp(row[e] - m));
+    for (int64_t e = 0; e < E; ++e) row[e] /= sum;
+  }
+  Tensor ids = at::empty({T, k}, x.options().dtype(at::kLong));
+  Tensor gates = at::empty({T, k}, x.options().dtype(at::kFloat));
+  int64_t* ip = ids.data_ptr<int64_t>();
+  float* gp = gates.data_ptr<float>();
+  topk_rows(sp, E, k, 0, T, ip);
+  for (int64_t t = 0; t < T; ++t) {
+    float sum = 0.f;
+    for (int64_t j = 0; j < k; ++j) sum += (gp[t * k + j] = sp[t * E + ip[t * k + j]]);
+    for (int64_t j = 0; j < k; ++j) {
+      if (norm) gp[t * k + j] /= sum + 1e-20f;
+      if (scale != 1.0) gp[t * k + j] *= static_cast<float>(scale);
+    }
+  }
+  return {ids, gates};
+}
+
 // One head of one new token's attention: s_t = scale * q . k_t over the T rows of kh (rows
 // `k_stride` apart), p = softmax(s), acc = sum_t p_t v_t, in fp32. `row` (d) and `p` (T) are the
 // caller's scratch.
@@ -987,6 +1034,7 @@ TORCH_LIBRARY_FRAGMENT(deepseek_moe, m) {
   m.def("topk_indices(Tensor scores, int k) -> Tensor");
   m.def("routing_entropy(Tensor scores) -> Tensor");
   m.def("sort_by_expert(Tensor ids, int n_experts) -> (Tensor, Tensor)");
+  m.def("route_tokens(Tensor x, Tensor centroids, int k, bool norm, float scale) -> (Tensor, Tensor)");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
   m.def("decode_attention_rope(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "int start, float scale) -> Tensor");
@@ -999,6 +1047,7 @@ TORCH_LIBRARY_IMPL(deepseek_moe, CPU, m) {
   m.impl("topk_indices", &topk_indices);
   m.impl("routing_entropy", &routing_entropy);
   m.impl("sort_by_expert", &sort_by_expert);
+  m.impl("route_tokens", &route_tokens);
   m.impl("decode_attention", &decode_attention);
   m.impl("decode_attention_rope", &decode_attention_rope);
 }

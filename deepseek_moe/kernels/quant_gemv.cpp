@@ -8,7 +8,9 @@
 // in the low nibble of byte j), the rows x[starts[i] : starts[i] + counts[i]] are multiplied by
 // it: out[o_i + r] = W_i x[starts[i] + r], where o_i = counts[0] + ... + counts[i-1]; out is fp32
 // [sum(counts), N]. scales: int8 bf16 [N] (W = q * s); int4 bf16 [N, K/group] with zeros of the
-// same shape (W = q * s + z, q in [0, 15]).
+// same shape (W = q * s + z, q in [0, 15]). A weight's rows (and int4 scales' and zeros' rows) need
+// only be contiguous each: a slice of a wider weight's inputs serves as it is (a shared expert's
+// down projection split into expert-wide pieces beside the routed experts').
 //
 // The activations are quantized per block of 32 inputs to int8 (symmetric, the block's largest
 // magnitude as 127), as llama.cpp quantizes them for its Q8_0 / Q4_0 products, and the dot
@@ -142,12 +144,12 @@ KERNEL_TARGET QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, 
 // `rows` rows, 32 inputs per step. Each weight row is read in order, into four accumulators so
 // that the fused multiply-adds overlap. (512-bit vectors, 64 inputs per step, were measured no
 // faster: the kernel waits on memory, not on its arithmetic.)
-KERNEL_TARGET void int8_channels(const int8_t* w, const uint16_t* w_scale, const QuantizedRows& x,
+KERNEL_TARGET void int8_channels(const int8_t* w, int64_t ldw, const uint16_t* w_scale, const QuantizedRows& x,
                                  int64_t row0, int64_t rows, int64_t n0, int64_t n1, int64_t N,
                                  float* out) {
   const int64_t K = x.K;
   for (int64_t n = n0; n < n1; ++n) {
-    const int8_t* wn = w + n * K;
+    const int8_t* wn = w + n * ldw;
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t m = row0 + r;
       const int8_t* xq = x.q.data() + m * K;
@@ -189,8 +191,8 @@ KERNEL_TARGET void int8_channels(const int8_t* w, const uint16_t* w_scale, const
 // inputs 32-63 (block 2c + 1), so the blocks' scales multiply the lanes (`lane_scale`). The
 // group's sum is scaled once by the group's weight scale.
 template <int C>
-KERNEL_TARGET inline void int4_tile(const uint8_t* w, const uint16_t* w_scale, const uint16_t* w_zero,
-                                    int64_t group, const QuantizedRows& x, const float* lane_scale,
+KERNEL_TARGET inline void int4_tile(const uint8_t* w, int64_t ldw, const uint16_t* w_scale, const uint16_t* w_zero,
+                                    int64_t lds, int64_t group, const QuantizedRows& x, const float* lane_scale,
                                     int64_t row0, int64_t rows, int64_t n0, int64_t N, float* out) {
   const int64_t K = x.K;
   const int64_t groups = K / group;
@@ -216,7 +218,7 @@ KERNEL_TARGET inline void int4_tile(const uint8_t* w, const uint16_t* w_scale, c
         const __m256i odd = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + ch * kChunk + 32));
         const __m256 s = _mm256_loadu_ps(ls + ch * 8);
         for (int c = 0; c < C; ++c) {
-          const uint8_t* wp = w + (n0 + c) * (K / 2) + ch * (kChunk / 2);
+          const uint8_t* wp = w + (n0 + c) * ldw + ch * (kChunk / 2);
           _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetch), _MM_HINT_T0);
           const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
           const __m256i lo = _mm256_and_si256(p, low);
@@ -228,7 +230,7 @@ KERNEL_TARGET inline void int4_tile(const uint8_t* w, const uint16_t* w_scale, c
         }
       }
       for (int c = 0; c < C; ++c) {
-        const int64_t at = (n0 + c) * groups + g;
+        const int64_t at = (n0 + c) * lds + g;
         acc[c] = _mm256_fmadd_ps(gacc[c], _mm256_set1_ps(bf16_to_float(w_scale[at])), acc[c]);
         zero_term[c] += bf16_to_float(w_zero[at]) * xg[g];
       }
@@ -242,8 +244,8 @@ KERNEL_TARGET inline void int4_tile(const uint8_t* w, const uint16_t* w_scale, c
 // activations reordered as 64 even-numbered inputs then 64 odd-numbered ones. Half the
 // instructions per weight of the 256-bit kernel, which its arithmetic limits (measured).
 template <int C>
-VNNI_TARGET inline void int4_tile_512(const uint8_t* w, const uint16_t* w_scale, const uint16_t* w_zero,
-                                        int64_t group, const QuantizedRows& x, const float* lane_scale,
+VNNI_TARGET inline void int4_tile_512(const uint8_t* w, int64_t ldw, const uint16_t* w_scale, const uint16_t* w_zero,
+                                        int64_t lds, int64_t group, const QuantizedRows& x, const float* lane_scale,
                                         int64_t row0, int64_t rows, int64_t n0, int64_t N, float* out) {
   const int64_t K = x.K;
   const int64_t groups = K / group;
@@ -264,7 +266,7 @@ VNNI_TARGET inline void int4_tile_512(const uint8_t* w, const uint16_t* w_scale,
     for (int64_t g = 0; g < groups; ++g) {
       __m512 sv[C];
       for (int c = 0; c < C; ++c) {
-        const int64_t at = (n0 + c) * groups + g;
+        const int64_t at = (n0 + c) * lds + g;
         sv[c] = _mm512_set1_ps(bf16_to_float(w_scale[at]));
         zero_term[c] += bf16_to_float(w_zero[at]) * xg[g];
       }
@@ -274,7 +276,7 @@ VNNI_TARGET inline void int4_tile_512(const uint8_t* w, const uint16_t* w_scale,
         const __m512i odd = _mm512_loadu_si512(xq + st * 128 + 64);
         const __m512 s = _mm512_loadu_ps(ls + st * 16);
         for (int c = 0; c < C; ++c) {
-          const uint8_t* wp = w + (n0 + c) * (K / 2) + st * 64;
+          const uint8_t* wp = w + (n0 + c) * ldw + st * 64;
           _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetch), _MM_HINT_T0);
           const __m512i p = _mm512_loadu_si512(wp);
           const __m512i lo = _mm512_and_si512(p, low);
@@ -288,13 +290,14 @@ VNNI_TARGET inline void int4_tile_512(const uint8_t* w, const uint16_t* w_scale,
   }
 }
 
-VNNI_TARGET void int4_channels_512(const uint8_t* w, const uint16_t* w_scale, const uint16_t* w_zero,
-                                   int64_t group, const QuantizedRows& x, const float* lane_scale,
+VNNI_TARGET void int4_channels_512(const uint8_t* w, int64_t ldw, const uint16_t* w_scale, const uint16_t* w_zero,
+                                   int64_t lds, int64_t group, const QuantizedRows& x, const float* lane_scale,
                                    int64_t row0, int64_t rows, int64_t n0, int64_t n1, int64_t N,
                                    float* out) {
   int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) int4_tile_512<4>(w, w_scale, w_zero, group, x, lane_scale, row0, rows, n, N, out);
-  for (; n < n1; ++n) int4_tile_512<1>(w, w_scale, w_zero, group, x, lane_scale, row0, rows, n, N, out);
+  for (; n + 4 <= n1; n += 4)
+    int4_tile_512<4>(w, ldw, w_scale, w_zero, lds, group, x, lane_scale, row0, rows, n, N, out);
+  for (; n < n1; ++n) int4_tile_512<1>(w, ldw, w_scale, w_zero, lds, group, x, lane_scale, row0, rows, n, N, out);
 }
 
 // One row of activations (decoding one token) times one int4 channel, `CPG` chunks of 64 inputs
@@ -350,8 +353,8 @@ KERNEL_TARGET inline float int4_row(const uint8_t* w, const uint16_t* w_scale, c
   return hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), zt)) + zero_term;
 }
 
-KERNEL_TARGET void int4_channels(const uint8_t* w, const uint16_t* w_scale, const uint16_t* w_zero,
-                                 int64_t group, const QuantizedRows& x, const float* lane_scale,
+KERNEL_TARGET void int4_channels(const uint8_t* w, int64_t ldw, const uint16_t* w_scale, const uint16_t* w_zero,
+                                 int64_t lds, int64_t group, const QuantizedRows& x, const float* lane_scale,
                                  int64_t row0, int64_t rows, int64_t n0, int64_t n1, int64_t N,
                                  float* out) {
   // One row of activations (decoding one token): the weight channel by channel, one sequential
@@ -367,12 +370,12 @@ KERNEL_TARGET void int4_channels(const uint8_t* w, const uint16_t* w_scale, cons
     const float* xg = x.group_sum.data() + row0 * groups;
     auto row = cpg == 1 ? int4_row<1> : cpg == 2 ? int4_row<2> : int4_row<4>;
     for (; n < n1; ++n)
-      out[n] = row(w + n * (K / 2), w_scale + n * groups, w_zero + n * groups, groups, xq, ls, xg);
+      out[n] = row(w + n * ldw, w_scale + n * lds, w_zero + n * lds, groups, xq, ls, xg);
     return;
   }
   if (rows > 1)
-    for (; n + 4 <= n1; n += 4) int4_tile<4>(w, w_scale, w_zero, group, x, lane_scale, row0, rows, n, N, out);
-  for (; n < n1; ++n) int4_tile<1>(w, w_scale, w_zero, group, x, lane_scale, row0, rows, n, N, out);
+    for (; n + 4 <= n1; n += 4) int4_tile<4>(w, ldw, w_scale, w_zero, lds, group, x, lane_scale, row0, rows, n, N, out);
+  for (; n < n1; ++n) int4_tile<1>(w, ldw, w_scale, w_zero, lds, group, x, lane_scale, row0, rows, n, N, out);
 }
 
 // What this processor runs: 2 with AVX512-VNNI (and F, VL, BW), 1 with AVX2 and FMA only, 0 without.
@@ -407,17 +410,21 @@ at::Tensor quant_gemv(const at::Tensor& x, at::TensorList weights, at::TensorLis
   std::vector<int64_t> offset(W + 1, 0);
   for (int64_t i = 0; i < W; ++i) {
     const at::Tensor& w = weights[i];
-    TORCH_CHECK(w.dim() == 2 && w.size(0) == N && w.size(1) == (bits == 8 ? K : K / 2) && w.is_contiguous() &&
-                    w.scalar_type() == (bits == 8 ? at::kChar : at::kByte),
-                "weight ", i, " must be a contiguous ", bits == 8 ? "int8" : "uint8", " [", N, ", ",
-                bits == 8 ? K : K / 2, "] tensor");
-    TORCH_CHECK(scales[i].scalar_type() == at::kBFloat16 && scales[i].is_contiguous() &&
-                    scales[i].numel() == (bits == 8 ? N : N * (K / group)),
-                "scale ", i, " must be a contiguous bf16 tensor of the weight's channels (and groups)");
-    if (bits == 4)
-      TORCH_CHECK(zeros[i].scalar_type() == at::kBFloat16 && zeros[i].is_contiguous() &&
-                      zeros[i].numel() == N * (K / group),
-                  "zero ", i, " must be a contiguous bf16 [N, K/group] tensor");
+    const int64_t row_bytes = bits == 8 ? K : K / 2;
+    TORCH_CHECK(w.dim() == 2 && w.size(0) == N && w.size(1) == row_bytes && w.stride(1) == 1 &&
+                    w.stride(0) >= row_bytes && w.scalar_type() == (bits == 8 ? at::kChar : at::kByte),
+                "weight ", i, " must be a ", bits == 8 ? "int8" : "uint8", " [", N, ", ", row_bytes,
+                "] tensor with contiguous rows");
+    if (bits == 8) {
+      TORCH_CHECK(scales[i].scalar_type() == at::kBFloat16 && scales[i].is_contiguous() && scales[i].numel() == N,
+                  "scale ", i, " must be a contiguous bf16 tensor of the weight's channels");
+    } else {
+      for (const at::Tensor* t : {&scales[i], &zeros[i]})
+        TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->dim() == 2 && t->size(0) == N &&
+                        t->size(1) == K / group && t->stride(1) == 1 && t->stride(0) >= K / group &&
+                        t->stride(0) == scales[i].stride(0),
+                    "scale and zero ", i, " must be bf16 [N, K/group] tensors with contiguous rows, one stride");
+    }
     TORCH_CHECK(starts[i] >= 0 && counts[i] >= 0 && starts[i] + counts[i] <= M,
                 "rows ", starts[i], " + ", counts[i], " out of the ", M, " rows of x");
     offset[i + 1] = offset[i] + counts[i];
@@ -444,17 +451,95 @@ at::Tensor quant_gemv(const at::Tensor& x, at::TensorList weights, at::TensorLis
       if (counts[i] == 0) continue;
       const int64_t n0 = c * kRowsPerTask, n1 = std::min(N, n0 + kRowsPerTask);
       const uint16_t* s = reinterpret_cast<const uint16_t*>(scales[i].data_ptr<at::BFloat16>());
+      const int64_t ldw = weights[i].stride(0);
       if (bits == 8) {
-        int8_channels(weights[i].data_ptr<int8_t>(), s, q, starts[i], counts[i], n0, n1, N,
+        int8_channels(weights[i].data_ptr<int8_t>(), ldw, s, q, starts[i], counts[i], n0, n1, N,
                       o + offset[i] * N);
       } else {
         const uint16_t* z = reinterpret_cast<const uint16_t*>(zeros[i].data_ptr<at::BFloat16>());
-        (wide ? int4_channels_512 : int4_channels)(weights[i].data_ptr<uint8_t>(), s, z, group, q,
-                                                   lane_scale.data(), starts[i], counts[i], n0, n1, N,
+        (wide ? int4_channels_512 : int4_channels)(weights[i].data_ptr<uint8_t>(), ldw, s, z, scales[i].stride(0),
+                                                   group, q, lane_scale.data(), starts[i], counts[i], n0, n1, N,
                                                    o + offset[i] * N);
       }
     }
   });
+  return out;
+}
+
+// e^x in every lane (the Cephes single-precision method: x = n ln 2 + r, |r| <= ln 2 / 2, a degree-5
+// polynomial for e^r, then 2^n), within about 2 ulp of the exact value; NaN stays NaN, and x is
+// clamped to [-87.3, 88.4], where e^x is a normal float.
+KERNEL_TARGET inline __m256 exp256(__m256 x) {
+  x = _mm256_min_ps(_mm256_set1_ps(88.37626f), _mm256_max_ps(_mm256_set1_ps(-87.33654f), x));  // NaN passes
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln 2 in two parts
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(two_n));
+}
+
+// h[r] = silu(g[r]) * u[r] * gate[r] for the rows of g and u [rows, I] (gate 1 for rows past the
+// gates given): silu(g) = g / (1 + e^-g).
+KERNEL_TARGET void swiglu_rows(const float* g, const float* u, const float* gate, int64_t gates, int64_t rows,
+                               int64_t I, float* h) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m256 gr = _mm256_set1_ps(r < gates ? gate[r] : 1.f);
+    const float* gp = g + r * I;
+    const float* up = u + r * I;
+    float* hp = h + r * I;
+    int64_t i = 0;
+    for (; i + 8 <= I; i += 8) {
+      const __m256 gv = _mm256_loadu_ps(gp + i);
+      const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+      const __m256 silu = _mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.f), e));
+      _mm256_storeu_ps(hp + i, _mm256_mul_ps(_mm256_mul_ps(silu, _mm256_loadu_ps(up + i)), gr));
+    }
+    for (; i < I; ++i) hp[i] = gp[i] / (1.f + std::exp(-gp[i])) * up[i] * (r < gates ? gate[r] : 1.f);
+  }
+}
+
+// The experts of one token of a mixture-of-experts layer (eq. 9's two sums) in one operation: x [1,
+// D]; gate_up: the n experts' gate projections, then their up projections (int8 or int4 [I, D]);
+// down: their down projections [D, I]; gates fp32 [k], k <= n: the routed experts' gates, in the
+// order given (the n - k experts after them are shared experts' pieces, gate 1). Returns fp32 [1,
+// D]: the gated routed experts' outputs summed in order, plus the shared pieces' sum:
+// `quant_gemv` for the gate and up projections (int4: in groups of `group`), silu(g) * u * gate,
+// `quant_gemv` for the down projections (groups of `down_group`), the sums.
+at::Tensor experts_one_token(const at::Tensor& x, at::TensorList gate_up, at::TensorList gate_up_scales,
+                             at::TensorList gate_up_zeros, at::TensorList down, at::TensorList down_scales,
+                             at::TensorList down_zeros, const at::Tensor& gates, int64_t bits, int64_t group,
+                             int64_t down_group) {
+  const int64_t n = static_cast<int64_t>(down.size());
+  TORCH_CHECK(n > 0 && static_cast<int64_t>(gate_up.size()) == 2 * n, "2n gate and up projections for n down ones");
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1, "x must be one row [1, D]");
+  TORCH_CHECK(gates.scalar_type() == at::kFloat && gates.dim() == 1 && gates.numel() <= n && gates.is_contiguous(),
+              "gates must be a contiguous fp32 vector of at most one gate per expert");
+  const at::Tensor gu = quant_gemv(x, gate_up, gate_up_scales, gate_up_zeros, std::vector<int64_t>(2 * n, 0),
+                                   std::vector<int64_t>(2 * n, 1), bits, group);
+  const int64_t I = gu.size(1), k = gates.numel();
+  at::Tensor h = at::empty({n, I}, gu.options());
+  swiglu_rows(gu.data_ptr<float>(), gu.data_ptr<float>() + n * I, gates.data_ptr<float>(), k, n, I,
+              h.data_ptr<float>());
+  std::vector<int64_t> rows(n);
+  for (int64_t i = 0; i < n; ++i) rows[i] = i;
+  const at::Tensor y = quant_gemv(h, down, down_scales, down_zeros, rows, std::vector<int64_t>(n, 1), bits, down_group);
+  const int64_t D = y.size(1);
+  at::Tensor out = at::zeros({1, D}, y.options());
+  at::Tensor shared = at::zeros({D}, y.options());
+  float* o = out.data_ptr<float>();
+  float* sh = shared.data_ptr<float>();
+  const float* yp = y.data_ptr<float>();
+  for (int64_t r = 0; r < n; ++r) {
+    float* acc = r < k ? o : sh;
+    for (int64_t d = 0; d < D; ++d) acc[d] += yp[r * D + d];
+  }
+  if (k < n)
+    for (int64_t d = 0; d < D; ++d) o[d] += sh[d];
   return out;
 }
 
@@ -564,10 +649,14 @@ TORCH_LIBRARY(deepseek_moe, m) {
   m.def("quant_gemv_supported() -> bool", &quant_gemv_supported);
   m.def("dequant_int4(Tensor packed, Tensor scale, Tensor zero, int group, bool fp32=False) -> Tensor");
   m.def("rms_norm_rows(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("experts_one_token(Tensor x, Tensor[] gate_up, Tensor[] gate_up_scales, Tensor[] gate_up_zeros, "
+        "Tensor[] down, Tensor[] down_scales, Tensor[] down_zeros, Tensor gates, int bits, int group, "
+        "int down_group) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(deepseek_moe, CPU, m) {
   m.impl("quant_gemv", &quant_gemv);
   m.impl("dequant_int4", &dequant_int4);
   m.impl("rms_norm_rows", &rms_norm_rows);
+  m.impl("experts_one_token", &experts_one_token);
 }

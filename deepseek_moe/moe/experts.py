@@ -670,8 +670,8 @@ class GroupedExperts(nn.Module):
             return fn.apply(x_TD.to(dtype), token_M, gate_M,
                             *self.local_weights(dtype, fuse=fn is _ThreadedGroupedSwiGLU), counts)
 
-    def few_tokens(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor,
-                   topk_weights_TK: torch.Tensor) -> Optional[torch.Tensor]:
+    def few_tokens(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
+                   shared: Optional[nn.Module] = None) -> Optional[torch.Tensor]:
         """The three stages at once for a few tokens, skipping the permutation: None here (the
         stacked experts have no such path; ``ExpertList`` has, for quantized decoding)."""
         return None
@@ -730,8 +730,8 @@ class ExpertList(nn.ModuleList):
             return x_MD.new_zeros(0, self[0].down_proj.out_features)
         return torch.cat(out) if len(out) > 1 else out[0]
 
-    def few_tokens(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor,
-                   topk_weights_TK: torch.Tensor) -> Optional[torch.Tensor]:
+    def few_tokens(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
+                   shared: Optional[nn.Module] = None) -> Optional[torch.Tensor]:
         """Permute, experts and combine at once for a few tokens of a quantized model (decoding),
         as the package's kernel allows: its rows need not be sorted or gathered (each weight
         names its own rows of ``x_TD``; one token's rows are the token itself), so the
@@ -739,13 +739,23 @@ class ExpertList(nn.ModuleList):
         for these assignments without a capacity, fp32 [T, D] and equal to it bit for bit (the
         same products, the gate applied the same way, each token's K rows summed in k order);
         None where it does not serve (gradients, unquantized experts, more than
-        ``quant.GEMV_ROWS`` tokens, no kernel)."""
-        from ..quant import GEMV_ROWS, QuantLinear
+        ``quant.GEMV_ROWS`` tokens, no kernel).
+
+        ``shared``: the layer's shared experts (one SwiGLU ``n`` experts wide, eq. 9's first
+        sum), taken in the same two calls as ``n`` more experts of gate 1 (``shared_pieces``),
+        for at most ``quant.FUSED_ROWS`` tokens; their output is then added to the result (fp32,
+        rounded by the caller once), and None returned where they cannot be taken so."""
+        from ..quant import FUSED_ROWS, GEMV_ROWS, QuantLinear
 
         T, K = topk_ids_TK.shape
         if (T == 0 or T > GEMV_ROWS or torch.is_grad_enabled() or x_TD.device.type != "cpu"
                 or not isinstance(self[0].gate_proj, QuantLinear)):
             return None
+        pieces = None
+        if shared is not None:
+            pieces = self.shared_pieces(shared)
+            if pieces is None or T > FUSED_ROWS:
+                return None
         x_TD = x_TD.to(compute_dtype(x_TD))  # the rows as dispatch gathers them
         ids = topk_ids_TK.tolist()  # one host synchronisation
         # Assignments grouped by expert, experts in order of first appearance in the k-major
@@ -758,46 +768,99 @@ class ExpertList(nn.ModuleList):
         ns = [len(rows) for rows in groups.values()]
         used = list(groups)
         if T == 1 and len(used) == K:  # every row is the token itself, in assignment order
-            x_MD, gate_M, inverse = x_TD, topk_weights_TK.reshape(-1), None
-        else:
-            order_M = torch.tensor(order, device=x_TD.device)
-            x_MD = x_TD.index_select(0, order_M % T)
-            gate_M = topk_weights_TK.t().reshape(-1).index_select(0, order_M)
-            inverse = [0] * len(order)
-            for m, a in enumerate(order):
-                inverse[a] = m
-        y_MD = self._quantized_few_rows(x_MD, used, ns, gate_M, share_row=inverse is None)
+            return self._one_token(x_TD, used, topk_weights_TK.reshape(-1), pieces)
+        order_M = torch.tensor(order, device=x_TD.device)
+        x_MD = x_TD.index_select(0, order_M % T)
+        gate_M = topk_weights_TK.t().reshape(-1).index_select(0, order_M)
+        inverse = [0] * len(order)
+        for m, a in enumerate(order):
+            inverse[a] = m
+        M = len(order)
+        if pieces is not None:  # the shared experts read the tokens' rows: after the routed ones
+            x_MD = torch.cat([x_MD, x_TD])
+        y_MD = self._quantized_few_rows(x_MD, used, ns, gate_M, shared=pieces, shared_rows=(M, T))
         if y_MD is None:
             return None
-        if inverse is not None:
-            y_MD = y_MD.index_select(0, torch.tensor(inverse, device=x_TD.device))
-        return y_MD.view(K, T, -1).sum(0, dtype=torch.float32)
+        routed = y_MD[:M].index_select(0, torch.tensor(inverse, device=x_TD.device))
+        y_TD = routed.view(K, T, -1).sum(0, dtype=torch.float32)
+        if pieces is not None:
+            y_TD = y_TD + y_MD[M:].view(len(pieces[2]), T, -1).sum(0)
+        return y_TD
+
+    def _one_token(self, x_1D: torch.Tensor, used: list[int], gate_K: torch.Tensor,
+                   shared: "Optional[tuple[list, list, list]]") -> Optional[torch.Tensor]:
+        """One token's routed experts ``used`` (k order, gates ``gate_K``) and the shared pieces
+        in one operation of the package's kernel (``kernels.experts_one_token``): fp32 [1, D], the
+        gated routed outputs summed in k order, plus the shared pieces' sum. The products of the
+        two-call path; its SwiGLU computed by the kernel (e^x within about 2 ulp of torch's)."""
+        from ..quant import gemv_usable, kernel_args
+
+        experts = list(self._modules.values())  # (the modules' dicts: the fast way in)
+        ins = ([experts[e]._modules["gate_proj"] for e in used] + (shared[0] if shared else [])
+               + [experts[e]._modules["up_proj"] for e in used] + (shared[1] if shared else []))
+        outs = [experts[e]._modules["down_proj"] for e in used] + (shared[2] if shared else [])
+        if not (gemv_usable(ins, 1, x_1D) and gemv_usable(outs, 1, x_1D)):
+            return None
+        return kernels.experts_one_token(x_1D, *kernel_args(ins), *kernel_args(outs), gate_K.float().contiguous(),
+                                         ins[0].bits, ins[0].group_size, outs[0].group_size)
+
+    def shared_pieces(self, shared: nn.Module) -> "Optional[tuple[list, list, list]]":
+        """The shared experts (a SwiGLU ``n`` times an expert's width) as ``n`` expert-shaped
+        pieces: gate and up projections cut by their outputs, the down projection by its inputs
+        (views of the stored tensors, ``QuantLinear.pieces``), so that piece ``p`` computes the
+        intermediate channels ``p*I .. (p+1)*I`` and the down projection sums the pieces' results
+        as its own product does. None where they are not quantized as the routed experts are, or
+        do not cut so."""
+        from ..quant import QuantLinear
+
+        gate, up, down = (getattr(shared, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
+        first = self[0].gate_proj
+        if not all(isinstance(m, QuantLinear) for m in (gate, up, down, first)):
+            return None
+        width = first.out_features
+        n = gate.out_features // width
+        if n * width != gate.out_features or (gate.bits, gate.group_size) != (first.bits, first.group_size):
+            return None
+        cut = gate.pieces(n, 0), up.pieces(n, 0), down.pieces(n, 1)
+        return None if any(c is None for c in cut) else cut  # type: ignore[return-value]
 
     def _quantized_few_rows(self, x_MD: torch.Tensor, used: list[int], ns: list[int],
-                            gate_M: Optional[torch.Tensor], share_row: bool = False) -> Optional[torch.Tensor]:
+                            gate_M: Optional[torch.Tensor], shared: "Optional[tuple[list, list, list]]" = None,
+                            shared_rows: Optional[tuple[int, int]] = None) -> Optional[torch.Tensor]:
         """``gate * expert(row)`` [M, D] fp32 through ``quant.gemv``: the experts ``used``, in
-        that order, ``ns[i]`` consecutive rows each (M = sum(ns)); ``share_row``: ``x_MD`` is one
-        row that every expert takes. None where it does not serve (unquantized experts, many
-        rows, or no kernel)."""
+        that order, ``ns[i]`` consecutive rows each (M = sum(ns)). ``shared``: pieces
+        (``shared_pieces``) that take the rows ``shared_rows`` = (first, count) of ``x_MD`` each,
+        with gate 1, in the same two calls; their rows follow the M routed ones, piece by piece.
+        None where it does not serve (unquantized experts, many rows, or no kernel)."""
         from ..quant import QuantLinear, gemv, gemv_usable
 
         if torch.is_grad_enabled() or not used or not isinstance(self[0].gate_proj, QuantLinear):
             return None
         experts = list(self._modules.values())  # (the modules' dicts: the fast way in)
-        ins = ([experts[e]._modules["gate_proj"] for e in used]
-               + [experts[e]._modules["up_proj"] for e in used])
+        gates = [experts[e]._modules["gate_proj"] for e in used]
+        ups = [experts[e]._modules["up_proj"] for e in used]
         outs = [experts[e]._modules["down_proj"] for e in used]
-        # (gemv_usable also checks that every one is quantized)
-        if not (gemv_usable(ins, max(ns), x_MD) and gemv_usable(outs, max(ns), x_MD)):
-            return None
+        M = sum(ns)
         starts = [0, *itertools.accumulate(ns)][:-1]
-        in_starts = [0] * len(used) if share_row else starts
+        in_starts, in_ns, out_starts, out_ns = starts, ns, starts, ns
+        if shared is not None:
+            assert shared_rows is not None
+            first, count = shared_rows
+            P = len(shared[0])
+            gates, ups, outs = gates + shared[0], ups + shared[1], outs + shared[2]
+            in_starts, in_ns = in_starts + [first] * P, ns + [count] * P
+            out_starts = starts + [M + p * count for p in range(P)]
+            out_ns = ns + [count] * P
+        ins = gates + ups
+        # (gemv_usable also checks that every one is quantized)
+        if not (gemv_usable(ins, max(in_ns), x_MD) and gemv_usable(outs, max(in_ns), x_MD)):
+            return None
         # Every row's gate projection (in row order), then every row's up projection.
-        gu = gemv(ins, x_MD, in_starts + in_starts, ns + ns).view(2, sum(ns), -1)
+        gu = gemv(ins, x_MD, in_starts + in_starts, in_ns + in_ns).view(2, sum(in_ns), -1)
         h = F.silu(gu[0]) * gu[1]
-        if gate_M is not None:
-            h = h * gate_M.float().unsqueeze(1)
-        return gemv(outs, h, starts, ns)
+        if gate_M is not None:  # (the shared experts' rows after them: gate 1)
+            h[:M] *= gate_M.float().unsqueeze(1)
+        return gemv(outs, h, out_starts, out_ns)
 
     def extra_repr(self) -> str:
         m = self[0]

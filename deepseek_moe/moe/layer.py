@@ -95,17 +95,25 @@ class DeepseekMoE(nn.Module):
         ids_T = None if input_ids_BS is None else input_ids_BS.reshape(B * S)
         opts = self.routing
         if opts.is_default:
-            r = self.gate(x_TD, ids_T)
+            r = self.gate(x_TD, ids_T, need_scores=statistics)
         else:
             r = self.gate(x_TD, ids_T, top_k=opts.top_k, disable_top=opts.disable_top)
         capacity = self.capacity(B * S)
         tokens_per_expert = expert_counts(r.topk_ids_TK, self.n_routed_experts)
-        route = dispatch_reference if self.dispatch == "reference" else dispatch
-        routed_TD, dropped = route(x_TD, r.topk_ids_TK, r.topk_weights_TK, self.experts, capacity,
-                                   tokens_per_expert)
-        y_TD = routed_TD.to(x_BSD.dtype)
-        if self.shared_experts is not None and not opts.disable_shared:
-            y_TD = y_TD + self.shared_experts(x_TD)
+        shared = None if opts.disable_shared else self.shared_experts
+        # Decoding a quantized model: routed and shared experts in the same two kernel calls,
+        # their sum rounded once.
+        y_TD = (None if shared is None or capacity is not None or self.dispatch == "reference"
+                else self.experts.few_tokens(x_TD, r.topk_ids_TK, r.topk_weights_TK, shared))
+        if y_TD is not None:
+            y_TD, dropped = y_TD.to(x_BSD.dtype), torch.zeros((), dtype=torch.long, device=x_TD.device)
+        else:
+            route = dispatch_reference if self.dispatch == "reference" else dispatch
+            routed_TD, dropped = route(x_TD, r.topk_ids_TK, r.topk_weights_TK, self.experts, capacity,
+                                       tokens_per_expert)
+            y_TD = routed_TD.to(x_BSD.dtype)
+            if shared is not None:
+                y_TD = y_TD + shared(x_TD)
 
         if not statistics:
             return y_TD.view(B, S, D), MoEAux(None, None, tokens_per_expert, dropped, None)

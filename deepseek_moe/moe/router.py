@@ -19,6 +19,9 @@ from torch import nn
 from .. import kernels
 
 
+ROUTE_KERNEL_ROWS = 8  # at most this many tokens: a quantized model's routing may take the kernel
+
+
 @dataclass
 class RouterOutput:
     topk_ids_TK: torch.Tensor  # int64 expert ids, highest score first
@@ -43,6 +46,7 @@ class TopKRouter(nn.Module):
         self.routed_scaling_factor = routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(n_experts, hidden_size))
         self._fp32: Optional[tuple[torch.Tensor, int, torch.Tensor]] = None  # (weight, version, copy)
+        self.use_kernel = False  # decoding through kernels.route_tokens (quantized models)
 
     def _centroids_fp32(self) -> torch.Tensor:
         """The centroids in fp32. Without gradients (generation, evaluation) a bf16 model's are
@@ -64,10 +68,21 @@ class TopKRouter(nn.Module):
         input_ids_T: Optional[torch.Tensor] = None,
         top_k: Optional[int] = None,
         disable_top: int = 0,
+        need_scores: bool = True,
     ) -> RouterOutput:
         """``top_k`` overrides the trained k; ``disable_top`` masks each token's highest-scoring
         experts before the top-k is taken (paper Fig. 4). Gate values stay the softmax scores over
-        all experts, so with neither option this is exactly the trained routing."""
+        all experts, so with neither option this is exactly the trained routing.
+        ``need_scores=False``: the caller reads no scores (generation), so that a quantized
+        model's few tokens (``use_kernel``, which ``quant.quantize_modules`` sets) may take the
+        package's one-operation routing (``kernels.route_tokens``: the same steps, the logits'
+        sums in its own order), which gives none."""
+        if (not need_scores and self.use_kernel and top_k is None and not disable_top
+                and not torch.is_grad_enabled() and x_TD.shape[0] <= ROUTE_KERNEL_ROWS
+                and kernels.cpu_routing_kernels(x_TD)):  # (fp32 logits, under autocast too)
+            ids, gates = kernels.route_tokens(x_TD.contiguous(), self.weight.detach(), self.top_k,
+                                              self.norm_topk_prob and self.top_k > 1, self.routed_scaling_factor)
+            return RouterOutput(ids, gates, None)
         k = self.top_k if top_k is None else top_k
         if not 1 <= k <= self.n_experts - disable_top:
             raise ValueError(f"cannot route to {k} of {self.n_experts} experts with "
@@ -126,6 +141,7 @@ class HashRouter(nn.Module):
         input_ids_T: Optional[torch.Tensor] = None,
         top_k: Optional[int] = None,
         disable_top: int = 0,
+        need_scores: bool = True,  # (none to give: fixed routing)
     ) -> RouterOutput:
         if input_ids_T is None:
             raise ValueError("the hash router needs the token ids (input_ids)")
