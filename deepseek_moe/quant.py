@@ -285,8 +285,9 @@ def gemv_usable(layers: list[QuantLinear], rows_per_layer: int, x: torch.Tensor,
         return False
     if scheme[0] == 4 and scheme[1] % 64:
         return False
-    if any(getattr(m, "scheme", None) != scheme for m in layers):  # also: every one quantized
-        return False
+    for m in layers:  # (a loop: a decoded token asks this of hundreds of layers)
+        if getattr(m, "scheme", None) != scheme:  # also: every one quantized
+            return False
     from . import kernels
 
     return kernels.available()

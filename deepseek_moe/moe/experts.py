@@ -64,6 +64,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .. import kernels
+from ..quant import FUSED_ROWS, GEMV_ROWS, QuantLinear, gemv, gemv_usable, kernel_args
 
 
 # In bf16/fp16 the row counts of the per-expert GEMMs whose rows are independent are rounded up
@@ -745,8 +746,6 @@ class ExpertList(nn.ModuleList):
         sum), taken in the same two calls as ``n`` more experts of gate 1 (``shared_pieces``),
         for at most ``quant.FUSED_ROWS`` tokens; their output is then added to the result (fp32,
         rounded by the caller once), and None returned where they cannot be taken so."""
-        from ..quant import FUSED_ROWS, GEMV_ROWS, QuantLinear
-
         T, K = topk_ids_TK.shape
         if (T == 0 or T > GEMV_ROWS or torch.is_grad_enabled() or x_TD.device.type != "cpu"
                 or not isinstance(self[0].gate_proj, QuantLinear)):
@@ -758,6 +757,8 @@ class ExpertList(nn.ModuleList):
                 return None
         x_TD = x_TD.to(compute_dtype(x_TD))  # the rows as dispatch gathers them
         ids = topk_ids_TK.tolist()  # one host synchronisation
+        if T == 1 and len(set(ids[0])) == K:  # every row is the token itself, in assignment order
+            return self._one_token(x_TD, ids[0], topk_weights_TK.reshape(-1), pieces)
         # Assignments grouped by expert, experts in order of first appearance in the k-major
         # assignment order (a = k * T + t), rows within an expert in that order too.
         groups: dict[int, list[int]] = {}
@@ -767,8 +768,6 @@ class ExpertList(nn.ModuleList):
         order = [a for rows in groups.values() for a in rows]  # grouped row -> assignment
         ns = [len(rows) for rows in groups.values()]
         used = list(groups)
-        if T == 1 and len(used) == K:  # every row is the token itself, in assignment order
-            return self._one_token(x_TD, used, topk_weights_TK.reshape(-1), pieces)
         order_M = torch.tensor(order, device=x_TD.device)
         x_MD = x_TD.index_select(0, order_M % T)
         gate_M = topk_weights_TK.t().reshape(-1).index_select(0, order_M)
@@ -793,8 +792,6 @@ class ExpertList(nn.ModuleList):
         in one operation of the package's kernel (``kernels.experts_one_token``): fp32 [1, D], the
         gated routed outputs summed in k order, plus the shared pieces' sum. The products of the
         two-call path; its SwiGLU computed by the kernel (e^x within about 2 ulp of torch's)."""
-        from ..quant import gemv_usable, kernel_args
-
         experts = list(self._modules.values())  # (the modules' dicts: the fast way in)
         ins = ([experts[e]._modules["gate_proj"] for e in used] + (shared[0] if shared else [])
                + [experts[e]._modules["up_proj"] for e in used] + (shared[1] if shared else []))
@@ -811,10 +808,9 @@ class ExpertList(nn.ModuleList):
         intermediate channels ``p*I .. (p+1)*I`` and the down projection sums the pieces' results
         as its own product does. None where they are not quantized as the routed experts are, or
         do not cut so."""
-        from ..quant import QuantLinear
-
-        gate, up, down = (getattr(shared, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
-        first = self[0].gate_proj
+        parts = shared._modules  # (the modules' dicts: the fast way in)
+        gate, up, down = parts.get("gate_proj"), parts.get("up_proj"), parts.get("down_proj")
+        first = next(iter(self._modules.values()))._modules["gate_proj"]
         if not all(isinstance(m, QuantLinear) for m in (gate, up, down, first)):
             return None
         width = first.out_features
@@ -832,8 +828,6 @@ class ExpertList(nn.ModuleList):
         (``shared_pieces``) that take the rows ``shared_rows`` = (first, count) of ``x_MD`` each,
         with gate 1, in the same two calls; their rows follow the M routed ones, piece by piece.
         None where it does not serve (unquantized experts, many rows, or no kernel)."""
-        from ..quant import QuantLinear, gemv, gemv_usable
-
         if torch.is_grad_enabled() or not used or not isinstance(self[0].gate_proj, QuantLinear):
             return None
         experts = list(self._modules.values())  # (the modules' dicts: the fast way in)
