@@ -27,7 +27,7 @@ from .config import DeepseekMoEConfig
 from .ffn import SwiGLU
 from .moe import DeepseekMoE, MoEAux
 from . import kernels
-from .quant import fused_linears
+from .quant import FUSED_ROWS, QuantLinear, fused_linears, gemv_usable, kernel_args
 
 
 def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
@@ -207,6 +207,26 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(D, Hkv * hd, bias=bias)
         self.o_proj = nn.Linear(H * hd, D, bias=bias)
 
+    def decode_block(self, x_BSD: torch.Tensor, norm: RMSNorm, cos: torch.Tensor, sin: torch.Tensor,
+                     kv: Optional[tuple[torch.Tensor, torch.Tensor]], start: int,
+                     mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """``x + self(norm(x), ...)`` in one operation of the package's kernels
+        (``kernels.attention_block``, the same numbers) where a quantized bf16 model decodes one
+        new token per row (a cache, no mask, H = Hkv, at most ``quant.FUSED_ROWS`` rows, the
+        norm's kernel serving); None elsewhere."""
+        B, S, _ = x_BSD.shape
+        if (S != 1 or kv is None or mask is not None or self.n_kv_heads != self.n_heads or B > FUSED_ROWS
+                or x_BSD.dtype != torch.bfloat16 or not norm.use_kernel or not norm._kernel_serves(x_BSD)
+                or not kernels.decode_attention_serves(kv[0])):
+            return None
+        qkv, o = [self.q_proj, self.k_proj, self.v_proj], self.o_proj
+        if not (isinstance(o, QuantLinear) and gemv_usable(qkv, B, x_BSD) and gemv_usable([o], B, x_BSD)):
+            return None
+        first = qkv[0]
+        return kernels.attention_block(x_BSD, norm.weight, norm.eps, kernel_args(qkv), kernel_args([o]), first.bits,
+                                       first.group_size, o.bits, o.group_size, cos, sin, kv[0], kv[1], start,
+                                       self.head_dim ** -0.5)
+
     def forward(
         self,
         x_BSD: torch.Tensor,
@@ -279,7 +299,8 @@ class DecoderLayer(nn.Module):
         valid_BS: Optional[torch.Tensor] = None,
         routing_stats: bool = True,
     ) -> tuple[torch.Tensor, Optional[MoEAux]]:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, start, mask)
+        fused = self.self_attn.decode_block(x, self.input_layernorm, cos, sin, kv, start, mask)
+        x = fused if fused is not None else x + self.self_attn(self.input_layernorm(x), cos, sin, kv, start, mask)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
             y, aux = self.mlp(h, input_ids, valid_BS, routing_stats)

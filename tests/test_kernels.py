@@ -407,7 +407,7 @@ def test_decoding_with_fused_projections_equals_one_layer_at_a_time(monkeypatch)
     together) gives the logits of the same step with every layer called alone (int8: the same
     kernel arithmetic either way)."""
     from deepseek_moe import quant
-    from deepseek_moe.model import DeepseekForCausalLM, KVCache
+    from deepseek_moe.model import Attention, DeepseekForCausalLM, KVCache
     from deepseek_moe.presets import get_config
     from deepseek_moe.quant import quantize_modules, quantized_layers
 
@@ -430,6 +430,8 @@ def test_decoding_with_fused_projections_equals_one_layer_at_a_time(monkeypatch)
     calls = []
     real = kernels.quant_gemv
     monkeypatch.setattr(kernels, "quant_gemv", lambda *a: calls.append(len(a[1])) or real(*a))
+    # (the attention block in one operation, which takes them in C++, is tested below)
+    monkeypatch.setattr(Attention, "decode_block", lambda *a: None)
     fused = decode_logits()
     assert 3 in calls  # q, k and v took one call
     monkeypatch.setattr(quant, "FUSED_ROWS", 0)
@@ -865,9 +867,11 @@ def test_a_bf16_models_decode_step_takes_the_attention_kernel(monkeypatch):
 
 @pytest.mark.parametrize("batch", [1, 2])
 def test_one_operation_from_projections_to_attention_equals_the_steps(monkeypatch, batch):
-    """A quantized bf16 model's decode steps with rotation, the cache's slot and the attention in
-    one operation (``decode_attention_rope``) give the logits and the caches of the same steps
-    taken one by one, bit for bit, over several new tokens and rows."""
+    """A quantized bf16 model's decode steps with its attention block in one operation
+    (``attention_block``: norm, projections, rotation, the cache's slot, attention, output
+    projection, residual), or from the projections to the attention in one
+    (``decode_attention_rope``), give the logits and the caches of the same steps taken one by
+    one, bit for bit, over several new tokens and rows."""
     if not kernels.available():
         pytest.skip(f"no kernel here: {kernels.load()}")
     from deepseek_moe import model as model_module
@@ -893,16 +897,20 @@ def test_one_operation_from_projections_to_attention_equals_the_steps(monkeypatc
             logits = [model(steps[:, i:i + 1], cache=cache).logits for i in range(steps.shape[1])]
         return torch.cat(logits, 1), cache
 
-    calls = []
-    real = kernels.decode_attention_rope
+    calls, blocks = [], []
+    real, real_block = kernels.decode_attention_rope, kernels.attention_block
     monkeypatch.setattr(kernels, "decode_attention_rope", lambda *a: calls.append(1) or real(*a))
-    fused, fused_cache = decode()
-    assert len(calls) == 2 * steps.shape[1]  # every layer's every new token
+    monkeypatch.setattr(kernels, "attention_block", lambda *a: blocks.append(1) or real_block(*a))
+    whole, whole_cache = decode()  # norm, projections, attention, output projection, residual: one operation
+    assert len(blocks) == 2 * steps.shape[1] and not calls  # every layer's every new token
+    monkeypatch.setattr(model_module.Attention, "decode_block", lambda *a: None)
+    fused, fused_cache = decode()  # from the projections to the attention: one operation
+    assert len(calls) == 2 * steps.shape[1] and len(blocks) == 2 * steps.shape[1]
     unfused_linears = model_module.fused_linears
     monkeypatch.setattr(model_module, "fused_linears",
                         lambda layers, x, fp32=False: None if fp32 else unfused_linears(layers, x))
     stepwise, stepwise_cache = decode()
     assert len(calls) == 2 * steps.shape[1]  # the steps one by one this time
-    assert torch.equal(fused, stepwise)
-    for a, b in zip(fused_cache.k + fused_cache.v, stepwise_cache.k + stepwise_cache.v):
-        assert torch.equal(a, b)
+    assert torch.equal(fused, stepwise) and torch.equal(whole, stepwise)
+    for a, b, c in zip(fused_cache.k + fused_cache.v, stepwise_cache.k + stepwise_cache.v, whole_cache.k + whole_cache.v):
+        assert torch.equal(a, b) and torch.equal(c, b)

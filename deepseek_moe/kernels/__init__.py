@@ -291,3 +291,16 @@ def route_tokens(x: torch.Tensor, centroids: torch.Tensor, k: int, norm: bool, s
     ``(ids int64 [T, k], gates fp32 [T, k])``. See ``grouped_swiglu.cpp``."""
     _require_library()
     return torch.ops.deepseek_moe.route_tokens(x, centroids, k, norm, scale)
+
+
+def attention_block(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, qkv: tuple[list, list, list],
+                    o: tuple[list, list, list], bits: int, group: int, o_bits: int, o_group: int, cos: torch.Tensor,
+                    sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int,
+                    scale: float) -> torch.Tensor:
+    """One new token's attention block of a quantized bf16 model in one operation: ``x +
+    o_proj(attention(rms_norm(x)))`` for x [B, 1, D] bf16, the numbers of those steps
+    (``rms_norm_rows``, ``quant_gemv`` of the ``qkv`` projections' stored tensors (weights,
+    scales, zeros), ``decode_attention_rope``, ``quant_gemv`` of ``o``, the residual sum in
+    bf16). See ``quant_gemv.cpp``."""
+    return torch.ops.deepseek_moe.attention_block(x, norm_weight, eps, *qkv, *o, bits, group, o_bits, o_group, cos,
+                                                  sin, k_cache, v_cache, start, scale)

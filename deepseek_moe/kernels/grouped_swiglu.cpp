@@ -1025,6 +1025,14 @@ Tensor decode_attention_rope(const Tensor& qkv, const Tensor& cos, const Tensor&
 
 }  // namespace
 
+// For quant_gemv.cpp's attention block, which takes this step.
+namespace deepseek_moe_kernels {
+at::Tensor attention_rope(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache,
+                          const at::Tensor& v_cache, int64_t start, double scale) {
+  return decode_attention_rope(qkv, cos, sin, k_cache, v_cache, start, scale);
+}
+}  // namespace deepseek_moe_kernels
+
 TORCH_LIBRARY_FRAGMENT(deepseek_moe, m) {
   m.def("grouped_swiglu(Tensor x, Tensor? token, Tensor? gate, Tensor w1, Tensor? w3, Tensor w2, int[] counts, "
         "int[] pads) -> (Tensor, Tensor, Tensor)");

@@ -37,6 +37,11 @@
 #include <cstring>
 #include <vector>
 
+namespace deepseek_moe_kernels {  // grouped_swiglu.cpp's decode_attention_rope
+at::Tensor attention_rope(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache,
+                          const at::Tensor& v_cache, int64_t start, double scale);
+}
+
 namespace {
 
 constexpr int64_t kBlock = 32;  // inputs per activation scale
@@ -641,6 +646,35 @@ at::Tensor rms_norm_rows(const at::Tensor& x, const at::Tensor& w, double eps) {
   return out;
 }
 
+// One new token's attention block of a quantized bf16 model (decoding) in one operation:
+// x + o_proj(attention(rms_norm(x))) for x [B, 1, D]: `rms_norm_rows`, `quant_gemv` for the query,
+// key and value projections (`bits`, `group`), `decode_attention_rope` (the cache's slot `start`
+// written), `quant_gemv` for the output projection (`o_bits`, `o_group`) rounded to bf16, and the
+// residual sum rounded to bf16: those steps' numbers.
+at::Tensor attention_block(const at::Tensor& x, const at::Tensor& norm_weight, double eps, at::TensorList qkv,
+                           at::TensorList qkv_scales, at::TensorList qkv_zeros, at::TensorList o, at::TensorList o_scales,
+                           at::TensorList o_zeros, int64_t bits, int64_t group, int64_t o_bits, int64_t o_group,
+                           const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache,
+                           const at::Tensor& v_cache, int64_t start, double scale) {
+  TORCH_CHECK(x.dim() == 3 && x.size(1) == 1 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(),
+              "x must be a contiguous bf16 [B, 1, D] tensor");
+  TORCH_CHECK(qkv.size() == 3 && o.size() == 1, "three projections (query, key, value) and one output projection");
+  const int64_t B = x.size(0), D = x.size(2);
+  const at::Tensor h = rms_norm_rows(x, norm_weight, eps).view({B, D});
+  const at::Tensor q = quant_gemv(h, qkv, qkv_scales, qkv_zeros, std::vector<int64_t>(3, 0),
+                                  std::vector<int64_t>(3, B), bits, group);
+  const at::Tensor y = deepseek_moe_kernels::attention_rope(q.view({3, B, -1}), cos, sin, k_cache, v_cache, start, scale);
+  const at::Tensor ob = quant_gemv(y.view({B, -1}), o, o_scales, o_zeros, {0}, {B}, o_bits, o_group);
+  TORCH_CHECK(ob.size(1) == D, "the output projection gives ", ob.size(1), " values, not ", D);
+  at::Tensor out = at::empty_like(x);
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  const float* op = ob.data_ptr<float>();
+  uint16_t* outp = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  for (int64_t i = 0; i < B * D; ++i)  // (no NaN from finite weights; rounding as torch rounds)
+    outp[i] = float_to_bf16(bf16_to_float(xp[i]) + bf16_to_float(float_to_bf16(op[i])));
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(deepseek_moe, m) {
@@ -652,6 +686,9 @@ TORCH_LIBRARY(deepseek_moe, m) {
   m.def("experts_one_token(Tensor x, Tensor[] gate_up, Tensor[] gate_up_scales, Tensor[] gate_up_zeros, "
         "Tensor[] down, Tensor[] down_scales, Tensor[] down_zeros, Tensor gates, int bits, int group, "
         "int down_group) -> Tensor");
+  m.def("attention_block(Tensor x, Tensor norm_weight, float eps, Tensor[] qkv, Tensor[] qkv_scales, "
+        "Tensor[] qkv_zeros, Tensor[] o, Tensor[] o_scales, Tensor[] o_zeros, int bits, int group, int o_bits, "
+        "int o_group, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int start, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(deepseek_moe, CPU, m) {
@@ -659,4 +696,5 @@ TORCH_LIBRARY_IMPL(deepseek_moe, CPU, m) {
   m.impl("dequant_int4", &dequant_int4);
   m.impl("rms_norm_rows", &rms_norm_rows);
   m.impl("experts_one_token", &experts_one_token);
+  m.impl("attention_block", &attention_block);
 }
