@@ -18,9 +18,10 @@ Stored tensors, for a weight ``W`` [N, K] named ``X.weight``:
 Products of a few rows (decoding: one row per token) use this package's kernel
 (``deepseek_moe.kernels.quant_gemv``: int8 activations per block of 32, integer dot products,
 every weight read once per call) where it is available (x86-64 with AVX2 and FMA): a mixture of
-experts hands it all of a token's experts in two calls (``moe.experts.ExpertList``), layers that
-share an input (query, key and value; gate and up) go in one call (``fused_linears``), and a
-single layer takes it for its few rows (``GEMV_SINGLE_ROWS``). What happens past those rows
+experts hands it all of a few tokens' experts in two calls, its shared experts among them as
+expert-wide pieces (``QuantLinear.pieces``, ``moe.experts.ExpertList``; one token: one
+operation), layers that share an input (query, key and value; gate and up) go in one call
+(``fused_linears``), and a single layer takes it for its few rows (``GEMV_SINGLE_ROWS``). What happens past those rows
 depends on the CPU's bf16 GEMM (``runtime.fastest_cpu_dtype``, measured once):
 
 - Where bf16 is the faster (AMX, AVX512-BF16), products use torch's CPU kernels for weight-only

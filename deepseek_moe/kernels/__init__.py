@@ -1,11 +1,13 @@
 """Compiled CPU kernels of this package, built on first use with the system's C++ compiler.
 
 ``quant_gemv`` (``quant_gemv.cpp``): the few-row product of weight-only quantized weights that
-decoding spends its time in, for many weights in one call (see the source for the arithmetic);
-``dequant_int4``: an int4 weight to bf16 or fp32 in one pass, for prefill's GEMMs; ``grouped_swiglu``
-(``grouped_swiglu.cpp``): the routed experts of a training step, one expert per thread, the
-routing's top-k selection, entropy and sort by expert (``topk_indices``, ``routing_entropy``,
-``sort_by_expert``), and one new token's attention over the cache in bf16 (``decode_attention``).
+decoding spends its time in, for many weights in one call (see the source for the arithmetic),
+and built on it one token's experts (``experts_one_token``) and one new token's attention block
+(``attention_block``); ``dequant_int4``: an int4 weight to bf16 or fp32 in one pass, for
+prefill's GEMMs; ``grouped_swiglu`` (``grouped_swiglu.cpp``): the routed experts of a training
+step, one expert per thread, the routing's top-k selection, entropy and sort by expert
+(``topk_indices``, ``routing_entropy``, ``sort_by_expert``), a few tokens' routing for inference
+(``route_tokens``), and one new token's attention over the cache in bf16 (``decode_attention``).
 The library is compiled (``grouped_swiglu.cpp`` for this processor, ``-march=native``) once per
 source, torch version, compiler and processor into
 ``$DEEPSEEK_MOE_CACHE/kernels`` (default ``~/.cache/deepseek_moe/kernels``), about 30 s, and loaded
