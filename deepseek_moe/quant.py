@@ -139,19 +139,24 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int = DEFAULT_GROUP_
 
 def dequantize(t: dict[str, torch.Tensor], bits: int, group_size: int,
                dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """The weight the stored tensors ``t`` stand for, in ``dtype``. int4 to bf16 on the CPU takes
-    the package's one-pass kernel where it is available (``q * scale + zero`` rounded once; the
-    operations below round the product and the sum each to bf16: the two differ by a rounding
-    now and then); prefill's GEMMs wait on this."""
-    if bits == 8:
-        return t["weight"].to(dtype) * t["weight_scale"].to(dtype)[:, None]
-    packed = t["weight_packed"]
-    if dtype in (torch.bfloat16, torch.float32) and packed.device.type == "cpu":
+    """The weight the stored tensors ``t`` stand for, in ``dtype``. On the CPU, bf16 or fp32 take
+    the package's one-pass kernels where they are available: int8 the same numbers as the
+    operations below, int4 ``q * scale + zero`` rounded once (the operations below round the
+    product and the sum each to bf16: the two differ by a rounding now and then). Prefill's
+    GEMMs wait on this."""
+    one_pass = dtype in (torch.bfloat16, torch.float32) and t["weight_scale"].device.type == "cpu"
+    if one_pass:
         from . import kernels
 
-        if kernels.available():
-            return kernels.dequant_int4(packed.contiguous(), t["weight_scale"].contiguous(),
-                                        t["weight_zero"].contiguous(), group_size, dtype)
+        one_pass = kernels.available()
+    if bits == 8:
+        if one_pass:  # (the same numbers as the two operations below, in one pass)
+            return kernels.dequant_int8(t["weight"].contiguous(), t["weight_scale"].contiguous(), dtype)
+        return t["weight"].to(dtype) * t["weight_scale"].to(dtype)[:, None]
+    packed = t["weight_packed"]
+    if one_pass:
+        return kernels.dequant_int4(packed.contiguous(), t["weight_scale"].contiguous(),
+                                    t["weight_zero"].contiguous(), group_size, dtype)
     N = packed.shape[0]
     q = torch.stack([packed & 15, packed >> 4], -1).view(N, -1, group_size).to(dtype)
     return (q * t["weight_scale"].to(dtype)[..., None] + t["weight_zero"].to(dtype)[..., None]).view(N, -1)

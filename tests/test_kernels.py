@@ -380,6 +380,22 @@ def test_a_quantized_ffn_makes_two_calls():
 
 
 @needs_kernel
+def test_int8_dequantized_in_one_pass():
+    """The one-pass int8 -> bf16 / fp32 weight equals the two tensor operations it replaces bit for
+    bit (q * scale: exact in fp32, rounded once to bf16), scales of any size."""
+    t = quantize_weight(torch.randn(37, 96) * torch.logspace(-4, 2, 37)[:, None], 8)
+    for dtype in (torch.bfloat16, torch.float32):
+        fast = kernels.dequant_int8(t["weight"], t["weight_scale"], dtype)
+        ops = t["weight"].to(dtype) * t["weight_scale"].to(dtype)[:, None]
+        assert fast.dtype == dtype and torch.equal(fast, ops)
+        assert torch.equal(dequantize(t, 8, 128, dtype), ops)
+    assert torch.equal(kernels.dequant_int8(t["weight"], t["weight_scale"], torch.float32),
+                       (t["weight"].double() * t["weight_scale"].double()[:, None]).float())
+    with pytest.raises(RuntimeError, match="contiguous bf16 \\[N\\]"):
+        kernels.dequant_int8(t["weight"], t["weight_scale"][:5])
+
+
+@needs_kernel
 @pytest.mark.parametrize("group", [32, 64, 128, 256])
 def test_int4_dequantized_in_one_pass(group):
     """The one-pass int4 -> bf16 weight equals q * scale + zero computed exactly and rounded once

@@ -3,8 +3,8 @@
 ``quant_gemv`` (``quant_gemv.cpp``): the few-row product of weight-only quantized weights that
 decoding spends its time in, for many weights in one call (see the source for the arithmetic),
 and built on it one token's experts (``experts_one_token``) and one new token's attention block
-(``attention_block``); ``dequant_int4``: an int4 weight to bf16 or fp32 in one pass, for
-prefill's GEMMs; ``grouped_swiglu`` (``grouped_swiglu.cpp``): the routed experts of a training
+(``attention_block``); ``dequant_int4`` and ``dequant_int8``: a weight to bf16 or fp32 in one
+pass, for prefill's GEMMs; ``grouped_swiglu`` (``grouped_swiglu.cpp``): the routed experts of a training
 step, one expert per thread, the routing's top-k selection, entropy and sort by expert
 (``topk_indices``, ``routing_entropy``, ``sort_by_expert``), a few tokens' routing for inference
 (``route_tokens``), and one new token's attention over the cache in bf16 (``decode_attention``).
@@ -171,6 +171,14 @@ def dequant_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
     if dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"dequant_int4 writes bf16 or fp32, not {dtype}")
     return torch.ops.deepseek_moe.dequant_int4(packed, scale, zero, group, dtype == torch.float32)
+
+
+def dequant_int8(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The [N, K] weight of a per-channel int8 one in ``dtype`` (bf16 or fp32): ``q * scale``
+    (exact in fp32; bf16: rounded once), in one pass over the weight. See ``quant_gemv.cpp``."""
+    if dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"dequant_int8 writes bf16 or fp32, not {dtype}")
+    return torch.ops.deepseek_moe.dequant_int8(weight, scale, dtype == torch.float32)
 
 
 def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
