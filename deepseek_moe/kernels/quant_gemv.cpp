@@ -435,7 +435,12 @@ at::Tensor quant_gemv(const at::Tensor& x, at::TensorList weights, at::TensorLis
     offset[i + 1] = offset[i] + counts[i];
   }
   const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const bool wide = bits == 4 && group % 128 == 0 && level == 2;  // int4 in 512-bit steps
+  int64_t most = 0;
+  for (int64_t i = 0; i < W; ++i) most = std::max(most, counts[i]);
+  // int4 in 512-bit steps for several rows; one row (decoding) takes `int4_channels`' loop, one
+  // channel at a time, one stream of memory (the 16B's int4 decode on an AVX512-VNNI processor, 2
+  // cores: 10.6 -> 14.3 tokens/s against four channels in 512-bit steps)
+  const bool wide = bits == 4 && group % 128 == 0 && level == 2 && most > 1;
   const int64_t chunk = wide ? 128 : 64;
   const QuantizedRows q = quantize_rows(xf.data_ptr<float>(), M, K, static_cast<int>(bits), group, chunk);
   // int4: per row and chunk of inputs, its blocks' scales, one per lane of the chunk's dot
