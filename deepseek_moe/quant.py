@@ -24,9 +24,11 @@ operation), layers that share an input (query, key and value; gate and up) go in
 (``fused_linears``), and a single layer takes it for its few rows (``GEMV_SINGLE_ROWS``). What happens past those rows
 depends on the CPU's bf16 GEMM (``runtime.fastest_cpu_dtype``, measured once):
 
-- Where bf16 is the faster (AMX, AVX512-BF16), products use torch's CPU kernels for weight-only
-  int8 and int4 (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) with bf16 activations,
-  whose cost grows with the rows; past a number of rows measured on such a machine (2 cores; the
+- Where bf16 is the faster (AMX, AVX512-BF16), an int4 layer takes this package's kernel for up
+  to ``GEMV_SINGLE_ROWS[4]`` rows, and an int8 one torch's CPU kernel for weight-only int8
+  (``_weight_int8pack_mm``; ``_weight_int4pack_mm_for_cpu`` serves int4 only where this package's
+  kernel cannot) with bf16 activations, whose cost grows with the rows; past a number of rows
+  measured on such a machine (2 cores; the
   dequantization costs about 0.5 ms at 1408 x 2048 for int8, and for int4 with the package's
   one-pass kernel, 3.8 ms without it; a row of torch's int4 kernel about 60 us there, so that the
   GEMM wins from 20-48 rows by shape), the weight is dequantized to bf16 and multiplied as a dense
@@ -59,11 +61,16 @@ INT8_KERNEL_ROWS = 40  # fewer rows: the int8 kernel; more: dequantize and a bf1
 INT4_KERNEL_ROWS = 32
 GEMM_ROWS = 32  # the dequantized GEMM's rows are padded to a multiple of this
 GEMV_ROWS = 8  # at most this many rows per expert: the routed experts take this package's kernel
-# A single int8 layer takes it for at most this many rows; a single int4 layer keeps torch's
-# kernel. Measured one weight per call (1408 x 2048, 2 threads): int8 1.2-1.6x torch's for 1-4
-# rows, even at 8; int4 0.7-0.96x (torch's int4 kernel is as fast for one weight alone; many
-# weights in one call, as the experts make, are where this package's kernel gains).
-GEMV_SINGLE_ROWS = {8: 4, 4: 0}  # bits -> most rows of a single layer that take this package's kernel
+# A single int8 layer takes it for at most 4 rows (1408 x 2048, 2 threads: 1.2-1.6x torch's int8
+# kernel for 1-4 rows, even at 8). A single int4 layer takes it for up to 48 rows: torch's int4
+# kernel reads its own copy of the weight, converted the first time a layer meets it and kept (in
+# prefill every expert given few rows: a second copy of those experts, and its conversion in the
+# time of each prompt that routes rows to new experts: a 512-token prompt of the 16B, int4, took
+# 14 s new and 8.5 s repeated); on an AVX512-VNNI machine (AMD EPYC, 2 cores) this package's
+# kernel is also 2x faster than torch's at 1-4 rows, 1.5x at 16-24, and faster than the
+# dequantized GEMM up to 48 rows (1.1 against 1.3 ms); on an AMX machine torch's was 1.04-1.4x
+# faster for one weight alone.
+GEMV_SINGLE_ROWS = {8: 4, 4: 48}  # bits -> most rows of a single layer that take this package's kernel
 # Where the CPU has no fast bf16 GEMM (AVX2 without AVX512-BF16 or AMX; ``fastest_cpu_dtype``),
 # torch's two kernels are slower than this package's at every row count (1408 x 2048, 2 threads,
 # AVX2: int8 1.2-1.5x, int4 1.7-2x, 1-64 rows), which beats dequantizing to fp32 and an fp32 GEMM

@@ -32,8 +32,10 @@ SMALL = dict(vocab_size=512, hidden_size=64, num_attention_heads=4, num_key_valu
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quant_linear_kernels_equal_the_dequantized_weight(bits, gemm_dtype, monkeypatch):
     """Every path of ``QuantLinear`` on both sides of each switch: on a CPU whose bf16 GEMM is the
-    faster, torch's int8 / int4 kernels then a bf16 GEMM; on one without (fp32), this package's
-    kernel for up to ``GEMV_SINGLE_ROWS_FP32`` rows, then an fp32 GEMM."""
+    faster, this package's kernel for up to ``GEMV_SINGLE_ROWS[bits]`` rows, torch's int8 kernel
+    (int4: only without the package's kernel), then a bf16 GEMM; on one without (fp32), this
+    package's kernel for up to ``GEMV_SINGLE_ROWS_FP32`` rows, then an fp32 GEMM. No converted
+    copy of the weight is kept (torch's int4 kernel would keep one)."""
     from deepseek_moe import kernels, quant, runtime
 
     monkeypatch.setenv(runtime.AUTO_DTYPE_ENV, gemm_dtype)
@@ -47,14 +49,13 @@ def test_quant_linear_kernels_equal_the_dequantized_weight(bits, gemm_dtype, mon
     m = QuantLinear(256, 96, bits, 64)
     for k, v in stored.items():
         getattr(m, k).copy_(v)
-    if gemm_dtype == "float32":
-        limit = GEMV_SINGLE_ROWS_FP32
-    else:
-        limit = INT8_KERNEL_ROWS if bits == 8 else INT4_KERNEL_ROWS
+    single = GEMV_SINGLE_ROWS_FP32 if gemm_dtype == "float32" else GEMV_SINGLE_ROWS[bits]
+    switches = [single] + ([] if gemm_dtype == "float32" else [INT8_KERNEL_ROWS if bits == 8 else INT4_KERNEL_ROWS])
     calls = []
     real = kernels.quant_gemv
     monkeypatch.setattr(kernels, "quant_gemv", lambda x, *a: calls.append(x.shape[0]) or real(x, *a))
-    row_counts = (1, 3, limit - 1, limit, limit + 1, 2 * limit)  # both sides of the switches
+    # x has 2 rows per count: both sides of each switch, and past them
+    row_counts = sorted({1, 3, max(switches), *(s // 2 + d for s in switches for d in (-1, 0, 1) if s // 2 + d > 0)})
     try:
         for rows in row_counts:
             x = torch.randn(2, rows, 256)
@@ -64,8 +65,9 @@ def test_quant_linear_kernels_equal_the_dequantized_weight(bits, gemm_dtype, mon
             assert ((y.float() - ref).norm() / ref.norm()).item() < 0.01
     finally:
         runtime.fastest_cpu_dtype.cache_clear()
-    if gemm_dtype == "float32" and kernels.available():  # the package's kernel up to the limit only
-        assert calls == [2 * r for r in row_counts if 2 * r <= limit] and len(calls) >= 2
+    if kernels.available():  # the package's kernel up to its limit only
+        assert calls == [2 * r for r in row_counts if 2 * r <= single] and len(calls) >= 2
+        assert m._kernel_weight is None
 
 
 def test_what_is_quantized():
