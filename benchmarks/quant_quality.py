@@ -14,7 +14,6 @@ loss, int4 within +3%) are checked.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -43,16 +42,24 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new", type=int, default=32, help="greedy tokens per prompt")
     ap.add_argument("--max-tokens", type=int, default=None, help="test tokens scored per domain")
-    ap.add_argument("--json", help="write the rows here too")
+    ap.add_argument("--json", help="write the rows here too (a new file; --force replaces one)")
+    ap.add_argument("--force", action="store_true", help="replace the --json file if it exists")
     args = ap.parse_args()
+    if args.json and Path(args.json).exists() and not args.force:
+        ap.error(f"{args.json} exists: pass --force to replace it")
 
     from deepseek_moe.evaluate import eval_cache, evaluate_splits
     from deepseek_moe.generate import generate
     from deepseek_moe.quantize import quantize_checkpoint
-    from deepseek_moe.runs import load_checkpoint, run_train_config
+    from deepseek_moe.atomic import write_json_atomic
+    from deepseek_moe.checkpoint import CheckpointError
+    from deepseek_moe.runs import load_checkpoint, resolve_checkpoint, run_train_config
 
     torch.manual_seed(0)
-    _, _, ckpt, run = load_checkpoint(args.checkpoint)
+    try:
+        ckpt, run = resolve_checkpoint(args.checkpoint)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}")
     settings = run_train_config(run)
     seq_len = settings.seq_len if settings is not None else 256
     cache = eval_cache(ckpt, run, progress=False)
@@ -95,7 +102,7 @@ def main() -> int:
         r["relative_to_fp32"] = rel
         print(f"| {r['mode']} | {r['test_loss']:.4f} | {rel:+.3%} | {ok} | {r['greedy_agreement']:.2f} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"checkpoint": str(ckpt), "rows": rows}, indent=1))
+        write_json_atomic(Path(args.json), {"checkpoint": str(ckpt), "rows": rows})
     return 1 if failed else 0
 
 

@@ -28,11 +28,10 @@ depends on the CPU's bf16 GEMM (``runtime.fastest_cpu_dtype``, measured once):
   to ``GEMV_SINGLE_ROWS[4]`` rows, and an int8 one torch's CPU kernel for weight-only int8
   (``_weight_int8pack_mm``; ``_weight_int4pack_mm_for_cpu`` serves int4 only where this package's
   kernel cannot) with bf16 activations, whose cost grows with the rows; past a number of rows
-  measured on such a machine (2 cores; the
-  dequantization costs about 0.5 ms at 1408 x 2048 for int8, and for int4 with the package's
-  one-pass kernel, 3.8 ms without it; a row of torch's int4 kernel about 60 us there, so that the
-  GEMM wins from 20-48 rows by shape), the weight is dequantized to bf16 and multiplied as a dense
-  GEMM instead.
+  measured on such a machine (2 cores; the dequantization costs about 0.5 ms at 1408 x 2048 for
+  int8, and for int4 with the package's one-pass kernel, 3.8 ms without it; a row of torch's int4
+  kernel about 60 us there, so that the GEMM wins from 20-48 rows by shape), the weight is
+  dequantized to bf16 and multiplied as a dense GEMM instead.
 - Where it is not (AVX2 alone: a bf16 GEMM there runs at a few GFLOP/s, and torch's two kernels
   are slower than this package's at every row count), a layer takes this package's kernel for up
   to ``GEMV_SINGLE_ROWS_FP32`` rows and otherwise dequantizes its weight to fp32 for an fp32 GEMM.
