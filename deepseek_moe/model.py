@@ -301,6 +301,10 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, Optional[MoEAux]]:
         fused = self.self_attn.decode_block(x, self.input_layernorm, cos, sin, kv, start, mask)
         x = fused if fused is not None else x + self.self_attn(self.input_layernorm(x), cos, sin, kv, start, mask)
+        if self.is_moe and not routing_stats:
+            block = self.mlp.decode_block(x, self.post_attention_layernorm)
+            if block is not None:
+                return block
         h = self.post_attention_layernorm(x)
         if self.is_moe:
             y, aux = self.mlp(h, input_ids, valid_BS, routing_stats)

@@ -117,6 +117,95 @@ def test_quant_gemv_refuses_what_it_cannot_compute():
         _call(x, _stored(4, 32, 1, 16, 64), 4, 32, [0], [1])
 
 
+needs_gemm = pytest.mark.skipif(not kernels.gemm_available(), reason="no AVX512-VNNI integer GEMM on this processor")
+
+
+def gemm_int4_reference(x: torch.Tensor, t: dict, group: int, act_group: int) -> torch.Tensor:
+    """``quant_gemm_int4`` spelt out: the activations quantized to int8 per row and group of
+    ``act_group`` inputs (the group's largest magnitude as 127), the product of the dequantized
+    weight (groups of ``group``) with them, in float64."""
+    M, K = x.shape
+    xg = x.float().view(M, K // act_group, act_group)
+    amax = xg.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127) / amax, torch.zeros_like(amax))  # as the kernel divides
+    xq = (torch.round(xg * inv).double() * (amax.double() / 127)).view(M, K)
+    return (xq @ dequantize(t, 4, group, torch.float64).T).float()
+
+
+@needs_gemm
+@pytest.mark.parametrize("M, N, K, group, act_group", [(1, 16, 64, 64, 64), (7, 40, 256, 128, 64),
+                                                       (7, 40, 256, 128, 128), (13, 96, 512, 256, 64),
+                                                       (50, 33, 1216, 64, 64), (6, 64, 384, 128, 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quant_gemm_int4_equals_its_arithmetic(M, N, K, group, act_group, dtype):
+    """Row counts on both sides of the six-row tile, channels that fill panels of 32 or not, weight
+    groups of 64 to 256 inputs (19 groups of 64 in one case) and activation groups of 64 or the
+    weight's, fp32 and bf16 activations, a weight whose rows are a slice of a wider one's, a row of
+    zeros (scale 0) and a group of one large input."""
+    g = torch.Generator().manual_seed(M + N)
+    t = quantize_weight(torch.randn(N, K + 256, generator=g) * 0.02, 4, group)
+    sliced = {"weight_packed": t["weight_packed"][:, :K // 2], "weight_scale": t["weight_scale"][:, :K // group],
+              "weight_zero": t["weight_zero"][:, :K // group]}
+    x = torch.randn(M, K, generator=g)
+    x[M // 2] = 0
+    x[0, :group] = torch.where(torch.arange(group) == 5, 1e3, 1e-3)
+    x = x.to(dtype)
+    ref = gemm_int4_reference(x, {k: v.contiguous() for k, v in sliced.items()}, group, act_group)
+    out = kernels.quant_gemm_int4(x, sliced["weight_packed"], sliced["weight_scale"], sliced["weight_zero"], group,
+                                  act_group)
+    assert out.shape == (M, N) and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    assert out[M // 2].abs().max().item() == 0 or M == 1
+    # what quantizing the activations per group costs, against the unquantized product
+    plain = x.float() @ dequantize(sliced, 4, group, torch.float32).T
+    assert ((out - plain).norm() / plain.norm()).item() < 0.01
+
+
+@needs_gemm
+@pytest.mark.parametrize("M, N, K, group", [(1, 16, 64, 64), (7, 40, 256, 128), (50, 33, 1216, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quant_gemm_int8_equals_its_arithmetic(M, N, K, group, dtype):
+    """The int8 GEMM: the dequantized weight (weights of both signs, up to +-127) times the
+    activations quantized per row and group; a weight whose rows are a slice of a wider one's, a
+    row of zeros."""
+    g = torch.Generator().manual_seed(M + N)
+    t = quantize_weight(torch.randn(N, K + 64, generator=g) * 0.02, 8)
+    weight = t["weight"][:, :K]
+    x = torch.randn(M, K, generator=g)
+    if M > 1:
+        x[M // 2] = 0
+    x = x.to(dtype)
+    deq = {"weight": weight.contiguous(), "weight_scale": t["weight_scale"]}
+    xg = x.float().view(M, K // group, group)
+    amax = xg.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127) / amax, torch.zeros_like(amax))
+    xq = (torch.round(xg * inv).double() * (amax.double() / 127)).view(M, K)
+    ref = (xq @ dequantize(deq, 8, 128, torch.float64).T).float()
+    out = kernels.quant_gemm_int8(x, weight, t["weight_scale"], group)
+    assert out.shape == (M, N) and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    plain = x.float() @ dequantize(deq, 8, 128, torch.float32).T
+    assert ((out - plain).norm() / plain.norm()).item() < 0.01
+
+
+@needs_gemm
+def test_quant_gemm_refuses_what_it_cannot_compute():
+    t = quantize_weight(torch.randn(16, 128), 4, 64)
+    with pytest.raises(RuntimeError, match="multiple of 64"):
+        kernels.quant_gemm_int4(torch.randn(2, 128), t["weight_packed"], t["weight_scale"], t["weight_zero"], 64, 32)
+    with pytest.raises(RuntimeError, match="must divide the weight's"):
+        kernels.quant_gemm_int4(torch.randn(2, 128), t["weight_packed"], t["weight_scale"], t["weight_zero"], 64, 128)
+    with pytest.raises(RuntimeError, match="uint8"):
+        kernels.quant_gemm_int4(torch.randn(2, 256), t["weight_packed"], t["weight_scale"], t["weight_zero"], 64)
+    with pytest.raises(RuntimeError, match="scale and zero"):
+        kernels.quant_gemm_int4(torch.randn(2, 128), t["weight_packed"], t["weight_scale"][:8], t["weight_zero"], 64)
+    t8 = quantize_weight(torch.randn(16, 128), 8)
+    with pytest.raises(RuntimeError, match="int8"):
+        kernels.quant_gemm_int8(torch.randn(2, 128), t8["weight"].float(), t8["weight_scale"], 64)
+    with pytest.raises(RuntimeError, match="multiple of 64"):
+        kernels.quant_gemm_int8(torch.randn(2, 96), t8["weight"][:, :96], t8["weight_scale"], 96)
+
+
 def test_the_kernels_can_be_switched_off():
     code = ("from deepseek_moe import kernels; import sys, torch; "
             "from deepseek_moe.moe import GroupedExperts; "
@@ -881,6 +970,27 @@ def test_a_bf16_models_decode_step_takes_the_attention_kernel(monkeypatch):
     assert torch.allclose(step, full, atol=0.05 * full.abs().max().item())
 
 
+def _random_quantized_bf16(cfg, bits: int, group: int, expert_list: bool = False):
+    """A model of ``cfg`` quantized (``bits``, ``group``) with random weights, in bf16; and the
+    generator that made them, for its inputs. ``expert_list``: one module per expert, as a
+    quantized checkpoint loads."""
+    from deepseek_moe.model import DeepseekForCausalLM
+    from deepseek_moe.moe.layer import use_expert_list
+    from deepseek_moe.quant import quantize_modules, quantized_layers
+
+    torch.manual_seed(0)
+    model = DeepseekForCausalLM(cfg).eval()
+    if expert_list:
+        use_expert_list(model)
+    quantize_modules(model, bits, group)
+    g = torch.Generator().manual_seed(0)
+    for m in quantized_layers(model):
+        for k, v in quantize_weight(torch.randn(m.out_features, m.in_features, generator=g) * 0.05, m.bits,
+                                    m.group_size).items():
+            getattr(m, k).copy_(v)
+    return model.to(torch.bfloat16), g
+
+
 @pytest.mark.parametrize("batch", [1, 2])
 def test_one_operation_from_projections_to_attention_equals_the_steps(monkeypatch, batch):
     """A quantized bf16 model's decode steps with its attention block in one operation
@@ -891,19 +1001,10 @@ def test_one_operation_from_projections_to_attention_equals_the_steps(monkeypatc
     if not kernels.available():
         pytest.skip(f"no kernel here: {kernels.load()}")
     from deepseek_moe import model as model_module
-    from deepseek_moe.model import DeepseekForCausalLM, KVCache
+    from deepseek_moe.model import KVCache
     from deepseek_moe.presets import get_config
-    from deepseek_moe.quant import quantize_modules, quantized_layers
 
-    torch.manual_seed(0)
-    model = DeepseekForCausalLM(get_config("tiny", vocab_size=97, num_hidden_layers=2)).eval()
-    quantize_modules(model, 4, 64)
-    g = torch.Generator().manual_seed(0)
-    for m in quantized_layers(model):
-        for k, v in quantize_weight(torch.randn(m.out_features, m.in_features, generator=g) * 0.05, m.bits,
-                                    m.group_size).items():
-            getattr(m, k).copy_(v)
-    model = model.to(torch.bfloat16)
+    model, g = _random_quantized_bf16(get_config("tiny", vocab_size=97, num_hidden_layers=2), 4, 64)
     prompt, steps = torch.randint(0, 97, (batch, 5), generator=g), torch.randint(0, 97, (batch, 4), generator=g)
 
     def decode():
@@ -930,3 +1031,54 @@ def test_one_operation_from_projections_to_attention_equals_the_steps(monkeypatc
     assert torch.equal(fused, stepwise) and torch.equal(whole, stepwise)
     for a, b, c in zip(fused_cache.k + fused_cache.v, stepwise_cache.k + stepwise_cache.v, whole_cache.k + whole_cache.v):
         assert torch.equal(a, b) and torch.equal(c, b)
+
+
+@pytest.mark.parametrize("bits, group", [(8, 128), (4, 64)])
+def test_one_tokens_moe_block_in_one_operation_equals_the_steps(monkeypatch, bits, group):
+    """A quantized bf16 model decoding with no statistics (generation): each MoE layer's block in
+    one operation (``moe_block``: norm, routing, routed and shared experts, residual) gives the
+    logits and the assignments per expert of the same steps taken one by one, bit for bit; after an
+    expert's stored tensors are replaced, the operation reads the new ones."""
+    if not kernels.available():
+        pytest.skip(f"no kernel here: {kernels.load()}")
+    from deepseek_moe.model import KVCache
+    from deepseek_moe.moe.layer import DeepseekMoE
+    from deepseek_moe.presets import get_config
+
+    cfg = get_config("tiny", vocab_size=97, hidden_size=128, moe_intermediate_size=64, n_shared_experts=2,
+                     n_routed_experts=8, num_experts_per_tok=3, first_k_dense_replace=1, num_hidden_layers=3)
+    model, g = _random_quantized_bf16(cfg, bits, group, expert_list=True)
+    expert = model.model.layers[-1].mlp.experts[1].up_proj
+    assert expert.bits == bits
+    prompt, steps = torch.randint(0, 97, (1, 5), generator=g), torch.randint(0, 97, (1, 4), generator=g)
+    n_moe = sum(1 for layer in model.model.layers if layer.is_moe)
+
+    def decode():
+        cache = KVCache.for_model(model, 1, 12)
+        with torch.inference_mode():
+            model(prompt, cache=cache, routing_stats=False)
+            outs = [model(steps[:, i:i + 1], cache=cache, routing_stats=False) for i in range(steps.shape[1])]
+        return torch.cat([o.logits for o in outs], 1), torch.stack([o.tokens_per_expert for o in outs])
+
+    blocks = []
+    real = kernels.moe_block
+    monkeypatch.setattr(kernels, "moe_block", lambda *a: blocks.append(1) or real(*a))
+    whole, whole_counts = decode()
+    assert len(blocks) == n_moe * steps.shape[1]  # every MoE layer's every new token
+    with monkeypatch.context() as m:
+        m.setattr(DeepseekMoE, "decode_block", lambda *a: None)
+        stepwise, stepwise_counts = decode()
+    assert len(blocks) == n_moe * steps.shape[1]
+    assert torch.equal(whole, stepwise) and torch.equal(whole_counts, stepwise_counts)
+    assert whole_counts.sum().item() == n_moe * steps.shape[1] * cfg.num_experts_per_tok
+    # every expert's up projection replaced by new tensors: the table follows
+    for layer in model.model.layers:
+        if layer.is_moe:
+            for e in layer.mlp.experts:
+                for name, t in e.up_proj.stored().items():
+                    setattr(e.up_proj, name, t.flip(0).clone())
+    changed, _ = decode()
+    assert not torch.equal(changed, whole)
+    with monkeypatch.context() as m:
+        m.setattr(DeepseekMoE, "decode_block", lambda *a: None)
+        assert torch.equal(changed, decode()[0])

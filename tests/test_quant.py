@@ -17,8 +17,8 @@ from deepseek_moe.generate import generate
 from deepseek_moe.model import DeepseekForCausalLM
 from deepseek_moe.moe.experts import ExpertList
 from deepseek_moe.presets import get_config
-from deepseek_moe.quant import (GEMV_SINGLE_ROWS, GEMV_SINGLE_ROWS_FP32, INT4_KERNEL_ROWS, INT8_KERNEL_ROWS, QuantLinear, dequantize, bits_for,
-                                quantize_weight)
+from deepseek_moe.quant import (GEMV_SINGLE_ROWS, GEMV_SINGLE_ROWS_FP32, INT4_KERNEL_ROWS, INT_GEMM_ROWS, INT8_KERNEL_ROWS,
+                                QuantLinear, bits_for, dequantize, quantize_weight)
 from deepseek_moe.quantize import quantize_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,15 +29,20 @@ SMALL = dict(vocab_size=512, hidden_size=64, num_attention_heads=4, num_key_valu
 
 
 @pytest.mark.parametrize("gemm_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("int_gemm", [False, True])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_quant_linear_kernels_equal_the_dequantized_weight(bits, gemm_dtype, monkeypatch):
+def test_quant_linear_kernels_equal_the_dequantized_weight(bits, int_gemm, gemm_dtype, monkeypatch):
     """Every path of ``QuantLinear`` on both sides of each switch: on a CPU whose bf16 GEMM is the
     faster, this package's kernel for up to ``GEMV_SINGLE_ROWS[bits]`` rows, torch's int8 kernel
     (int4: only without the package's kernel), then a bf16 GEMM; on one without (fp32), this
-    package's kernel for up to ``GEMV_SINGLE_ROWS_FP32`` rows, then an fp32 GEMM. No converted
-    copy of the weight is kept (torch's int4 kernel would keep one)."""
+    package's kernel for up to ``GEMV_SINGLE_ROWS_FP32`` rows, then an fp32 GEMM; on a CPU with
+    AVX512-VNNI, the few-row kernel below ``INT_GEMM_ROWS[bits]`` rows and the integer GEMM from
+    there. No converted copy of the weight is kept (torch's int4 kernel would keep one)."""
     from deepseek_moe import kernels, quant, runtime
 
+    if int_gemm and not kernels.gemm_available():
+        pytest.skip("no AVX512-VNNI integer GEMM on this processor")
+    monkeypatch.setattr(quant, "_int_gemm", lambda: int_gemm)
     monkeypatch.setenv(runtime.AUTO_DTYPE_ENV, gemm_dtype)
     runtime.fastest_cpu_dtype.cache_clear()
     torch.manual_seed(0)
@@ -51,22 +56,30 @@ def test_quant_linear_kernels_equal_the_dequantized_weight(bits, gemm_dtype, mon
         getattr(m, k).copy_(v)
     single = GEMV_SINGLE_ROWS_FP32 if gemm_dtype == "float32" else GEMV_SINGLE_ROWS[bits]
     switches = [single] + ([] if gemm_dtype == "float32" else [INT8_KERNEL_ROWS if bits == 8 else INT4_KERNEL_ROWS])
-    calls = []
+    if int_gemm:
+        single, switches = INT_GEMM_ROWS[bits] - 1, [INT_GEMM_ROWS[bits]]
+    calls, gemm_calls = [], []
     real = kernels.quant_gemv
     monkeypatch.setattr(kernels, "quant_gemv", lambda x, *a: calls.append(x.shape[0]) or real(x, *a))
-    # x has 2 rows per count: both sides of each switch, and past them
-    row_counts = sorted({1, 3, max(switches), *(s // 2 + d for s in switches for d in (-1, 0, 1) if s // 2 + d > 0)})
+    for name in ("quant_gemm_int8", "quant_gemm_int4"):
+        monkeypatch.setattr(kernels, name, lambda x, *a, f=getattr(kernels, name): gemm_calls.append(x.shape[0]) or f(x, *a))
+    # x has B rows per count (B = 2; 1 for the integer GEMM, whose int8 switch is at 2 rows): both
+    # sides of each switch, and past them
+    B = 1 if int_gemm else 2
+    row_counts = sorted({1, 3, max(switches), *(s // B + d for s in switches for d in (-1, 0, 1) if s // B + d > 0)})
     try:
         for rows in row_counts:
-            x = torch.randn(2, rows, 256)
+            x = torch.randn(B, rows, 256)
             ref = x.bfloat16().float() @ deq.T
             y = m(x)
-            assert y.shape == (2, rows, 96) and y.dtype == torch.bfloat16
+            assert y.shape == (B, rows, 96) and y.dtype == torch.bfloat16
             assert ((y.float() - ref).norm() / ref.norm()).item() < 0.01
     finally:
         runtime.fastest_cpu_dtype.cache_clear()
     if kernels.available():  # the package's kernel up to its limit only
-        assert calls == [2 * r for r in row_counts if 2 * r <= single] and len(calls) >= 2
+        assert calls == [B * r for r in row_counts if B * r <= single] and len(calls) >= (1 if int_gemm else 2)
+        assert gemm_calls == ([B * r for r in row_counts if B * r > single] if int_gemm else [])
+        assert len(gemm_calls) >= (2 if int_gemm else 0)
         assert m._kernel_weight is None
 
 

@@ -2,10 +2,13 @@
 
 ``quant_gemv`` (``quant_gemv.cpp``): the few-row product of weight-only quantized weights that
 decoding spends its time in, for many weights in one call (see the source for the arithmetic),
-and built on it one token's experts (``experts_one_token``) and one new token's attention block
-(``attention_block``); ``dequant_int4`` and ``dequant_int8``: a weight to bf16 or fp32 in one
-pass, for prefill's GEMMs; ``grouped_swiglu`` (``grouped_swiglu.cpp``): the routed experts of a training
-step, one expert per thread, the routing's top-k selection, entropy and sort by expert
+and built on it one token's experts (``experts_one_token``), one new token's attention block
+(``attention_block``) and mixture-of-experts block (``moe_block``, with the experts' tensors held
+by the library: ``expert_table``); ``quant_gemm_int8`` and ``quant_gemm_int4``
+(``quant_gemm.cpp``, AVX512-VNNI): many rows by a quantized weight in integer arithmetic, for
+prefill; ``dequant_int4`` and ``dequant_int8``: a weight to bf16 or fp32 in one pass, for
+prefill's GEMMs elsewhere; ``grouped_swiglu`` (``grouped_swiglu.cpp``): the routed experts of a
+training step, one expert per thread, the routing's top-k selection, entropy and sort by expert
 (``topk_indices``, ``routing_entropy``, ``sort_by_expert``), a few tokens' routing for inference
 (``route_tokens``), and one new token's attention over the cache in bf16 (``decode_attention``).
 The library is compiled (``grouped_swiglu.cpp`` for this processor, ``-march=native``) once per
@@ -34,7 +37,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name(n) for n in ("quant_gemv.cpp", "grouped_swiglu.cpp")]
+_SOURCES = [Path(__file__).with_name(n) for n in ("quant_gemv.cpp", "quant_gemm.cpp", "grouped_swiglu.cpp")]
 _state: dict[str, object] = {}
 
 
@@ -161,6 +164,46 @@ def quant_gemv(x: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.
     """``out[o_i + r] = W_i x[starts[i] + r]`` for every weight ``i`` and ``r < counts[i]``
     (``o_i`` the sum of the earlier counts): fp32 [sum(counts), N]. See ``quant_gemv.cpp``."""
     return torch.ops.deepseek_moe.quant_gemv(x, weights, scales, zeros, starts, counts, bits, group)
+
+
+def gemm_available() -> bool:
+    """Whether ``quant_gemm_int4`` can be called: the library loads and the processor has
+    AVX512-VNNI."""
+    if "gemm" not in _state:
+        _state["gemm"] = library_reason() is None and bool(torch.ops.deepseek_moe.quant_gemm_supported())
+    return bool(_state["gemm"])
+
+
+def quant_gemm_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                    group: int, act_group: int = 64) -> torch.Tensor:
+    """``x W^T`` fp32 [M, N] for x [M, K] (fp32 or bf16) and a weight of int4 in groups of
+    ``group`` inputs (``quant`` module's layout), in integer arithmetic: the activations quantized
+    to int8 per row and group of ``act_group`` inputs (a multiple of 64 that divides ``group``).
+    For many rows (prefill); check ``gemm_available`` first. See ``quant_gemm.cpp``."""
+    return torch.ops.deepseek_moe.quant_gemm_int4(x, packed, scale, zero, group, act_group)
+
+
+def quant_gemm_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
+    """``x W^T`` fp32 [M, N] for x [M, K] (fp32 or bf16) and a per-channel int8 weight, in integer
+    arithmetic: the activations quantized to int8 per row and group of ``group`` inputs (a
+    multiple of 64). Check ``gemm_available`` first. See ``quant_gemm.cpp``."""
+    return torch.ops.deepseek_moe.quant_gemm_int8(x, weight, scale, group)
+
+
+def expert_table(tensors: list[torch.Tensor], experts: int, pieces: int, per: int) -> object:
+    """The stored tensors of a mixture-of-experts layer's experts as ``moe_block`` takes them, held
+    by the library: per projection (gate, up, down), per routed expert and then per shared piece,
+    ``per`` tensors (weight, scale; int4: and zero). See ``quant_gemv.cpp``."""
+    return torch.classes.deepseek_moe.ExpertTable(tensors, experts, pieces, per)
+
+
+def moe_block(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, centroids: torch.Tensor, k: int, norm: bool,
+              scale: float, table: object, bits: int, group: int, down_group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One new token's mixture-of-experts block of a quantized bf16 model, ``x + moe(rms_norm(x))``
+    for x bf16 [1, 1, D], in one operation (the steps' numbers): ``(new x, assignments per expert
+    int64 [E])``. See ``quant_gemv.cpp``."""
+    return torch.ops.deepseek_moe.moe_block(x, norm_weight, eps, centroids, k, norm, scale, table, bits, group,
+                                            down_group)
 
 
 def dequant_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,

@@ -1025,11 +1025,14 @@ Tensor decode_attention_rope(const Tensor& qkv, const Tensor& cos, const Tensor&
 
 }  // namespace
 
-// For quant_gemv.cpp's attention block, which takes this step.
+// For quant_gemv.cpp's attention and mixture-of-experts blocks, which take these steps.
 namespace deepseek_moe_kernels {
 at::Tensor attention_rope(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache,
                           const at::Tensor& v_cache, int64_t start, double scale) {
   return decode_attention_rope(qkv, cos, sin, k_cache, v_cache, start, scale);
+}
+std::tuple<at::Tensor, at::Tensor> route(const at::Tensor& x, const at::Tensor& w, int64_t k, bool norm, double scale) {
+  return route_tokens(x, w, k, norm, scale);
 }
 }  // namespace deepseek_moe_kernels
 

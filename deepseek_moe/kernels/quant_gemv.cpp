@@ -27,6 +27,7 @@
 // without such flags (only the kernel functions carry them), so the library loads on any x86-64
 // processor.
 
+#include <torch/custom_class.h>
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -37,9 +38,10 @@
 #include <cstring>
 #include <vector>
 
-namespace deepseek_moe_kernels {  // grouped_swiglu.cpp's decode_attention_rope
+namespace deepseek_moe_kernels {  // grouped_swiglu.cpp's decode_attention_rope and route_tokens
 at::Tensor attention_rope(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache,
                           const at::Tensor& v_cache, int64_t start, double scale);
+std::tuple<at::Tensor, at::Tensor> route(const at::Tensor& x, const at::Tensor& w, int64_t k, bool norm, double scale);
 }
 
 namespace {
@@ -712,9 +714,73 @@ at::Tensor attention_block(const at::Tensor& x, const at::Tensor& norm_weight, d
   return out;
 }
 
+// The stored tensors of a mixture-of-experts layer's experts, for `moe_block`: per projection
+// (gate, up, down), per routed expert and then per piece of the shared experts
+// (`QuantLinear.pieces`), its weight, scale and (int4) zero; built once per layer.
+struct ExpertTable : torch::CustomClassHolder {
+  std::vector<at::Tensor> tensors;
+  int64_t experts, pieces, per;
+  ExpertTable(std::vector<at::Tensor> t, int64_t experts_, int64_t pieces_, int64_t per_)
+      : tensors(std::move(t)), experts(experts_), pieces(pieces_), per(per_) {
+    TORCH_CHECK(experts > 0 && pieces >= 0 && (per == 2 || per == 3) &&
+                    static_cast<int64_t>(tensors.size()) == 3 * (experts + pieces) * per,
+                "an expert table holds 3 projections x (experts + pieces) x 2 or 3 tensors");
+  }
+  const at::Tensor& get(int64_t projection, int64_t i, int64_t field) const {
+    return tensors[(projection * (experts + pieces) + i) * per + field];
+  }
+};
+
+// One new token's mixture-of-experts block of a quantized bf16 model (decoding) in one operation:
+// x + moe(rms_norm(x)) for x [1, 1, D]: `rms_norm_rows`, the routing (`route_tokens`: the top k of
+// the softmax over the centroids' logits, the gates normalised where `norm`, times `scale`), the
+// routed experts and the shared experts' pieces (`experts_one_token`), the sum rounded to bf16 and
+// the residual sum rounded to bf16: those steps' numbers. Returns (the new x, the token's
+// assignments per expert: int64 [E]).
+std::tuple<at::Tensor, at::Tensor> moe_block(const at::Tensor& x, const at::Tensor& norm_weight, double eps,
+                                             const at::Tensor& centroids, int64_t k, bool norm, double scale,
+                                             const c10::intrusive_ptr<ExpertTable>& table, int64_t bits,
+                                             int64_t group, int64_t down_group) {
+  TORCH_CHECK(x.dim() == 3 && x.size(0) == 1 && x.size(1) == 1 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(),
+              "x must be a contiguous bf16 [1, 1, D] tensor");
+  const int64_t D = x.size(2), E = table->experts, P = table->pieces;
+  TORCH_CHECK(centroids.dim() == 2 && centroids.size(0) == E, "one centroid per routed expert of the table");
+  TORCH_CHECK(k >= 1 && k <= E, "cannot route to ", k, " of ", E, " experts");
+  const at::Tensor h = rms_norm_rows(x, norm_weight, eps).view({1, D});
+  const auto routed = deepseek_moe_kernels::route(h, centroids, k, norm, scale);
+  const at::Tensor& ids = std::get<0>(routed);
+  const int64_t* id = ids.data_ptr<int64_t>();
+  const int64_t F = table->per;
+  std::vector<at::Tensor> gu[3], dn[3];
+  for (int64_t projection = 0; projection < 2; ++projection) {
+    for (int64_t j = 0; j < k + P; ++j) {
+      const int64_t i = j < k ? id[j] : E + (j - k);
+      for (int64_t f = 0; f < F; ++f) gu[f].push_back(table->get(projection, i, f));
+    }
+  }
+  for (int64_t j = 0; j < k + P; ++j) {
+    const int64_t i = j < k ? id[j] : E + (j - k);
+    for (int64_t f = 0; f < F; ++f) dn[f].push_back(table->get(2, i, f));
+  }
+  const at::Tensor y = experts_one_token(h, gu[0], gu[1], gu[2], dn[0], dn[1], dn[2], std::get<1>(routed).view({-1}),
+                                         bits, group, down_group);
+  TORCH_CHECK(y.size(1) == D, "the experts give ", y.size(1), " values, not ", D);
+  at::Tensor out = at::empty_like(x);
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  const float* yp = y.data_ptr<float>();
+  uint16_t* outp = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  for (int64_t i = 0; i < D; ++i)
+    outp[i] = float_to_bf16(bf16_to_float(xp[i]) + bf16_to_float(float_to_bf16(yp[i])));
+  at::Tensor counts = at::zeros({E}, ids.options());
+  int64_t* c = counts.data_ptr<int64_t>();
+  for (int64_t j = 0; j < k; ++j) ++c[id[j]];
+  return {out, counts};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(deepseek_moe, m) {
+  m.class_<ExpertTable>("ExpertTable").def(torch::init<std::vector<at::Tensor>, int64_t, int64_t, int64_t>());
   m.def("quant_gemv(Tensor x, Tensor[] weights, Tensor[] scales, Tensor[] zeros, int[] starts, "
         "int[] counts, int bits, int group) -> Tensor");
   m.def("quant_gemv_supported() -> bool", &quant_gemv_supported);
@@ -724,6 +790,8 @@ TORCH_LIBRARY(deepseek_moe, m) {
   m.def("experts_one_token(Tensor x, Tensor[] gate_up, Tensor[] gate_up_scales, Tensor[] gate_up_zeros, "
         "Tensor[] down, Tensor[] down_scales, Tensor[] down_zeros, Tensor gates, int bits, int group, "
         "int down_group) -> Tensor");
+  m.def("moe_block(Tensor x, Tensor norm_weight, float eps, Tensor centroids, int k, bool norm, float scale, "
+        "__torch__.torch.classes.deepseek_moe.ExpertTable table, int bits, int group, int down_group) -> (Tensor, Tensor)");
   m.def("attention_block(Tensor x, Tensor norm_weight, float eps, Tensor[] qkv, Tensor[] qkv_scales, "
         "Tensor[] qkv_zeros, Tensor[] o, Tensor[] o_scales, Tensor[] o_zeros, int bits, int group, int o_bits, "
         "int o_group, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int start, float scale) -> Tensor");
@@ -736,4 +804,5 @@ TORCH_LIBRARY_IMPL(deepseek_moe, CPU, m) {
   m.impl("rms_norm_rows", &rms_norm_rows);
   m.impl("experts_one_token", &experts_one_token);
   m.impl("attention_block", &attention_block);
+  m.impl("moe_block", &moe_block);
 }

@@ -64,7 +64,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .. import kernels
-from ..quant import FUSED_ROWS, GEMV_ROWS, QuantLinear, gemv, gemv_usable, kernel_args
+from ..quant import FUSED_ROWS, GEMV_ROWS, QuantLinear, gemv, gemv_usable, kernel_args, storage_generation
 
 
 # In bf16/fp16 the row counts of the per-expert GEMMs whose rows are independent are rounded up
@@ -800,6 +800,37 @@ class ExpertList(nn.ModuleList):
             return None
         return kernels.experts_one_token(x_1D, *kernel_args(ins), *kernel_args(outs), gate_K.float().contiguous(),
                                          ins[0].bits, ins[0].group_size, outs[0].group_size)
+
+    def expert_table(self, shared: nn.Module) -> Optional[tuple[object, int, int, int]]:
+        """The stored tensors of every routed expert and of the shared experts' pieces
+        (``shared_pieces``) held by the package's library (``kernels.expert_table``), for one
+        token's whole block in one operation (``DeepseekMoE.decode_block``): (table, bits, group,
+        down projections' group). Built once and kept while no quantized layer's tensors change
+        (``quant.storage_generation``); None where the kernel cannot take these experts (not
+        quantized alike, shapes it does not serve, no kernel)."""
+        kept = self.__dict__.get("_expert_table")
+        generation = storage_generation()
+        if kept is not None and kept[0] == generation and kept[1] is shared:
+            return kept[2]
+        table = None
+        pieces = self.shared_pieces(shared)
+        if pieces is not None:
+            experts = list(self._modules.values())
+            projections = [[e._modules[name] for e in experts] + list(cut)
+                           for name, cut in zip(("gate_proj", "up_proj", "down_proj"), pieces)]
+            first, down = projections[0][0], projections[2][0]
+            x = torch.empty(1, 0)
+            if (gemv_usable(projections[0] + projections[1], 1, x) and gemv_usable(projections[2], 1, x)
+                    and down.bits == first.bits):
+                tensors = []
+                for layers in projections:
+                    for m in layers:
+                        tensors += [a[0] for a in kernel_args([m]) if a]  # weight, scale (, zero)
+                per = 2 if first.bits == 8 else 3
+                table = (kernels.expert_table(tensors, len(experts), len(pieces[0]), per), first.bits,
+                         first.group_size, down.group_size)
+        self.__dict__["_expert_table"] = (generation, shared, table)
+        return table
 
     def shared_pieces(self, shared: nn.Module) -> "Optional[tuple[list, list, list]]":
         """The shared experts (a SwiGLU ``n`` times an expert's width) as ``n`` expert-shaped
