@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -1082,3 +1083,41 @@ def test_one_tokens_moe_block_in_one_operation_equals_the_steps(monkeypatch, bit
     with monkeypatch.context() as m:
         m.setattr(DeepseekMoE, "decode_block", lambda *a: None)
         assert torch.equal(changed, decode()[0])
+
+
+@needs_gemm
+def test_the_avx2_and_vnni_kernels_give_the_same_numbers(tmp_path):
+    """One row of int4 and of int8 (decoding) on the AVX2 kernels (``DEEPSEEK_MOE_AVX2_ONLY=1``, in
+    another process) and on the AVX512-VNNI ones here: the same integer sums, bit for bit; the
+    integer GEMM is off there."""
+    from safetensors.torch import load_file, save_file
+
+    x = torch.randn(1, 512)
+    tensors = {"x": x}
+    for bits, group in ((4, 128), (4, 64), (8, 0)):
+        stored = _stored(bits, group or 128, 3, 48, 512, seed=bits + group)
+        for i, t in enumerate(stored):
+            tensors.update({f"{bits}.{group}.{i}.{k}": v for k, v in t.items()})
+        tensors[f"out.{bits}.{group}"] = _call(x, stored, bits, group, [0, 0, 0], [1, 1, 1])
+    save_file(tensors, tmp_path / "here.safetensors")
+    code = textwrap.dedent(f"""
+        import sys, torch
+        from safetensors.torch import load_file, save_file
+        from deepseek_moe import kernels
+        assert kernels.available() and not kernels.gemm_available()
+        t = load_file({str(tmp_path / "here.safetensors")!r})
+        out = {{}}
+        for bits, group in ((4, 128), (4, 64), (8, 0)):
+            key = "weight" if bits == 8 else "weight_packed"
+            w = [t[f"{{bits}}.{{group}}.{{i}}.{{key}}"] for i in range(3)]
+            s = [t[f"{{bits}}.{{group}}.{{i}}.weight_scale"] for i in range(3)]
+            z = [t[f"{{bits}}.{{group}}.{{i}}.weight_zero"] for i in range(3)] if bits == 4 else []
+            out[f"out.{{bits}}.{{group}}"] = kernels.quant_gemv(t["x"], w, s, z, [0, 0, 0], [1, 1, 1], bits, group)
+        save_file(out, {str(tmp_path / "avx2.safetensors")!r})
+    """)
+    env = dict(os.environ, DEEPSEEK_MOE_AVX2_ONLY="1")
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+    there = load_file(tmp_path / "avx2.safetensors")
+    assert len(there) == 3
+    for name, value in there.items():
+        assert torch.equal(value, tensors[name]), name

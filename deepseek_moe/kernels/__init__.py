@@ -16,7 +16,8 @@ source, torch version, compiler and processor into
 ``$DEEPSEEK_MOE_CACHE/kernels`` (default ``~/.cache/deepseek_moe/kernels``), about 30 s, and loaded
 with ``torch.ops.load_library``. Where it cannot be (no compiler, another processor than x86-64
 with AVX2 and FMA, or ``DEEPSEEK_MOE_KERNELS=0``), ``available()`` is False and callers use torch's
-own kernels; the reason is logged once. ``grouped_swiglu.cpp`` is plain C++ (with AVX2 where the
+own kernels; the reason is logged once. ``DEEPSEEK_MOE_AVX2_ONLY=1`` keeps to the AVX2 kernels
+on a processor with AVX-512 (no integer GEMM), to compare the two. ``grouped_swiglu.cpp`` is plain C++ (with AVX2 where the
 processor has it) and needs only the library (``library_reason()``; ``cpu_routing_kernels(x)`` says whether a tensor's routing takes it).
 """
 

@@ -46,6 +46,8 @@ constexpr int64_t kChunk = 64;     // inputs of one reordered chunk (32 packed b
 
 bool quant_gemm_supported() {
   __builtin_cpu_init();
+  const char* avx2_only = std::getenv("DEEPSEEK_MOE_AVX2_ONLY");  // as quant_gemv.cpp's cpu_level
+  if (avx2_only != nullptr && std::strcmp(avx2_only, "1") == 0) return false;
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
          __builtin_cpu_supports("avx512vnni");
