@@ -5,6 +5,8 @@ gradients against the reference are in test_moe's backend tests)."""
 
 from __future__ import annotations
 
+import copy
+import io
 import os
 import subprocess
 import sys
@@ -1072,6 +1074,8 @@ def test_one_tokens_moe_block_in_one_operation_equals_the_steps(monkeypatch, bit
     assert len(blocks) == n_moe * steps.shape[1]
     assert torch.equal(whole, stepwise) and torch.equal(whole_counts, stepwise_counts)
     assert whole_counts.sum().item() == n_moe * steps.shape[1] * cfg.num_experts_per_tok
+    twin = copy.deepcopy(model)  # the tables are the library's, not the model's: it copies as before
+    torch.save(twin.state_dict(), io.BytesIO())
     # every expert's up projection replaced by new tensors: the table follows
     for layer in model.model.layers:
         if layer.is_moe:

@@ -56,6 +56,7 @@ FFN's, so what separates the two is memory traffic and the number of parallel re
 from __future__ import annotations
 
 import itertools
+import weakref
 from typing import Optional
 
 import torch
@@ -682,6 +683,11 @@ class GroupedExperts(nn.Module):
         return f"experts={E}, hidden={D}, intermediate={I}, backend={self.backend}"
 
 
+# ExpertList -> (storage generation, shared experts, table): outside the modules, so that a model
+# is copied and saved as before (the library's table has no state to copy).
+_EXPERT_TABLES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
 class ExpertList(nn.ModuleList):
     """The routed experts as one ``SwiGLU`` module each, stored as the released checkpoint stores
     them (``mlp.experts.{e}.gate_proj.weight`` ...): the same experts stage as ``GroupedExperts``
@@ -808,7 +814,7 @@ class ExpertList(nn.ModuleList):
         down projections' group). Built once and kept while no quantized layer's tensors change
         (``quant.storage_generation``); None where the kernel cannot take these experts (not
         quantized alike, shapes it does not serve, no kernel)."""
-        kept = self.__dict__.get("_expert_table")
+        kept = _EXPERT_TABLES.get(self)
         generation = storage_generation()
         if kept is not None and kept[0] == generation and kept[1] is shared:
             return kept[2]
@@ -829,7 +835,7 @@ class ExpertList(nn.ModuleList):
                 per = 2 if first.bits == 8 else 3
                 table = (kernels.expert_table(tensors, len(experts), len(pieces[0]), per), first.bits,
                          first.group_size, down.group_size)
-        self.__dict__["_expert_table"] = (generation, shared, table)
+        _EXPERT_TABLES[self] = (generation, shared, table)
         return table
 
     def shared_pieces(self, shared: nn.Module) -> "Optional[tuple[list, list, list]]":
