@@ -25,7 +25,7 @@ operation), layers that share an input (query, key and value; gate and up) go in
 
 On a processor with AVX512-VNNI, a layer given ``INT_GEMM_ROWS[bits]`` rows or more (prefill)
 takes this package's integer GEMM (``kernels.quant_gemm_int8`` / ``quant_gemm_int4``: int8
-activations per group of ``GEMM_GROUP`` inputs, vpdpbusd, 1.4-1.6x the bf16 GEMM's speed there and
+activations per group of ``GEMM_GROUP`` inputs, vpdpbusd, 1.3-1.6x the bf16 GEMM's speed there and
 no dequantized copy). Elsewhere what happens past the few rows depends on the CPU's bf16 GEMM
 (``runtime.fastest_cpu_dtype``, measured once):
 
@@ -82,11 +82,12 @@ GEMV_SINGLE_ROWS = {8: 4, 4: 48}  # bits -> most rows of a single layer that tak
 GEMV_SINGLE_ROWS_FP32 = 32
 # On a processor with AVX512-VNNI, a layer given this many rows or more (by bits) takes this
 # package's integer GEMM (``kernels.quant_gemm_int8`` / ``quant_gemm_int4``); fewer, its few-row
-# kernel. AMD EPYC (Zen 4), 2 cores, 1408 x 2048 and 2048 x 1408: int4, the GEMM 1.15x the few-row
-# kernel at 4 rows, 1.5x at 8, 2.2x at 48, and from 48 rows 1.7-2.2x dequantizing to bf16 for the
-# bf16 GEMM (1.4-1.6x that GEMM alone: 570-660 GOP/s); int8, 1.2-1.4x the few-row kernel and torch's
-# int8 kernel at 2 rows, 3.7-4.6x torch's at 48 and more, 2-2.3x dequantizing to bf16 at 512.
-INT_GEMM_ROWS = {8: 2, 4: 4}
+# kernel. ``benchmarks/quant_gemm.py``, AMD EPYC (Zen 4), 2 cores, the 16B's three shapes: int4, the
+# GEMM 0.7-0.9x the few-row kernel at 4 rows, 0.9-1.4x at 6, 1.06-1.17x at 8, 1.9-2.5x at 48; int8,
+# 1.1-1.2x the few-row kernel and 1.2-1.3x torch's int8 kernel at 2 rows, 3.3-3.8x torch's from 48;
+# from 48 rows 1.6-2.1x dequantizing to bf16 for the bf16 GEMM, 1.3-1.6x that GEMM alone (557-607
+# GOP/s at 512 rows).
+INT_GEMM_ROWS = {8: 2, 4: 8}
 # Its activations are quantized per row and group of this many inputs (1408 x 2048, activations
 # with a few large channels: 1.5% of the product's norm against 2.0-2.1% with groups of 128, in
 # about the same time; the few-row kernel's blocks of 32: 1.1%).
