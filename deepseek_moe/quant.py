@@ -229,13 +229,9 @@ class QuantLinear(nn.Module):
         return {k: v for k, v in self.named_buffers(recurse=False)}
 
     def register_buffer(self, name: str, tensor: Optional[torch.Tensor], persistent: bool = True) -> None:
+        # (nn.Module assigns a buffer attribute through this too)
         _generation[0] += 1
         super().register_buffer(name, tensor, persistent)
-
-    def __setattr__(self, name: str, value: object) -> None:
-        if name in self.__dict__.get("_buffers", ()):
-            _generation[0] += 1
-        super().__setattr__(name, value)
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
         _generation[0] += 1

@@ -168,8 +168,8 @@ def quant_gemv(x: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.
 
 
 def gemm_available() -> bool:
-    """Whether ``quant_gemm_int4`` can be called: the library loads and the processor has
-    AVX512-VNNI."""
+    """Whether ``quant_gemm_int8`` and ``quant_gemm_int4`` can be called: the library loads and
+    the processor has AVX512-VNNI."""
     if "gemm" not in _state:
         _state["gemm"] = library_reason() is None and bool(torch.ops.deepseek_moe.quant_gemm_supported())
     return bool(_state["gemm"])

@@ -22,8 +22,9 @@
 // chunk of 64 (its 32 even-numbered ones, then its 32 odd-numbered ones: the nibbles' order), the
 // same for weights and activations.
 //
-// `quant_gemm_supported()` says whether this processor has AVX512-VNNI (and F, VL, BW, DQ); the
-// file is compiled without such flags (only the kernel functions carry them).
+// `quant_gemm_supported()` says whether this processor has AVX512-VNNI (and F, VL, BW; not with
+// DEEPSEEK_MOE_AVX2_ONLY=1: quant_gemv.cpp's `cpu_level`); the file is compiled without such flags
+// (only the kernel functions carry them).
 
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -36,22 +37,19 @@
 #include <cstring>
 #include <vector>
 
+namespace deepseek_moe_kernels {  // quant_gemv.cpp's: 2 with AVX512-VNNI (and F, VL, BW), as its kernels need
+int processor_level();
+}
+
 namespace {
 
-#define GEMM_TARGET __attribute__((target("avx2,fma,avx512f,avx512vl,avx512bw,avx512dq,avx512vnni")))
+#define GEMM_TARGET __attribute__((target("avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni")))
 
 constexpr int64_t kTileRows = 6;   // rows of one tile
 constexpr int64_t kPanel = 32;     // output channels of one panel (two vectors of 16)
 constexpr int64_t kChunk = 64;     // inputs of one reordered chunk (32 packed bytes)
 
-bool quant_gemm_supported() {
-  __builtin_cpu_init();
-  const char* avx2_only = std::getenv("DEEPSEEK_MOE_AVX2_ONLY");  // as quant_gemv.cpp's cpu_level
-  if (avx2_only != nullptr && std::strcmp(avx2_only, "1") == 0) return false;
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("avx512vnni");
-}
+bool quant_gemm_supported() { return deepseek_moe_kernels::processor_level() == 2; }
 
 // The activations quantized per row and group: q [M, K] in the reordered input order, and per row
 // and group the scale (largest magnitude / 127) and the scaled sum of q.

@@ -805,6 +805,10 @@ std::tuple<at::Tensor, at::Tensor> moe_block(const at::Tensor& x, const at::Tens
 
 }  // namespace
 
+namespace deepseek_moe_kernels {  // for quant_gemm.cpp
+int processor_level() { return cpu_level(); }
+}  // namespace deepseek_moe_kernels
+
 TORCH_LIBRARY(deepseek_moe, m) {
   m.class_<ExpertTable>("ExpertTable").def(torch::init<std::vector<at::Tensor>, int64_t, int64_t, int64_t>());
   m.def("quant_gemv(Tensor x, Tensor[] weights, Tensor[] scales, Tensor[] zeros, int[] starts, "
