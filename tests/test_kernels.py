@@ -95,6 +95,30 @@ def test_quant_gemv_equals_its_arithmetic(bits, group, K):
 
 
 @needs_kernel
+@pytest.mark.parametrize("bits, group, K", [(8, 0, 96), (4, 64, 192), (4, 128, 384)])
+@pytest.mark.parametrize("rows", [1, 2])
+def test_a_weight_wider_than_the_rows_reads_consecutive_rows(bits, group, K, rows):
+    """A weight of 2 or 3 times the rows' inputs takes that many consecutive rows, side by side, as
+    each of its rows (the shared experts' whole down projection on their pieces' activations):
+    its arithmetic on the concatenated rows, beside weights of the rows' width; one row takes
+    int4's one-row loop, two the tiles. A span past the last row is refused."""
+    N = 40
+    narrow, wide2, wide3 = _stored(bits, group or 128, 1, N, K, 3), _stored(bits, group or 128, 1, N, 2 * K, 4), \
+        _stored(bits, group or 128, 1, N, 3 * K, 5)
+    torch.manual_seed(2)
+    x = torch.randn(12, K)
+    x[3] *= 40
+    stored, starts, counts = narrow + wide2 + wide3, [0, 1, 1 + 2 * rows], [rows, rows, rows]
+    out = _call(x, stored, bits, group, starts, counts)
+    ref = torch.cat([gemv_reference(x[s:s + n * c].reshape(n, c * K), [t], bits, group, [0], [n])
+                     for t, s, n, c in zip(stored, starts, counts, (1, 2, 3))])
+    assert out.shape == (sum(counts), N)
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    with pytest.raises(RuntimeError, match="x 3 out of the 12 rows"):
+        _call(x, wide3, bits, group, [10], [1])
+
+
+@needs_kernel
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quant_gemv_is_close_to_the_dequantized_product(bits):
     """What quantizing the activations costs: about 0.5% of the output's norm for Gaussian inputs
@@ -337,7 +361,9 @@ def _quantized_shared(bits, group, hidden=64, width=256, seed=7):
 def test_shared_experts_decode_in_the_routed_experts_calls(bits, group, T):
     """The shared experts, cut into expert-wide pieces (views of their weights), go into the
     routed experts' calls: the result is the routed experts' plus the shared experts' own product
-    by the kernel (whole weights, SwiGLU in fp32), within fp32 roundings; no call of their own."""
+    by the kernel (whole weights, SwiGLU in fp32), within fp32 roundings; no call of their own. One
+    token's down projections take the shared experts' whole (both pieces' activations as its
+    input row): one weight in place of two."""
     from deepseek_moe.moe.dispatch import dispatch
 
     experts, shared = _quantized_experts(bits, group), _quantized_shared(bits, group)
@@ -352,7 +378,7 @@ def test_shared_experts_decode_in_the_routed_experts_calls(bits, group, T):
         want = routed + gemv([shared.down_proj], h, [0], [T])
         with _CountingKernel() as k:
             y = experts.few_tokens(x, ids, weights, shared)
-        assert k.calls == ([("one token", 2 * used + 4, used + 2)] if T == 1 else [2 * used + 4, used + 2])
+        assert k.calls == ([("one token", 2 * used + 4, used + 1)] if T == 1 else [2 * used + 4, used + 2])
         assert y.dtype == torch.float32 and y.shape == (T, 64)
         assert torch.allclose(y, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
         assert experts.few_tokens(x, ids, weights, _quantized_shared(bits, group, width=192)) is None  # 1.5 experts

@@ -193,8 +193,9 @@ def quant_gemm_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
 
 def expert_table(tensors: list[torch.Tensor], experts: int, pieces: int, per: int) -> object:
     """The stored tensors of a mixture-of-experts layer's experts as ``moe_block`` takes them, held
-    by the library: per projection (gate, up, down), per routed expert and then per shared piece,
-    ``per`` tensors (weight, scale; int4: and zero). See ``quant_gemv.cpp``."""
+    by the library, ``per`` tensors (weight, scale; int4: and zero) each: the gate and then the up
+    projections of every routed expert and then of every shared piece, then the routed experts'
+    down projections and the shared experts' whole one. See ``quant_gemv.cpp``."""
     return torch.classes.deepseek_moe.ExpertTable(tensors, experts, pieces, per)
 
 

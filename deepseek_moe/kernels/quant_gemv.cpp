@@ -10,7 +10,10 @@
 // [sum(counts), N]. scales: int8 bf16 [N] (W = q * s); int4 bf16 [N, K/group] with zeros of the
 // same shape (W = q * s + z, q in [0, 15]). A weight's rows (and int4 scales' and zeros' rows) need
 // only be contiguous each: a slice of a wider weight's inputs serves as it is (a shared expert's
-// down projection split into expert-wide pieces beside the routed experts').
+// down projection split into expert-wide pieces beside the routed experts'). A weight c times as
+// wide as x's rows (c >= 1) takes c consecutive rows side by side as each of its rows: out[o_i + r]
+// = W_i [x[s + rc], ..., x[s + rc + c - 1]], s = starts[i] (the shared experts' whole down
+// projection on their pieces' activations: one stream of memory where the slices read each row twice).
 //
 // The activations are quantized per block of 32 inputs to int8 (symmetric, the block's largest
 // magnitude as 127), as llama.cpp quantizes them for its Q8_0 / Q4_0 products, and the dot
@@ -33,10 +36,12 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 namespace deepseek_moe_kernels {  // grouped_swiglu.cpp's decode_attention_rope and route_tokens
@@ -78,20 +83,39 @@ KERNEL_TARGET inline __m256i dot_u8s8(__m256i u, __m256i s) {
 // 128 inputs reordered as its even-numbered inputs then its odd-numbered ones, to meet the
 // nibbles), their magnitudes (int8: the unsigned operand of vpdpbusd), K/32 block scales, and
 // (int4) the K/group sums of the quantized inputs.
-struct QuantizedRows {
+struct QuantizedRows;
+struct QuantizedActivations {
   int64_t M, K, blocks, groups;
   std::vector<int8_t> q;
   std::vector<uint8_t> mag;
   std::vector<float> scale;
   std::vector<float> group_sum;
+  QuantizedRows rows(int64_t first, int64_t span) const;
 };
+
+// What a weight reads of them: from row `first` on, `span` consecutive rows as each of its rows of
+// span * K inputs (a row's blocks and groups end where the next row's begin, so that consecutive
+// rows quantized alone are the quantization of their concatenation: one weight as wide as several
+// takes them as its input).
+struct QuantizedRows {
+  int64_t K, blocks, groups;
+  const int8_t* q;
+  const uint8_t* mag;
+  const float* scale;
+  const float* group_sum;
+};
+
+QuantizedRows QuantizedActivations::rows(int64_t first, int64_t span) const {
+  return {K * span, blocks * span, groups * span, q.data() + first * K, mag.empty() ? nullptr : mag.data() + first * K,
+          scale.data() + first * blocks, group_sum.empty() ? nullptr : group_sum.data() + first * groups};
+}
 
 // Per block of 32 inputs: the largest magnitude (a NaN input is passed over, as std::max passes it
 // over), then x * (127 / amax) rounded to nearest, ties to even (the rounding mode's conversion:
 // std::nearbyint's result), packed to bytes in input order.
-KERNEL_TARGET QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, int bits, int64_t group,
-                                          int64_t chunk) {
-  QuantizedRows r;
+KERNEL_TARGET QuantizedActivations quantize_rows(const float* x, int64_t M, int64_t K, int bits, int64_t group,
+                                                 int64_t chunk) {
+  QuantizedActivations r;
   r.M = M;
   r.K = K;
   r.blocks = K / kBlock;
@@ -160,9 +184,9 @@ KERNEL_TARGET void int8_channels(const int8_t* w, int64_t ldw, const uint16_t* w
     const int8_t* wn = w + n * ldw;
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t m = row0 + r;
-      const int8_t* xq = x.q.data() + m * K;
-      const uint8_t* xm = x.mag.data() + m * K;
-      const float* xs = x.scale.data() + m * x.blocks;
+      const int8_t* xq = x.q + m * K;
+      const uint8_t* xm = x.mag + m * K;
+      const float* xs = x.scale + m * x.blocks;
       __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
       int64_t b = 0;
       for (; b + 4 <= x.blocks; b += 4) {
@@ -208,9 +232,9 @@ KERNEL_TARGET inline void int4_tile(const uint8_t* w, int64_t ldw, const uint16_
   const __m256i low = _mm256_set1_epi8(0x0F);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t m = row0 + r;
-    const int8_t* xq = x.q.data() + m * K;
+    const int8_t* xq = x.q + m * K;
     const float* ls = lane_scale + m * (K / kChunk) * 8;
-    const float* xg = x.group_sum.data() + m * groups;
+    const float* xg = x.group_sum + m * groups;
     __m256 acc[C];
     float zero_term[C];
     for (int c = 0; c < C; ++c) {
@@ -262,9 +286,9 @@ VNNI_TARGET inline void int4_tile_512(const uint8_t* w, int64_t ldw, const uint1
   const __m512i zero = _mm512_setzero_si512();
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t m = row0 + r;
-    const int8_t* xq = x.q.data() + m * K;
+    const int8_t* xq = x.q + m * K;
     const float* ls = lane_scale + m * (K / 128) * 16;
-    const float* xg = x.group_sum.data() + m * groups;
+    const float* xg = x.group_sum + m * groups;
     __m512 acc[C];
     float zero_term[C];
     for (int c = 0; c < C; ++c) {
@@ -373,9 +397,9 @@ VNNI_TARGET void int4_channels_512(const uint8_t* w, int64_t ldw, const uint16_t
                               int64_t row0, int64_t n0, int64_t n1, float* out) {                                \
     const int64_t K = x.K, groups = K / group, cpg = group / kChunk;                                               \
     if (cpg != 1 && cpg != 2 && cpg != 4) return false;                                                            \
-    const int8_t* xq = x.q.data() + row0 * K;                                                                      \
+    const int8_t* xq = x.q + row0 * K;                                                                             \
     const float* ls = lane_scale + row0 * (K / kChunk) * 8;                                                        \
-    const float* xg = x.group_sum.data() + row0 * groups;                                                          \
+    const float* xg = x.group_sum + row0 * groups;                                                                 \
     auto row = cpg == 1 ? int4_row##S<1> : cpg == 2 ? int4_row##S<2> : int4_row##S<4>;                            \
     for (int64_t n = n0; n < n1; ++n) out[n] = row(w + n * ldw, w_scale + n * lds, w_zero + n * lds, groups, xq, ls, xg); \
     return true;                                                                                                   \
@@ -440,13 +464,18 @@ at::Tensor quant_gemv(const at::Tensor& x, at::TensorList weights, at::TensorLis
   TORCH_CHECK(bits == 8 || (group % kChunk == 0 && K % group == 0),
               "the int4 group (", group, ") must be a multiple of 64 that divides ", K);
   const int64_t N = weights[0].size(0);
-  std::vector<int64_t> offset(W + 1, 0);
+  // A weight of span * K inputs (span >= 1) reads `span` consecutive rows of x as each of its rows
+  // (the shared experts' down projection, one token: their pieces' rows of the intermediate
+  // activations, side by side)
+  std::vector<int64_t> offset(W + 1, 0), span(W, 1);
   for (int64_t i = 0; i < W; ++i) {
     const at::Tensor& w = weights[i];
     const int64_t row_bytes = bits == 8 ? K : K / 2;
-    TORCH_CHECK(w.dim() == 2 && w.size(0) == N && w.size(1) == row_bytes && w.stride(1) == 1 &&
-                    w.stride(0) >= row_bytes && w.scalar_type() == (bits == 8 ? at::kChar : at::kByte),
-                "weight ", i, " must be a ", bits == 8 ? "int8" : "uint8", " [", N, ", ", row_bytes,
+    span[i] = w.dim() == 2 && w.size(1) % row_bytes == 0 ? std::max<int64_t>(1, w.size(1) / row_bytes) : 1;
+    const int64_t Ki = span[i] * K;
+    TORCH_CHECK(w.dim() == 2 && w.size(0) == N && w.size(1) == span[i] * row_bytes && w.stride(1) == 1 &&
+                    w.stride(0) >= w.size(1) && w.scalar_type() == (bits == 8 ? at::kChar : at::kByte),
+                "weight ", i, " must be a ", bits == 8 ? "int8" : "uint8", " [", N, ", a multiple of ", row_bytes,
                 "] tensor with contiguous rows");
     if (bits == 8) {
       TORCH_CHECK(scales[i].scalar_type() == at::kBFloat16 && scales[i].is_contiguous() && scales[i].numel() == N,
@@ -454,12 +483,13 @@ at::Tensor quant_gemv(const at::Tensor& x, at::TensorList weights, at::TensorLis
     } else {
       for (const at::Tensor* t : {&scales[i], &zeros[i]})
         TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->dim() == 2 && t->size(0) == N &&
-                        t->size(1) == K / group && t->stride(1) == 1 && t->stride(0) >= K / group &&
+                        t->size(1) == Ki / group && t->stride(1) == 1 && t->stride(0) >= Ki / group &&
                         t->stride(0) == scales[i].stride(0),
                     "scale and zero ", i, " must be bf16 [N, K/group] tensors with contiguous rows, one stride");
     }
-    TORCH_CHECK(starts[i] >= 0 && counts[i] >= 0 && starts[i] + counts[i] <= M,
-                "rows ", starts[i], " + ", counts[i], " out of the ", M, " rows of x");
+    TORCH_CHECK(starts[i] >= 0 && counts[i] >= 0 && starts[i] + counts[i] * span[i] <= M,
+                "rows ", starts[i], " + ", counts[i], span[i] > 1 ? " x " + std::to_string(span[i]) : "",
+                " out of the ", M, " rows of x");
     offset[i + 1] = offset[i] + counts[i];
   }
   const at::Tensor xf = x.to(at::kFloat).contiguous();
@@ -470,7 +500,7 @@ at::Tensor quant_gemv(const at::Tensor& x, at::TensorList weights, at::TensorLis
   // cores: 10.6 -> 14.3 tokens/s against four channels in 512-bit steps)
   const bool wide = bits == 4 && group % 128 == 0 && level == 2 && most > 1;
   const int64_t chunk = wide ? 128 : 64;
-  const QuantizedRows q = quantize_rows(xf.data_ptr<float>(), M, K, static_cast<int>(bits), group, chunk);
+  const QuantizedActivations q = quantize_rows(xf.data_ptr<float>(), M, K, static_cast<int>(bits), group, chunk);
   // int4: per row and chunk of inputs, its blocks' scales, one per lane of the chunk's dot
   // products (four lanes per block of 32 inputs).
   std::vector<float> lane_scale;
@@ -482,22 +512,29 @@ at::Tensor quant_gemv(const at::Tensor& x, at::TensorList weights, at::TensorLis
   }
   at::Tensor out = at::empty({offset[W], N}, x.options().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
-  const int64_t chunks = (N + kRowsPerTask - 1) / kRowsPerTask;
-  at::parallel_for(0, W * chunks, 1, [&](int64_t begin, int64_t end) {
+  // Tasks of kRowsPerTask channels, fewer of a wider weight's (the same bytes each), so that the
+  // threads' equal shares of the tasks are equal shares of the weights read.
+  std::vector<int64_t> per_task(W), first_task(W + 1, 0);
+  for (int64_t i = 0; i < W; ++i) {
+    per_task[i] = std::max<int64_t>(1, kRowsPerTask / span[i]);
+    first_task[i + 1] = first_task[i] + (N + per_task[i] - 1) / per_task[i];
+  }
+  at::parallel_for(0, first_task[W], 1, [&](int64_t begin, int64_t end) {
+    int64_t i = std::upper_bound(first_task.begin(), first_task.end(), begin) - first_task.begin() - 1;
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t i = t / chunks, c = t % chunks;
+      while (t >= first_task[i + 1]) ++i;
       if (counts[i] == 0) continue;
-      const int64_t n0 = c * kRowsPerTask, n1 = std::min(N, n0 + kRowsPerTask);
+      const int64_t n0 = (t - first_task[i]) * per_task[i], n1 = std::min(N, n0 + per_task[i]);
       const uint16_t* s = reinterpret_cast<const uint16_t*>(scales[i].data_ptr<at::BFloat16>());
       const int64_t ldw = weights[i].stride(0);
+      const QuantizedRows rows = q.rows(starts[i], span[i]);
       if (bits == 8) {
-        int8_channels(weights[i].data_ptr<int8_t>(), ldw, s, q, starts[i], counts[i], n0, n1, N,
-                      o + offset[i] * N);
+        int8_channels(weights[i].data_ptr<int8_t>(), ldw, s, rows, 0, counts[i], n0, n1, N, o + offset[i] * N);
       } else {
         const uint16_t* z = reinterpret_cast<const uint16_t*>(zeros[i].data_ptr<at::BFloat16>());
         (wide ? int4_channels_512 : level == 2 ? int4_channels_vnni : int4_channels)(
-            weights[i].data_ptr<uint8_t>(), ldw, s, z, scales[i].stride(0), group, q, lane_scale.data(), starts[i],
-            counts[i], n0, n1, N, o + offset[i] * N);
+            weights[i].data_ptr<uint8_t>(), ldw, s, z, scales[i].stride(0), group, rows,
+            lane_scale.data() + starts[i] * (K / chunk) * (chunk / 8), 0, counts[i], n0, n1, N, o + offset[i] * N);
       }
     }
   });
@@ -543,41 +580,54 @@ KERNEL_TARGET void swiglu_rows(const float* g, const float* u, const float* gate
 
 // The experts of one token of a mixture-of-experts layer (eq. 9's two sums) in one operation: x [1,
 // D]; gate_up: the n experts' gate projections, then their up projections (int8 or int4 [I, D]);
-// down: their down projections [D, I]; gates fp32 [k], k <= n: the routed experts' gates, in the
-// order given (the n - k experts after them are shared experts' pieces, gate 1). Returns fp32 [1,
-// D]: the gated routed experts' outputs summed in order, plus the shared pieces' sum:
-// `quant_gemv` for the gate and up projections (int4: in groups of `group`), silu(g) * u * gate,
-// `quant_gemv` for the down projections (groups of `down_group`), the sums.
+// gates fp32 [k], k <= n: the routed experts' gates, in the order given (the n - k experts after
+// them are shared experts' pieces, gate 1); down: the down projections, which take the rows of
+// the intermediate activations h [n, I] in order, each as many as it is wide: the k routed
+// experts' [D, I] one row each, then the shared experts' whole down projection [D, (n - k) I] (or
+// one per piece) their rows side by side, one contiguous weight read in one stream (its pieces,
+// slices of every row, read the rows' other halves with them: the slowest part of the block).
+// Returns fp32 [1, D]: the gated routed experts' outputs summed in order, plus the shared
+// experts': `quant_gemv` for the gate and up projections (int4: in groups of `group`), silu(g) * u
+// * gate, `quant_gemv` for the down projections (groups of `down_group`), the sums.
 at::Tensor experts_one_token(const at::Tensor& x, at::TensorList gate_up, at::TensorList gate_up_scales,
                              at::TensorList gate_up_zeros, at::TensorList down, at::TensorList down_scales,
                              at::TensorList down_zeros, const at::Tensor& gates, int64_t bits, int64_t group,
                              int64_t down_group) {
-  const int64_t n = static_cast<int64_t>(down.size());
-  TORCH_CHECK(n > 0 && static_cast<int64_t>(gate_up.size()) == 2 * n, "2n gate and up projections for n down ones");
+  const int64_t n = static_cast<int64_t>(gate_up.size()) / 2, d = static_cast<int64_t>(down.size());
+  TORCH_CHECK(n > 0 && static_cast<int64_t>(gate_up.size()) == 2 * n && d > 0 && d <= n,
+              "2n gate and up projections, and at most n down ones");
   TORCH_CHECK(x.dim() == 2 && x.size(0) == 1, "x must be one row [1, D]");
-  TORCH_CHECK(gates.scalar_type() == at::kFloat && gates.dim() == 1 && gates.numel() <= n && gates.is_contiguous(),
-              "gates must be a contiguous fp32 vector of at most one gate per expert");
+  TORCH_CHECK(gates.scalar_type() == at::kFloat && gates.dim() == 1 && gates.numel() <= d && gates.is_contiguous(),
+              "gates must be a contiguous fp32 vector of at most one gate per down projection");
   const at::Tensor gu = quant_gemv(x, gate_up, gate_up_scales, gate_up_zeros, std::vector<int64_t>(2 * n, 0),
                                    std::vector<int64_t>(2 * n, 1), bits, group);
   const int64_t I = gu.size(1), k = gates.numel();
   at::Tensor h = at::empty({n, I}, gu.options());
   swiglu_rows(gu.data_ptr<float>(), gu.data_ptr<float>() + n * I, gates.data_ptr<float>(), k, n, I,
               h.data_ptr<float>());
-  std::vector<int64_t> rows(n);
-  for (int64_t i = 0; i < n; ++i) rows[i] = i;
-  const at::Tensor y = quant_gemv(h, down, down_scales, down_zeros, rows, std::vector<int64_t>(n, 1), bits, down_group);
+  std::vector<int64_t> rows(d);
+  const int64_t row_bytes = bits == 8 ? I : I / 2;
+  for (int64_t i = 0, at = 0; i < d; ++i) {
+    const int64_t width = down[i].dim() == 2 ? down[i].size(1) : 0;
+    TORCH_CHECK(width > 0 && width % row_bytes == 0 && (i >= k || width == row_bytes),
+                "down projection ", i, " must take ", i < k ? "one expert's" : "whole experts'", " intermediate activations");
+    rows[i] = at;
+    at += width / row_bytes;
+    TORCH_CHECK(i + 1 < d || at == n, "the down projections take ", at, " experts' activations, not ", n);
+  }
+  const at::Tensor y = quant_gemv(h, down, down_scales, down_zeros, rows, std::vector<int64_t>(d, 1), bits, down_group);
   const int64_t D = y.size(1);
   at::Tensor out = at::zeros({1, D}, y.options());
   at::Tensor shared = at::zeros({D}, y.options());
   float* o = out.data_ptr<float>();
   float* sh = shared.data_ptr<float>();
   const float* yp = y.data_ptr<float>();
-  for (int64_t r = 0; r < n; ++r) {
+  for (int64_t r = 0; r < d; ++r) {
     float* acc = r < k ? o : sh;
-    for (int64_t d = 0; d < D; ++d) acc[d] += yp[r * D + d];
+    for (int64_t j = 0; j < D; ++j) acc[j] += yp[r * D + j];
   }
-  if (k < n)
-    for (int64_t d = 0; d < D; ++d) o[d] += sh[d];
+  if (k < d)
+    for (int64_t j = 0; j < D; ++j) o[j] += sh[j];
   return out;
 }
 
@@ -740,17 +790,22 @@ at::Tensor attention_block(const at::Tensor& x, const at::Tensor& norm_weight, d
   return out;
 }
 
-// The stored tensors of a mixture-of-experts layer's experts, for `moe_block`: per projection
-// (gate, up, down), per routed expert and then per piece of the shared experts
-// (`QuantLinear.pieces`), its weight, scale and (int4) zero; built once per layer.
+// The stored tensors of a mixture-of-experts layer's experts, for `moe_block`: its weight, scale
+// and (int4) zero per gate and up projection of each routed expert and then of each piece of the
+// shared experts (`QuantLinear.pieces`), then per down projection of each routed expert and then
+// the shared experts' whole down projection (`experts_one_token`; or one per piece); built once
+// per layer.
 struct ExpertTable : torch::CustomClassHolder {
   std::vector<at::Tensor> tensors;
-  int64_t experts, pieces, per;
+  int64_t experts, pieces, per, shared_down;
   ExpertTable(std::vector<at::Tensor> t, int64_t experts_, int64_t pieces_, int64_t per_)
       : tensors(std::move(t)), experts(experts_), pieces(pieces_), per(per_) {
-    TORCH_CHECK(experts > 0 && pieces >= 0 && (per == 2 || per == 3) &&
-                    static_cast<int64_t>(tensors.size()) == 3 * (experts + pieces) * per,
-                "an expert table holds 3 projections x (experts + pieces) x 2 or 3 tensors");
+    const int64_t entries = per > 0 ? static_cast<int64_t>(tensors.size()) / per : 0;
+    shared_down = entries - 2 * (experts + pieces) - experts;
+    TORCH_CHECK(experts > 0 && pieces >= 0 && (per == 2 || per == 3) && entries * per == static_cast<int64_t>(tensors.size()) &&
+                    (pieces == 0 ? shared_down == 0 : shared_down >= 1 && shared_down <= pieces),
+                "an expert table holds 2 or 3 tensors per projection: experts + pieces gate and up projections, "
+                "experts + 1 to pieces down projections (none without pieces)");
   }
   const at::Tensor& get(int64_t projection, int64_t i, int64_t field) const {
     return tensors[(projection * (experts + pieces) + i) * per + field];
@@ -784,7 +839,7 @@ std::tuple<at::Tensor, at::Tensor> moe_block(const at::Tensor& x, const at::Tens
       for (int64_t f = 0; f < F; ++f) gu[f].push_back(table->get(projection, i, f));
     }
   }
-  for (int64_t j = 0; j < k + P; ++j) {
+  for (int64_t j = 0; j < k + table->shared_down; ++j) {
     const int64_t i = j < k ? id[j] : E + (j - k);
     for (int64_t f = 0; f < F; ++f) dn[f].push_back(table->get(2, i, f));
   }

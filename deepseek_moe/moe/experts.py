@@ -764,7 +764,8 @@ class ExpertList(nn.ModuleList):
         x_TD = x_TD.to(compute_dtype(x_TD))  # the rows as dispatch gathers them
         ids = topk_ids_TK.tolist()  # one host synchronisation
         if T == 1 and len(set(ids[0])) == K:  # every row is the token itself, in assignment order
-            return self._one_token(x_TD, ids[0], topk_weights_TK.reshape(-1), pieces)
+            return self._one_token(x_TD, ids[0], topk_weights_TK.reshape(-1), pieces,
+                                   None if shared is None else shared._modules["down_proj"])
         # Assignments grouped by expert, experts in order of first appearance in the k-major
         # assignment order (a = k * T + t), rows within an expert in that order too.
         groups: dict[int, list[int]] = {}
@@ -793,17 +794,21 @@ class ExpertList(nn.ModuleList):
         return y_TD
 
     def _one_token(self, x_1D: torch.Tensor, used: list[int], gate_K: torch.Tensor,
-                   shared: "Optional[tuple[list, list, list]]") -> Optional[torch.Tensor]:
+                   shared: "Optional[tuple[list, list, list]]", shared_down: Optional[nn.Module]) -> Optional[torch.Tensor]:
         """One token's routed experts ``used`` (k order, gates ``gate_K``) and the shared pieces
         in one operation of the package's kernel (``kernels.experts_one_token``): fp32 [1, D], the
-        gated routed outputs summed in k order, plus the shared pieces' sum. The products of the
-        two-call path; its SwiGLU computed by the kernel (e^x within about 2 ulp of torch's)."""
+        gated routed outputs summed in k order, plus the shared experts'. The routed products of
+        the two-call path; the shared experts' down projection ``shared_down`` whole, one stream
+        of memory (its pieces would read every row twice); the SwiGLU computed by the kernel (e^x
+        within about 2 ulp of torch's)."""
         experts = list(self._modules.values())  # (the modules' dicts: the fast way in)
         ins = ([experts[e]._modules["gate_proj"] for e in used] + (shared[0] if shared else [])
                + [experts[e]._modules["up_proj"] for e in used] + (shared[1] if shared else []))
         outs = [experts[e]._modules["down_proj"] for e in used] + (shared[2] if shared else [])
         if not (gemv_usable(ins, 1, x_1D) and gemv_usable(outs, 1, x_1D)):
             return None
+        if shared:
+            outs = outs[:len(used)] + [shared_down]
         return kernels.experts_one_token(x_1D, *kernel_args(ins), *kernel_args(outs), gate_K.float().contiguous(),
                                          ins[0].bits, ins[0].group_size, outs[0].group_size)
 
@@ -828,6 +833,7 @@ class ExpertList(nn.ModuleList):
             x = torch.empty(1, 0)
             if (gemv_usable(projections[0] + projections[1], 1, x) and gemv_usable(projections[2], 1, x)
                     and down.bits == first.bits):
+                projections[2][len(experts):] = [shared._modules["down_proj"]]  # whole: see _one_token
                 tensors = []
                 for layers in projections:
                     for m in layers:
