@@ -208,6 +208,7 @@ def generate(
         routing_stats=False, logits_to_keep=1,
     ).logits[:, -1]
 
+    plan = model.decode_plan(cache) if B == 1 else None  # one row of a quantized model: the fast path
     done = [False] * B
     for step in range(max_new_tokens):
         next_B = sample_next(logits_BV, temperature, top_k, top_p, generator)
@@ -224,7 +225,10 @@ def generate(
         alive_B = torch.tensor([not d for d in done], device=device)
         input_B1 = torch.where(alive_B, next_B, pad_id).unsqueeze(1)
         mask_B1 = None if bool(alive_B.all()) else alive_B.unsqueeze(1)
-        logits_BV = model(input_B1, cache=cache, attention_mask=mask_B1, routing_stats=False).logits[:, -1]
+        if plan is not None:
+            logits_BV = model.decode_step(input_B1, cache, plan)[:, -1]
+        else:
+            logits_BV = model(input_B1, cache=cache, attention_mask=mask_B1, routing_stats=False).logits[:, -1]
     return new
 
 

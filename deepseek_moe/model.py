@@ -207,25 +207,35 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(D, Hkv * hd, bias=bias)
         self.o_proj = nn.Linear(H * hd, D, bias=bias)
 
+    def decode_args(self, norm: RMSNorm) -> Optional[tuple]:
+        """What ``kernels.attention_block`` takes of this layer and ``norm`` (the norm's weight and
+        eps, the query, key and value projections' stored tensors, the output projection's, their
+        schemes), where the layer can take it: quantized projections the kernel serves, H = Hkv,
+        the norm's kernel on; None elsewhere."""
+        qkv, o = [self.q_proj, self.k_proj, self.v_proj], self.o_proj
+        x = torch.empty(1, 0)
+        if (self.n_kv_heads != self.n_heads or not norm.use_kernel or not isinstance(o, QuantLinear)
+                or not gemv_usable(qkv, 1, x) or not gemv_usable([o], 1, x)):
+            return None
+        first = qkv[0]
+        return (norm.weight, norm.eps, kernel_args(qkv), kernel_args([o]), first.bits, first.group_size, o.bits,
+                o.group_size)
+
     def decode_block(self, x_BSD: torch.Tensor, norm: RMSNorm, cos: torch.Tensor, sin: torch.Tensor,
                      kv: Optional[tuple[torch.Tensor, torch.Tensor]], start: int,
                      mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """``x + self(norm(x), ...)`` in one operation of the package's kernels
         (``kernels.attention_block``, the same numbers) where a quantized bf16 model decodes one
-        new token per row (a cache, no mask, H = Hkv, at most ``quant.FUSED_ROWS`` rows, the
-        norm's kernel serving); None elsewhere."""
+        new token per row (a cache, no mask, at most ``quant.FUSED_ROWS`` rows, ``decode_args``,
+        the norm's kernel serving); None elsewhere."""
         B, S, _ = x_BSD.shape
-        if (S != 1 or kv is None or mask is not None or self.n_kv_heads != self.n_heads or B > FUSED_ROWS
-                or x_BSD.dtype != torch.bfloat16 or not norm.use_kernel or not norm._kernel_serves(x_BSD)
-                or not kernels.decode_attention_serves(kv[0])):
+        if (S != 1 or kv is None or mask is not None or B > FUSED_ROWS or x_BSD.dtype != torch.bfloat16
+                or not norm._kernel_serves(x_BSD) or not kernels.decode_attention_serves(kv[0])):
             return None
-        qkv, o = [self.q_proj, self.k_proj, self.v_proj], self.o_proj
-        if not (isinstance(o, QuantLinear) and gemv_usable(qkv, B, x_BSD) and gemv_usable([o], B, x_BSD)):
+        args = self.decode_args(norm)  # (B <= FUSED_ROWS: rows the kernel takes)
+        if args is None:
             return None
-        first = qkv[0]
-        return kernels.attention_block(x_BSD, norm.weight, norm.eps, kernel_args(qkv), kernel_args([o]), first.bits,
-                                       first.group_size, o.bits, o.group_size, cos, sin, kv[0], kv[1], start,
-                                       self.head_dim ** -0.5)
+        return kernels.attention_block(x_BSD, *args, cos, sin, kv[0], kv[1], start, self.head_dim ** -0.5)
 
     def forward(
         self,
@@ -463,6 +473,50 @@ class DeepseekForCausalLM(nn.Module):
             )
             out.loss = out.lm_loss + out.aux_loss
         return out
+
+    def decode_plan(self, cache: KVCache) -> Optional[list]:
+        """Generation's fast path for one row of a quantized bf16 model (``decode_step``): per
+        layer, what its attention block and its MoE block give the package's one-operation
+        kernels (``Attention.decode_args``, ``DeepseekMoE.decode_args``), or None where the layer
+        takes its modules (a dense FFN, a layer the kernels do not serve). Gathered once for a
+        generation, while the modules stay as they are; None where no layer is served or ``cache``
+        is not one bf16 row without padding on the CPU."""
+        if (cache.batch_size != 1 or not cache.all_real or torch.is_grad_enabled()
+                or self.model.embed_tokens.weight.dtype != torch.bfloat16
+                or not kernels.decode_attention_serves(cache.k[0]) or not kernels.cpu_routing_kernels(cache.k[0])):
+            return None
+        plan: list = []
+        for layer in self.model.layers:
+            attn = layer.self_attn.decode_args(layer.input_layernorm)
+            moe = layer.mlp.decode_args(layer.post_attention_layernorm) if layer.is_moe else None
+            norms_bf16 = all(n.weight.dtype == torch.bfloat16
+                             for n in (layer.input_layernorm, layer.post_attention_layernorm))
+            plan.append((attn, layer.self_attn.head_dim ** -0.5, moe) if attn and moe and norms_bf16 else None)
+        return plan if any(plan) else None
+
+    def decode_step(self, input_ids: torch.Tensor, cache: KVCache, plan: list) -> torch.Tensor:
+        """Logits [1, 1, V] of one new token continuing ``cache`` (``decode_plan``'s), the numbers
+        of ``self(input_ids, cache=cache, routing_stats=False).logits``: the served layers in two
+        operations each (``kernels.attention_block``, ``kernels.moe_block``), without the
+        per-layer checks, argument gathering and statistics of the modules' path (about a tenth of
+        a token's time on the 16B); anything else through ``forward``."""
+        if input_ids.shape != (1, 1) or not cache.all_real or cache.length + 1 > cache.max_len:
+            return self(input_ids, cache=cache, routing_stats=False).logits
+        check_token_ids(input_ids, self.config.vocab_size)
+        start = cache.length
+        positions = self._positions(input_ids, cache, None, None)
+        cache.append(1, None)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # per-row positions, as forward broadcasts them
+        for i, (layer, entry) in enumerate(zip(self.model.layers, plan)):
+            if entry is None or not x.is_contiguous():
+                x, _ = layer(x, cos, sin, input_ids, (cache.k[i], cache.v[i]), start, None, None, False)
+            else:
+                attn, scale, moe = entry
+                x = kernels.attention_block(x, *attn, cos, sin, cache.k[i], cache.v[i], start, scale)
+                x, _ = kernels.moe_block(x, *moe)
+        return self.lm_head(self.model.norm(x))
 
     @staticmethod
     def _stacked(values: list[Optional[torch.Tensor]], present: bool, device: torch.device) -> torch.Tensor:

@@ -1115,6 +1115,54 @@ def test_one_tokens_moe_block_in_one_operation_equals_the_steps(monkeypatch, bit
         assert torch.equal(changed, decode()[0])
 
 
+@pytest.mark.parametrize("bits, group", [(8, 128), (4, 64)])
+def test_generation_steps_through_the_decode_plan_with_the_same_numbers(monkeypatch, bits, group):
+    """One row of a quantized bf16 model: generation's steps through the decode plan (each served
+    layer in two operations, no module calls) give forward's logits and cache bit for bit, and
+    the same tokens; a layer the kernels do not serve takes its modules inside the plan; no plan
+    without quantized layers, or for a batch."""
+    if not kernels.available():
+        pytest.skip(f"no kernel here: {kernels.load()}")
+    from deepseek_moe.generate import generate
+    from deepseek_moe.model import DeepseekForCausalLM, KVCache
+    from deepseek_moe.presets import get_config
+
+    cfg = get_config("tiny", vocab_size=97, hidden_size=128, moe_intermediate_size=64, n_shared_experts=2,
+                     n_routed_experts=8, num_experts_per_tok=3, first_k_dense_replace=1, num_hidden_layers=3)
+    model, g = _random_quantized_bf16(cfg, bits, group, expert_list=True)
+    prompt, steps = torch.randint(0, 97, (1, 5), generator=g), torch.randint(0, 97, (1, 4), generator=g)
+
+    def both(plan_of):
+        caches = [KVCache.for_model(model, 1, 12) for _ in range(2)]
+        with torch.inference_mode():
+            for c in caches:
+                model(prompt, cache=c, routing_stats=False)
+            plan = plan_of(caches[0])
+            fast = [model.decode_step(steps[:, i:i + 1], caches[0], plan) for i in range(steps.shape[1])]
+            slow = [model(steps[:, i:i + 1], cache=caches[1], routing_stats=False).logits for i in range(steps.shape[1])]
+        assert all(torch.equal(a, b) for a, b in zip(fast, slow))
+        assert all(torch.equal(a, b) for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v))
+        return plan
+
+    plan = both(model.decode_plan)
+    assert plan[0] is None and all(e is not None for e in plan[1:])  # the dense layer takes its modules
+    blocks = []
+    real = kernels.moe_block
+    monkeypatch.setattr(kernels, "moe_block", lambda *a: blocks.append(1) or real(*a))
+    fast = generate(model, [prompt[0].tolist()], 6, greedy=True)
+    assert len(blocks) == 2 * 5  # the 5 new tokens fed back, both MoE layers, through the plan
+    with monkeypatch.context() as m:
+        m.setattr(DeepseekForCausalLM, "decode_plan", lambda *a: None)
+        assert generate(model, [prompt[0].tolist()], 6, greedy=True) == fast
+    model.model.layers[1].mlp.dispatch = "reference"  # not served: its modules, inside the plan
+    plan = both(model.decode_plan)
+    assert plan[1] is None and plan[2] is not None
+    with torch.inference_mode():
+        assert model.decode_plan(KVCache.for_model(model, 2, 12)) is None
+        plain = DeepseekForCausalLM(cfg).eval().to(torch.bfloat16)
+        assert plain.decode_plan(KVCache.for_model(plain, 1, 12)) is None
+
+
 @needs_gemm
 def test_the_avx2_and_vnni_kernels_give_the_same_numbers(tmp_path):
     """One row of int4 and of int8 (decoding) on the AVX2 kernels (``DEEPSEEK_MOE_AVX2_ONLY=1``, in

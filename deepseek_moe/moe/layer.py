@@ -82,26 +82,38 @@ class DeepseekMoE(nn.Module):
             return None
         return math.ceil(self.config.capacity_factor * n_tokens * self.top_k / self.n_routed_experts)
 
-    def decode_block(self, x_BSD: torch.Tensor, norm: nn.Module) -> Optional[tuple[torch.Tensor, MoEAux]]:
-        """``x + self(norm(x))`` with no statistics (generation) in one operation of the package's
-        kernels (``kernels.moe_block``: the norm, the routing, the routed and shared experts and
-        the sums, the numbers of those steps) where a quantized bf16 model decodes one new token
-        (the trained routing, no capacity, shared experts, the norm's and router's kernels
-        serving); None elsewhere."""
+    def decode_args(self, norm: nn.Module) -> Optional[tuple]:
+        """What ``kernels.moe_block`` takes of this layer and ``norm`` (the norm's weight and eps,
+        the router's centroids, k, whether the gates are normalised, their scale, the experts'
+        table and schemes), where the layer can take it: the trained routing, no capacity, shared
+        experts, quantized experts the kernel serves, the norm's and router's kernels on; None
+        elsewhere."""
         gate = self.gate
-        if (x_BSD.shape[0] != 1 or x_BSD.shape[1] != 1 or x_BSD.dtype != torch.bfloat16
-                or not isinstance(gate, TopKRouter) or not gate.use_kernel or not self.routing.is_default
+        if (not isinstance(gate, TopKRouter) or not gate.use_kernel or not self.routing.is_default
                 or self.shared_experts is None or self.config.capacity_factor is not None
                 or self.dispatch == "reference" or not isinstance(self.experts, ExpertList)
-                or not getattr(norm, "use_kernel", False) or not norm._kernel_serves(x_BSD)
-                or not kernels.cpu_routing_kernels(x_BSD)):
+                or not getattr(norm, "use_kernel", False)):
             return None
         table = self.experts.expert_table(self.shared_experts)
         if table is None:
             return None
         k = gate.top_k
-        out, counts = kernels.moe_block(x_BSD, norm.weight, norm.eps, gate.weight.detach(), k,
-                                        gate.norm_topk_prob and k > 1, gate.routed_scaling_factor, *table)
+        return (norm.weight, norm.eps, gate.weight.detach(), k, gate.norm_topk_prob and k > 1,
+                gate.routed_scaling_factor, *table)
+
+    def decode_block(self, x_BSD: torch.Tensor, norm: nn.Module) -> Optional[tuple[torch.Tensor, MoEAux]]:
+        """``x + self(norm(x))`` with no statistics (generation) in one operation of the package's
+        kernels (``kernels.moe_block``: the norm, the routing, the routed and shared experts and
+        the sums, the numbers of those steps) where a quantized bf16 model decodes one new token
+        (``decode_args``, the norm's and router's kernels serving); None elsewhere."""
+        if (x_BSD.shape[0] != 1 or x_BSD.shape[1] != 1 or x_BSD.dtype != torch.bfloat16
+                or not getattr(norm, "use_kernel", False) or not norm._kernel_serves(x_BSD)
+                or not kernels.cpu_routing_kernels(x_BSD)):
+            return None
+        args = self.decode_args(norm)
+        if args is None:
+            return None
+        out, counts = kernels.moe_block(x_BSD, *args)
         return out, MoEAux(None, None, counts, torch.zeros((), dtype=torch.long), None)
 
     def forward(
