@@ -519,22 +519,35 @@ at::Tensor quant_gemv(const at::Tensor& x, at::TensorList weights, at::TensorLis
     per_task[i] = std::max<int64_t>(1, kRowsPerTask / span[i]);
     first_task[i + 1] = first_task[i] + (N + per_task[i] - 1) / per_task[i];
   }
+  // Each weight's pointers and strides, read once here (a tensor's data_ptr checks its type and
+  // storage: thousands of tasks a token)
+  struct Weight {
+    const void* w;
+    const uint16_t *s, *z;
+    int64_t ldw, lds;
+    QuantizedRows rows;
+    const float* lanes;
+  };
+  std::vector<Weight> ws(W);
+  for (int64_t i = 0; i < W; ++i)
+    ws[i] = {weights[i].data_ptr(), reinterpret_cast<const uint16_t*>(scales[i].data_ptr<at::BFloat16>()),
+             bits == 4 ? reinterpret_cast<const uint16_t*>(zeros[i].data_ptr<at::BFloat16>()) : nullptr,
+             weights[i].stride(0), scales[i].stride(0), q.rows(starts[i], span[i]),
+             bits == 4 ? lane_scale.data() + starts[i] * (K / chunk) * (chunk / 8) : nullptr};
   at::parallel_for(0, first_task[W], 1, [&](int64_t begin, int64_t end) {
     int64_t i = std::upper_bound(first_task.begin(), first_task.end(), begin) - first_task.begin() - 1;
     for (int64_t t = begin; t < end; ++t) {
       while (t >= first_task[i + 1]) ++i;
       if (counts[i] == 0) continue;
       const int64_t n0 = (t - first_task[i]) * per_task[i], n1 = std::min(N, n0 + per_task[i]);
-      const uint16_t* s = reinterpret_cast<const uint16_t*>(scales[i].data_ptr<at::BFloat16>());
-      const int64_t ldw = weights[i].stride(0);
-      const QuantizedRows rows = q.rows(starts[i], span[i]);
+      const Weight& wt = ws[i];
       if (bits == 8) {
-        int8_channels(weights[i].data_ptr<int8_t>(), ldw, s, rows, 0, counts[i], n0, n1, N, o + offset[i] * N);
+        int8_channels(static_cast<const int8_t*>(wt.w), wt.ldw, wt.s, wt.rows, 0, counts[i], n0, n1, N,
+                      o + offset[i] * N);
       } else {
-        const uint16_t* z = reinterpret_cast<const uint16_t*>(zeros[i].data_ptr<at::BFloat16>());
         (wide ? int4_channels_512 : level == 2 ? int4_channels_vnni : int4_channels)(
-            weights[i].data_ptr<uint8_t>(), ldw, s, z, scales[i].stride(0), group, rows,
-            lane_scale.data() + starts[i] * (K / chunk) * (chunk / 8), 0, counts[i], n0, n1, N, o + offset[i] * N);
+            static_cast<const uint8_t*>(wt.w), wt.ldw, wt.s, wt.z, wt.lds, group, wt.rows, wt.lanes, 0, counts[i], n0,
+            n1, N, o + offset[i] * N);
       }
     }
   });
