@@ -172,21 +172,20 @@ KERNEL_TARGET QuantizedActivations quantize_rows(const float* x, int64_t M, int6
   return r;
 }
 
-// y[r][n] = W[n] . x[row0 + r] for the output channels n0 <= n < n1 of one int8 weight and
+// y[r][n] = W[n] . x[r] for the output channels n0 <= n < n1 of one int8 weight and
 // `rows` rows, 32 inputs per step. Each weight row is read in order, into four accumulators so
 // that the fused multiply-adds overlap. (512-bit vectors, 64 inputs per step, were measured no
 // faster: the kernel waits on memory, not on its arithmetic.)
 KERNEL_TARGET void int8_channels(const int8_t* w, int64_t ldw, const uint16_t* w_scale, const QuantizedRows& x,
-                                 int64_t row0, int64_t rows, int64_t n0, int64_t n1, int64_t N,
+                                 int64_t rows, int64_t n0, int64_t n1, int64_t N,
                                  float* out) {
   const int64_t K = x.K;
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* wn = w + n * ldw;
     for (int64_t r = 0; r < rows; ++r) {
-      const int64_t m = row0 + r;
-      const int8_t* xq = x.q + m * K;
-      const uint8_t* xm = x.mag + m * K;
-      const float* xs = x.scale + m * x.blocks;
+      const int8_t* xq = x.q + r * K;
+      const uint8_t* xm = x.mag + r * K;
+      const float* xs = x.scale + r * x.blocks;
       __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
       int64_t b = 0;
       for (; b + 4 <= x.blocks; b += 4) {
@@ -225,16 +224,15 @@ KERNEL_TARGET void int8_channels(const int8_t* w, int64_t ldw, const uint16_t* w
 template <int C>
 KERNEL_TARGET inline void int4_tile(const uint8_t* w, int64_t ldw, const uint16_t* w_scale, const uint16_t* w_zero,
                                     int64_t lds, int64_t group, const QuantizedRows& x, const float* lane_scale,
-                                    int64_t row0, int64_t rows, int64_t n0, int64_t N, float* out) {
+                                    int64_t rows, int64_t n0, int64_t N, float* out) {
   const int64_t K = x.K;
   const int64_t groups = K / group;
   const int64_t chunks_per_group = group / kChunk;
   const __m256i low = _mm256_set1_epi8(0x0F);
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t m = row0 + r;
-    const int8_t* xq = x.q + m * K;
-    const float* ls = lane_scale + m * (K / kChunk) * 8;
-    const float* xg = x.group_sum + m * groups;
+    const int8_t* xq = x.q + r * K;
+    const float* ls = lane_scale + r * (K / kChunk) * 8;
+    const float* xg = x.group_sum + r * groups;
     __m256 acc[C];
     float zero_term[C];
     for (int c = 0; c < C; ++c) {
@@ -278,17 +276,16 @@ KERNEL_TARGET inline void int4_tile(const uint8_t* w, int64_t ldw, const uint16_
 template <int C>
 VNNI_TARGET inline void int4_tile_512(const uint8_t* w, int64_t ldw, const uint16_t* w_scale, const uint16_t* w_zero,
                                         int64_t lds, int64_t group, const QuantizedRows& x, const float* lane_scale,
-                                        int64_t row0, int64_t rows, int64_t n0, int64_t N, float* out) {
+                                        int64_t rows, int64_t n0, int64_t N, float* out) {
   const int64_t K = x.K;
   const int64_t groups = K / group;
   const int64_t steps_per_group = group / 128;
   const __m512i low = _mm512_set1_epi8(0x0F);
   const __m512i zero = _mm512_setzero_si512();
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t m = row0 + r;
-    const int8_t* xq = x.q + m * K;
-    const float* ls = lane_scale + m * (K / 128) * 16;
-    const float* xg = x.group_sum + m * groups;
+    const int8_t* xq = x.q + r * K;
+    const float* ls = lane_scale + r * (K / 128) * 16;
+    const float* xg = x.group_sum + r * groups;
     __m512 acc[C];
     float zero_term[C];
     for (int c = 0; c < C; ++c) {
@@ -324,12 +321,12 @@ VNNI_TARGET inline void int4_tile_512(const uint8_t* w, int64_t ldw, const uint1
 
 VNNI_TARGET void int4_channels_512(const uint8_t* w, int64_t ldw, const uint16_t* w_scale, const uint16_t* w_zero,
                                    int64_t lds, int64_t group, const QuantizedRows& x, const float* lane_scale,
-                                   int64_t row0, int64_t rows, int64_t n0, int64_t n1, int64_t N,
+                                   int64_t rows, int64_t n0, int64_t n1, int64_t N,
                                    float* out) {
   int64_t n = n0;
   for (; n + 4 <= n1; n += 4)
-    int4_tile_512<4>(w, ldw, w_scale, w_zero, lds, group, x, lane_scale, row0, rows, n, N, out);
-  for (; n < n1; ++n) int4_tile_512<1>(w, ldw, w_scale, w_zero, lds, group, x, lane_scale, row0, rows, n, N, out);
+    int4_tile_512<4>(w, ldw, w_scale, w_zero, lds, group, x, lane_scale, rows, n, N, out);
+  for (; n < n1; ++n) int4_tile_512<1>(w, ldw, w_scale, w_zero, lds, group, x, lane_scale, rows, n, N, out);
 }
 
 // One row of activations (decoding one token) times one int4 channel, `CPG` chunks of 64 inputs
@@ -343,14 +340,14 @@ VNNI_TARGET void int4_channels_512(const uint8_t* w, int64_t ldw, const uint16_t
 // exact: 15 * 127 * 4 fits in int16), and where the processor has AVX512-VNNI with vpdpbusd on 256-bit
 // vectors, one instruction in place of three for the same integer sums, so the same results (one row,
 // 0.9 GB of int4 experts' weights read cold, 2 cores: 1.01x and 1.05x in two in-process alternations).
-#define DOT_MADDUBS                                                                                \
-  _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, even), _mm256_maddubs_epi16(hi, odd)), \
+#define DOT_MADDUBS                                                                                                \
+  _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, even), _mm256_maddubs_epi16(hi, odd)),               \
                     _mm256_set1_epi16(1))
 #define DOT_VNNI _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, even), hi, odd)
 #define DEFINE_INT4_ONE_ROW(TARGET, S, DOT)                                                                        \
   template <int CPG>                                                                                               \
-  TARGET inline __m256 int4_row_group##S(const uint8_t* w, const uint16_t* w_scale, int64_t g, const int8_t* xq,  \
-                                         const float* ls, __m256 acc) {                                          \
+  TARGET inline __m256 int4_row_group##S(const uint8_t* w, const uint16_t* w_scale, int64_t g, const int8_t* xq,   \
+                                         const float* ls, __m256 acc) {                                            \
     const __m256i low = _mm256_set1_epi8(0x0F);                                                                    \
     const uint8_t* wg = w + g * (CPG * kChunk / 2);                                                                \
     const int8_t* xgq = xq + g * (CPG * kChunk);                                                                   \
@@ -363,18 +360,18 @@ VNNI_TARGET void int4_channels_512(const uint8_t* w, int64_t ldw, const uint16_t
       const __m256i even = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xgq + j * kChunk));                 \
       const __m256i odd = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xgq + j * kChunk + 32));             \
       const __m256i lo = _mm256_and_si256(p, low);                                                                 \
-      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(p, 4), low);                                          \
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(p, 4), low);                                           \
       gacc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT), _mm256_loadu_ps(lg + j * 8), gacc);                          \
     }                                                                                                              \
-    /* bf16 to fp32 in every lane: the 16-bit value broadcast, then shifted into the high half */                 \
+    /* bf16 to fp32 in every lane: the 16-bit value broadcast, then shifted into the high half */                  \
     const __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_set1_epi16(static_cast<short>(w_scale[g])), 16)); \
     return _mm256_fmadd_ps(gacc, s, acc);                                                                          \
   }                                                                                                                \
                                                                                                                    \
   template <int CPG>                                                                                               \
-  TARGET inline float int4_row##S(const uint8_t* w, const uint16_t* w_scale, const uint16_t* w_zero,              \
-                                  int64_t groups, const int8_t* xq, const float* ls, const float* xg) {           \
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();                                                \
+  TARGET inline float int4_row##S(const uint8_t* w, const uint16_t* w_scale, const uint16_t* w_zero,               \
+                                  int64_t groups, const int8_t* xq, const float* ls, const float* xg) {            \
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();                                                 \
     int64_t g = 0;                                                                                                 \
     for (; g + 2 <= groups; g += 2) {                                                                              \
       acc0 = int4_row_group##S<CPG>(w, w_scale, g, xq, ls, acc0);                                                  \
@@ -383,25 +380,23 @@ VNNI_TARGET void int4_channels_512(const uint8_t* w, int64_t ldw, const uint16_t
     if (g < groups) acc0 = int4_row_group##S<CPG>(w, w_scale, g, xq, ls, acc0);                                    \
     __m256 zt = _mm256_setzero_ps();                                                                               \
     for (g = 0; g + 8 <= groups; g += 8) {                                                                         \
-      const __m256i z16 = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w_zero + g)));   \
+      const __m256i z16 = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w_zero + g)));    \
       zt = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(z16, 16)), _mm256_loadu_ps(xg + g), zt);          \
     }                                                                                                              \
     float zero_term = 0.f;                                                                                         \
     for (; g < groups; ++g) zero_term += bf16_to_float(w_zero[g]) * xg[g];                                         \
-    return hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), zt)) + zero_term;                                        \
+    return hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), zt)) + zero_term;                                         \
   }                                                                                                                \
                                                                                                                    \
-  /* The channels n0 <= n < n1 for row row0 alone; false where the group is not 1, 2 or 4 chunks. */              \
+  /* The channels n0 <= n < n1 for x's first row alone; false where the group is not 1, 2 or 4 chunks. */          \
   TARGET bool int4_one_row##S(const uint8_t* w, int64_t ldw, const uint16_t* w_scale, const uint16_t* w_zero,     \
-                              int64_t lds, int64_t group, const QuantizedRows& x, const float* lane_scale,        \
-                              int64_t row0, int64_t n0, int64_t n1, float* out) {                                \
+                              int64_t lds, int64_t group, const QuantizedRows& x, const float* lane_scale,         \
+                              int64_t n0, int64_t n1, float* out) {                                                \
     const int64_t K = x.K, groups = K / group, cpg = group / kChunk;                                               \
     if (cpg != 1 && cpg != 2 && cpg != 4) return false;                                                            \
-    const int8_t* xq = x.q + row0 * K;                                                                             \
-    const float* ls = lane_scale + row0 * (K / kChunk) * 8;                                                        \
-    const float* xg = x.group_sum + row0 * groups;                                                                 \
-    auto row = cpg == 1 ? int4_row##S<1> : cpg == 2 ? int4_row##S<2> : int4_row##S<4>;                            \
-    for (int64_t n = n0; n < n1; ++n) out[n] = row(w + n * ldw, w_scale + n * lds, w_zero + n * lds, groups, xq, ls, xg); \
+    auto row = cpg == 1 ? int4_row##S<1> : cpg == 2 ? int4_row##S<2> : int4_row##S<4>;                             \
+    for (int64_t n = n0; n < n1; ++n)                                                                              \
+      out[n] = row(w + n * ldw, w_scale + n * lds, w_zero + n * lds, groups, x.q, lane_scale, x.group_sum);        \
     return true;                                                                                                   \
   }
 
@@ -410,26 +405,26 @@ DEFINE_INT4_ONE_ROW(VNNI_TARGET, _vnni, DOT_VNNI)
 
 KERNEL_TARGET void int4_channels(const uint8_t* w, int64_t ldw, const uint16_t* w_scale, const uint16_t* w_zero,
                                  int64_t lds, int64_t group, const QuantizedRows& x, const float* lane_scale,
-                                 int64_t row0, int64_t rows, int64_t n0, int64_t n1, int64_t N,
+                                 int64_t rows, int64_t n0, int64_t n1, int64_t N,
                                  float* out) {
   // One row of activations (decoding one token): the weight channel by channel, one sequential
   // stream of memory, which the processor prefetches best; four interleaved channel streams wait
   // on memory (one row, experts' weights read cold, 2 cores: 24.4 GB/s against 18.5; one core
   // 14.3 against 10.7). With more rows the arithmetic dominates, and four channels at a time
   // share each load of the activations (two rows: 4 channels 1.04x faster cold, 1.2x in cache).
-  if (rows == 1 && int4_one_row(w, ldw, w_scale, w_zero, lds, group, x, lane_scale, row0, n0, n1, out)) return;
+  if (rows == 1 && int4_one_row(w, ldw, w_scale, w_zero, lds, group, x, lane_scale, n0, n1, out)) return;
   int64_t n = n0;
   if (rows > 1)
-    for (; n + 4 <= n1; n += 4) int4_tile<4>(w, ldw, w_scale, w_zero, lds, group, x, lane_scale, row0, rows, n, N, out);
-  for (; n < n1; ++n) int4_tile<1>(w, ldw, w_scale, w_zero, lds, group, x, lane_scale, row0, rows, n, N, out);
+    for (; n + 4 <= n1; n += 4) int4_tile<4>(w, ldw, w_scale, w_zero, lds, group, x, lane_scale, rows, n, N, out);
+  for (; n < n1; ++n) int4_tile<1>(w, ldw, w_scale, w_zero, lds, group, x, lane_scale, rows, n, N, out);
 }
 
 // The same where the processor has AVX512-VNNI: one row through `int4_one_row_vnni`.
 VNNI_TARGET void int4_channels_vnni(const uint8_t* w, int64_t ldw, const uint16_t* w_scale, const uint16_t* w_zero,
                                     int64_t lds, int64_t group, const QuantizedRows& x, const float* lane_scale,
-                                    int64_t row0, int64_t rows, int64_t n0, int64_t n1, int64_t N, float* out) {
-  if (rows == 1 && int4_one_row_vnni(w, ldw, w_scale, w_zero, lds, group, x, lane_scale, row0, n0, n1, out)) return;
-  int4_channels(w, ldw, w_scale, w_zero, lds, group, x, lane_scale, row0, rows, n0, n1, N, out);
+                                    int64_t rows, int64_t n0, int64_t n1, int64_t N, float* out) {
+  if (rows == 1 && int4_one_row_vnni(w, ldw, w_scale, w_zero, lds, group, x, lane_scale, n0, n1, out)) return;
+  int4_channels(w, ldw, w_scale, w_zero, lds, group, x, lane_scale, rows, n0, n1, N, out);
 }
 
 // What this processor runs: 2 with AVX512-VNNI (and F, VL, BW), 1 with AVX2 and FMA only, 0 without;
@@ -542,11 +537,11 @@ at::Tensor quant_gemv(const at::Tensor& x, at::TensorList weights, at::TensorLis
       const int64_t n0 = (t - first_task[i]) * per_task[i], n1 = std::min(N, n0 + per_task[i]);
       const Weight& wt = ws[i];
       if (bits == 8) {
-        int8_channels(static_cast<const int8_t*>(wt.w), wt.ldw, wt.s, wt.rows, 0, counts[i], n0, n1, N,
+        int8_channels(static_cast<const int8_t*>(wt.w), wt.ldw, wt.s, wt.rows, counts[i], n0, n1, N,
                       o + offset[i] * N);
       } else {
         (wide ? int4_channels_512 : level == 2 ? int4_channels_vnni : int4_channels)(
-            static_cast<const uint8_t*>(wt.w), wt.ldw, wt.s, wt.z, wt.lds, group, wt.rows, wt.lanes, 0, counts[i], n0,
+            static_cast<const uint8_t*>(wt.w), wt.ldw, wt.s, wt.z, wt.lds, group, wt.rows, wt.lanes, counts[i], n0,
             n1, N, o + offset[i] * N);
       }
     }
