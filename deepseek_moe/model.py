@@ -213,9 +213,9 @@ class Attention(nn.Module):
         schemes), where the layer can take it: quantized projections the kernel serves, H = Hkv,
         the norm's kernel on; None elsewhere."""
         qkv, o = [self.q_proj, self.k_proj, self.v_proj], self.o_proj
-        x = torch.empty(1, 0)
+        w = norm.weight  # (where the layer is: what gemv_usable asks of an input)
         if (self.n_kv_heads != self.n_heads or not norm.use_kernel or not isinstance(o, QuantLinear)
-                or not gemv_usable(qkv, 1, x) or not gemv_usable([o], 1, x)):
+                or not gemv_usable(qkv, 1, w) or not gemv_usable([o], 1, w)):
             return None
         first = qkv[0]
         return (norm.weight, norm.eps, kernel_args(qkv), kernel_args([o]), first.bits, first.group_size, o.bits,
