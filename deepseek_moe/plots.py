@@ -192,7 +192,7 @@ def plot_analysis(res: Any, out_dir: Path) -> list[Path]:
         axes[-1, 0].set_xlabel("routed expert")
         save(fig, "expert_load_by_domain.png")
 
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(max(10, 0.55 * len(ld["layers"])), 3.8))
         layers = [str(x) for x in ld["layers"]]
         a1.bar(layers, ld["load_cv"], color="tab:purple")
         a1.set_xlabel("MoE layer")
@@ -200,10 +200,9 @@ def plot_analysis(res: Any, out_dir: Path) -> list[Path]:
         a1.set_title("load balance (0 = perfectly balanced)", fontsize=10)
         rel_ent = [e / math.log(res.n_routed) for e in ld["entropy"]]
         bars = a2.bar(layers, rel_ent, color="tab:cyan")
-        for b, v in zip(bars, rel_ent):
-            a2.annotate(f"{v:.3f}", (b.get_x() + b.get_width() / 2, v), textcoords="offset points",
-                        xytext=(0, 3), ha="center", fontsize=8)
-        a2.set_ylim(0, 1.1)
+        _value_labels(a2, [b.get_x() + b.get_width() / 2 for b in bars], rel_ent, [f"{v:.3f}" for v in rel_ent],
+                      fontsize=8)
+        a2.set_ylim(0, 1.1 if len(layers) <= _UPRIGHT_AFTER else 1.25)
         a2.set_xlabel("MoE layer")
         a2.set_ylabel("routing entropy / ln E")
         a2.set_title("routing entropy (1 = uniform scores)", fontsize=10)
@@ -211,7 +210,7 @@ def plot_analysis(res: Any, out_dir: Path) -> list[Path]:
         save(fig, "routing_stats.png")
     if res.paths:
         pa = res.paths
-        fig, ax = plt.subplots(figsize=(9, 4.2))
+        fig, ax = plt.subplots(figsize=(max(9, 0.45 * len(pa["layers"])), 4.2))
         x = np.arange(len(pa["layers"]))
         w = 0.38
         if res.n_shared:
@@ -219,9 +218,8 @@ def plot_analysis(res: Any, out_dir: Path) -> list[Path]:
         ax.bar(x + (w / 2 if res.n_shared else 0), pa["routed_rms"], w, color="tab:blue",
                label="gated routed experts' output")
         ax.plot(x, pa["residual_rms"], "k_", ms=28, mew=2, label="residual stream (input)")
-        for i, g in enumerate(pa["gate_sum"]):
-            ax.annotate(f"gates {g:.2f}", (x[i] + (w / 2 if res.n_shared else 0), pa["routed_rms"][i]),
-                        textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7, color="tab:blue")
+        _value_labels(ax, x + (w / 2 if res.n_shared else 0), pa["routed_rms"],
+                      [f"gates {g:.2f}" for g in pa["gate_sum"]], fontsize=7, color="tab:blue")
         ax.set_yscale("log")
         ax.set_xticks(x, [str(v) for v in pa["layers"]])
         ax.set_xlabel("MoE layer (annotated: mean sum of a token's top-k gates)")
@@ -232,6 +230,18 @@ def plot_analysis(res: Any, out_dir: Path) -> list[Path]:
         save(fig, "moe_paths.png")
     res.plots = [str(p) for p in paths]
     return paths
+
+
+_UPRIGHT_AFTER = 12  # bars per axes beyond which their value labels stand upright
+
+
+def _value_labels(ax, xs, ys, texts: list[str], **style) -> None:
+    """Each text just above its bar's top (x, y); upright where there are more than
+    ``_UPRIGHT_AFTER`` bars (the 16B's 27 MoE layers: side by side they run into each other)."""
+    upright = len(texts) > _UPRIGHT_AFTER
+    for x, y, t in zip(xs, ys, texts):
+        ax.annotate(t, (x, y), textcoords="offset points", xytext=(0, 3), ha="center", va="bottom",
+                    rotation=90 if upright else 0, **style)
 
 
 def _wrapped(title: str, width: int = 90) -> str:
